@@ -1,0 +1,98 @@
+"""``jupyter sandbox``: kernelspecs and a health check for sandboxed kernels.
+
+jupyter sandbox kernelspec install [--user|--sys-prefix|--prefix=DIR]
+jupyter sandbox kernelspec list
+jupyter sandbox doctor [--brief]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jupyter_core.application import JupyterApp
+from traitlets import Bool, Unicode
+
+from . import __version__, doctor, kernelspecs
+
+
+class InstallKernelspecsApp(JupyterApp):
+    name = "jupyter-sandbox-kernelspec-install"
+    description = "Install the Sandboxed Python kernelspecs."
+    user = Bool(False, config=True, help="Install for the current user only.")
+    sys_prefix = Bool(False, config=True, help="Install into sys.prefix (e.g. the virtualenv).")
+    prefix = Unicode("", config=True, help="Install under this prefix.")
+    replace = Bool(True, config=True, help="Replace existing kernelspecs of the same name.")
+    flags = {
+        "user": ({"InstallKernelspecsApp": {"user": True}}, "Install for the current user."),
+        "sys-prefix": ({"InstallKernelspecsApp": {"sys_prefix": True}}, "Install in sys.prefix."),
+        "replace": ({"InstallKernelspecsApp": {"replace": True}}, "Replace existing specs."),
+    }
+    aliases = {"prefix": "InstallKernelspecsApp.prefix"}
+
+    def start(self) -> None:
+        prefix = sys.prefix if self.sys_prefix else (self.prefix or None)
+        for path in kernelspecs.install(user=self.user, prefix=prefix, replace=self.replace):
+            print(f"installed {path}")
+
+
+class ListKernelspecsApp(JupyterApp):
+    name = "jupyter-sandbox-kernelspec-list"
+    description = "List installed sandboxed kernelspecs and their runtimes."
+
+    def start(self) -> None:
+        found = kernelspecs.installed()
+        if not found:
+            print("no sandboxed kernelspecs installed; run: jupyter sandbox kernelspec install")
+            return
+        width = max(map(len, found))
+        for name, (runtime, path) in sorted(found.items()):
+            print(f"  {name:<{width}}  runtime={runtime:<10}  {path}")
+
+
+class KernelspecApp(JupyterApp):
+    name = "jupyter-sandbox-kernelspec"
+    description = "Manage the Sandboxed Python kernelspecs."
+    subcommands = {
+        "install": (InstallKernelspecsApp, InstallKernelspecsApp.description),
+        "list": (ListKernelspecsApp, ListKernelspecsApp.description),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        self.subapp.start()
+
+
+class DoctorApp(JupyterApp):
+    name = "jupyter-sandbox-doctor"
+    description = "Report which sandbox runtimes work on this machine, and why not."
+    brief = Bool(False, config=True, help="Only check that the parts are here; start no kernel.")
+    flags = {"brief": ({"DoctorApp": {"brief": True}}, "Start no kernel.")}
+
+    def start(self) -> None:
+        self.exit(doctor.run(full=not self.brief))
+
+
+class SandboxApp(JupyterApp):
+    name = "jupyter-sandbox"
+    version = __version__
+    description = "Sandboxed Jupyter kernels: kernelspecs and diagnostics."
+    subcommands = {
+        "kernelspec": (KernelspecApp, KernelspecApp.description),
+        "doctor": (DoctorApp, DoctorApp.description),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        self.subapp.start()
+
+
+def main() -> None:
+    SandboxApp.launch_instance()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

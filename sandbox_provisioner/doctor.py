@@ -1,0 +1,103 @@
+"""``jupyter sandbox doctor``: which runtimes work on this machine, and why not.
+
+The brief check asks each runtime whether its parts are here. The full check
+then starts a real sandboxed kernel with each available runtime, runs code in
+it and shuts it down: the only proof that a runtime works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+
+from jupyter_client.manager import AsyncKernelManager
+
+from .kernelspecs import RuntimeKernelSpecManager
+from .limits import cgroups_available
+from .runtimes import runtime_classes
+
+
+@dataclass
+class RuntimeReport:
+    name: str
+    available: bool
+    detail: str
+    started: bool | None = None
+    seconds: float | None = None
+    error: str = ""
+
+    def line(self) -> str:
+        mark = "ok " if self.available and self.started is not False else "NO "
+        text = f"{mark} {self.name:<11} {self.detail}"
+        if self.started:
+            text += f"; kernel ran code (ready in {self.seconds:.2f}s)"
+        elif self.started is False:
+            text += f"; kernel failed: {self.error}"
+        return text
+
+
+async def start_kernel_once(runtime: str, timeout: float = 60) -> float:
+    """Start a sandboxed kernel, execute code, shut it down; seconds to the first reply."""
+
+    km = AsyncKernelManager(
+        kernel_name=f"sandboxed-{runtime}", kernel_spec_manager=RuntimeKernelSpecManager()
+    )
+    started = time.perf_counter()
+    await km.start_kernel()
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=timeout)
+            reply = await kc.execute_interactive(
+                "1 + 1", timeout=timeout, store_history=False, output_hook=lambda msg: None
+            )
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"execute failed: {reply['content']}")
+            return time.perf_counter() - started
+        finally:
+            kc.stop_channels()
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def diagnose(full: bool = True) -> list[RuntimeReport]:
+    reports = []
+    for name, cls in runtime_classes().items():
+        found = cls().availability()
+        report = RuntimeReport(name, found.available, str(found))
+        if full and found.available:
+            try:
+                report.seconds = await start_kernel_once(name)
+                report.started = True
+            except Exception as exc:
+                report.started = False
+                report.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reports.append(report)
+    return reports
+
+
+def host_facts() -> list[str]:
+    root = os.geteuid() == 0
+    return [
+        f"running as {'root' if root else f'uid {os.geteuid()}'}",
+        "limits: cgroup v1 (memory, cpu, pids)"
+        if cgroups_available()
+        else "limits: rlimits only (address space, processes); no CPU limit without root",
+    ]
+
+
+def run(full: bool = True) -> int:
+    reports = asyncio.run(diagnose(full))
+    for report in reports:
+        print(report.line())
+    for fact in host_facts():
+        print(f"    {fact}")
+    usable = [r for r in reports if r.available and r.started is not False]
+    if usable:
+        print(f"'auto' uses: {usable[0].name}")
+        return 0
+    print("no sandbox runtime works here: sandboxed kernels will not start")
+    return 1

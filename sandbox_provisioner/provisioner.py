@@ -1,0 +1,473 @@
+"""The ``sandbox-provisioner``: jupyter_client's kernel provisioner for sandboxed kernels.
+
+A kernelspec selects it with ``metadata.kernel_provisioner.provisioner_name =
+"sandbox-provisioner"``; its ``config`` sets this class's traits (they can
+also be set for every kernel as ``c.SandboxProvisioner.<trait>``).
+
+Launch, in jupyter_client's order:
+
+* ``pre_launch`` picks the runtime (failing, with what to install, if it
+  cannot run here), makes the kernel's private directory and writes the
+  connection file for ZMQ IPC sockets inside it.
+* ``launch_kernel`` builds the :class:`~sandbox_provisioner.spec.SandboxSpec`
+  (command, filtered environment, mounts, limits), starts the sandbox and
+  waits, up to ``launch_timeout``, until the kernel has opened its sockets; a
+  sandbox that dies or hangs on the way gives an error with the kernel's
+  last output and leaves nothing behind.
+* ``poll``/``wait``/``send_signal``/``terminate``/``kill``/``cleanup`` act on
+  the sandbox through the runtime interface, which is all this module knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import KernelProvisionerBase
+from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir, jupyter_runtime_dir
+from traitlets import (
+    CaselessStrEnum,
+    Float,
+    Int,
+    List,
+    TraitError,
+    Unicode,
+    Union,
+    default,
+    validate,
+)
+
+from . import filesystem, pyenv
+from .limits import parse_size
+from .runtimes import AUTO, Sandbox, SandboxRuntime, create_runtime, known_names
+from .spec import NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMode
+
+#: Environment variables a kernel gets from the server's environment by default.
+DEFAULT_ENV_ALLOWLIST = ("LANG", "LANGUAGE", "LC_*", "TZ", "JPY_SESSION_NAME")
+
+#: Set by the provisioner in every sandbox, so code can tell where it runs.
+RUNTIME_ENV = "JUPYTER_SANDBOX_RUNTIME"
+
+_LOG_TAIL = 2000
+
+
+class SandboxStartError(RuntimeError):
+    """The sandboxed kernel did not come up; the message carries its last output."""
+
+
+class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Runs each kernel in a sandbox of the configured runtime."""
+
+    runtime = Unicode(
+        AUTO,
+        config=True,
+        help="Isolation runtime: 'auto' (the strongest available), 'gvisor' or 'bubblewrap'.",
+    )
+    workspace = CaselessStrEnum(
+        [m.value for m in WorkspaceMode],
+        default_value=WorkspaceMode.NOTEBOOK.value,
+        config=True,
+        help="Host directory the kernel works in: 'notebook' (its directory, read-write), "
+        "'notebook-readonly', 'root' (the server's root directory, read-write) or "
+        "'scratch' (an empty private directory).",
+    )
+    network = CaselessStrEnum(
+        [m.value for m in NetworkMode],
+        default_value=NetworkMode.NONE.value,
+        config=True,
+        help="'none': loopback inside the sandbox only. 'host': the host's network (opt-in).",
+    )
+    env_allowlist = List(
+        Unicode(),
+        default_value=list(DEFAULT_ENV_ALLOWLIST),
+        config=True,
+        help="Names (fnmatch patterns) of server environment variables passed to the kernel. "
+        "Variables in the kernelspec's env are always passed.",
+    )
+    extra_mounts = List(
+        Unicode(),
+        config=True,
+        help="More host paths in the sandbox, each 'HOST[:SANDBOX][:ro|rw]' (read-only default).",
+    )
+    hidden_paths = List(
+        Unicode(),
+        default_value=list(filesystem.DEFAULT_HIDDEN_PATHS),
+        config=True,
+        help="Host paths (globs, ~ expanded) hidden wherever a bound directory contains them. "
+        "Jupyter's own config, data and runtime directories are always hidden.",
+    )
+    workspace_readonly = List(
+        Unicode(),
+        default_value=list(filesystem.DEFAULT_WORKSPACE_READONLY),
+        config=True,
+        help="Paths relative to a writable workspace that stay read-only (e.g. '.git').",
+    )
+    etc_allowlist = List(
+        Unicode(),
+        default_value=list(filesystem.DEFAULT_ETC_ALLOWLIST),
+        config=True,
+        help="Host files under /etc visible (read-only) in the sandbox.",
+    )
+    memory_limit = Union(
+        [Int(), Unicode()],
+        default_value="4G",
+        config=True,
+        help="Memory limit of the whole sandbox, bytes or '512M'/'2G'; 0 = none.",
+    )
+    cpu_limit = Float(0.0, config=True, help="CPU limit in cores (0.5 = half a core); 0 = none.")
+    pids_limit = Int(512, config=True, help="Maximum processes and threads; 0 = none.")
+    launch_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds to wait for the sandboxed kernel to open its sockets before giving up.",
+    )
+    state_root = Unicode(
+        config=True,
+        help="Host directory holding each kernel's private directory (sockets, logs). "
+        "Kept short: socket paths are limited to 107 bytes.",
+    )
+
+    @default("state_root")
+    def _default_state_root(self) -> str:
+        return os.path.join(tempfile.gettempdir(), f"jupyter-sandbox-{os.getuid()}")
+
+    # -- validation: every bad value is an error naming the option -------------------------
+    def __init__(self, **kwargs: Any):
+        base = {"kernel_id", "kernel_spec", "parent", "config", "log", "connection_info"}
+        unknown = sorted(set(kwargs) - base - set(self.class_trait_names(config=True)))
+        if unknown:
+            raise TraitError(
+                f"unknown sandbox-provisioner option(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(self.class_trait_names(config=True)))}"
+            )
+        super().__init__(**kwargs)
+        self._sandbox: Sandbox | None = None
+        self._runtime: SandboxRuntime | None = None
+        self._exited = False
+        self._restart_requested = False
+        self._stop_requested = False
+        self._workspace_host: str | None = None
+
+    @validate("runtime")
+    def _check_runtime(self, proposal: Any) -> str:
+        name = proposal["value"].strip().lower()
+        if name not in known_names():
+            raise TraitError(
+                f"unknown sandbox runtime {proposal['value']!r}; "
+                f"choose one of: {', '.join(known_names())}"
+            )
+        return name
+
+    @validate("memory_limit")
+    def _check_memory(self, proposal: Any) -> int | str:
+        try:
+            parse_size(proposal["value"], "memory_limit")
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
+    @validate("cpu_limit", "launch_timeout")
+    def _check_non_negative(self, proposal: Any) -> float:
+        name, value = proposal["trait"].name, proposal["value"]
+        if value < 0 or (name == "launch_timeout" and value == 0):
+            raise TraitError(f"invalid {name} {value!r}: must be a positive number of seconds"
+                             if name == "launch_timeout" else
+                             f"invalid {name} {value!r}: must be >= 0")  # fmt: skip
+        return value
+
+    @validate("pids_limit")
+    def _check_pids(self, proposal: Any) -> int:
+        value = proposal["value"]
+        if value < 0 or 0 < value < 8:
+            raise TraitError(f"invalid pids_limit {value!r}: 0 (none) or at least 8")
+        return value
+
+    @validate("extra_mounts")
+    def _check_mounts(self, proposal: Any) -> list[str]:
+        for text in proposal["value"]:
+            try:
+                filesystem.ExtraMount.parse(text)
+            except ValueError as exc:
+                raise TraitError(f"extra_mounts: {exc}") from None
+        return proposal["value"]
+
+    # -- the runtime and the kernel's private directory -------------------------------------
+    @property
+    def runtime_instance(self) -> SandboxRuntime:
+        if self._runtime is None:
+            self._runtime = create_runtime(self.runtime, parent=self)
+        return self._runtime
+
+    @property
+    def kernel_dir(self) -> Path:
+        return Path(self.state_root) / str(self.kernel_id)
+
+    def _make_kernel_dir(self) -> Path:
+        root = Path(self.state_root)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(root)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise SandboxStartError(
+                f"{root} must be a directory owned by uid {os.getuid()} with mode 0700; "
+                "remove it or set SandboxProvisioner.state_root"
+            )
+        kdir = self.kernel_dir
+        (kdir / "ipc").mkdir(mode=0o700, parents=True, exist_ok=True)
+        return kdir
+
+    @property
+    def has_process(self) -> bool:
+        return self._sandbox is not None and not self._exited
+
+    # -- launch -----------------------------------------------------------------------------
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        runtime = self.runtime_instance
+        runtime.require()
+        kwargs.pop("transport_encryption", None)
+        extra_arguments = kwargs.pop("extra_arguments", [])
+        kdir = self._make_kernel_dir()
+        km = self.parent
+        # ZMQ over IPC sockets in the kernel's own directory: nothing listens on the network.
+        km.transport = "ipc"
+        km.ip = str(kdir / "ipc" / "k")
+        km.write_connection_file(jupyter_session=kwargs.get("env", {}).get("JPY_SESSION_NAME", ""))
+        self.connection_info = km.get_connection_info()
+        cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
+        return await super().pre_launch(cmd=cmd, **kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        spec = self._sandbox_spec(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
+        for path in self._socket_paths():  # a previous run's sockets
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.log.info(
+            "Starting kernel %s in a %s sandbox (workspace %s)",
+            self.kernel_id,
+            self.runtime_instance.name,
+            self._workspace_host or "scratch",
+        )
+        self._sandbox = await self.runtime_instance.launch(spec)
+        self._exited = False
+        try:
+            await self._wait_for_sockets()
+        except BaseException:
+            await self._discard_failed_start()
+            raise
+        return self.connection_info
+
+    def _sandbox_spec(self, cmd: list[str], env: dict[str, str], cwd: str | None) -> SandboxSpec:
+        kdir = self.kernel_dir
+        if os.path.isabs(cmd[0]):  # ".." through a directory the sandbox lacks cannot resolve
+            cmd = [os.path.normpath(cmd[0]), *cmd[1:]]
+        kernel_env = self._kernel_env(env, cmd)
+        workspace, writable, kernel_cwd = self._workspace(cwd)
+        scratch = None
+        if workspace is None:
+            scratch = kdir / "scratch"
+            scratch.mkdir(exist_ok=True)
+        self._workspace_host = workspace
+        hidden = (*self.hidden_paths, jupyter_runtime_dir(), jupyter_data_dir(),
+                  jupyter_config_dir())  # fmt: skip
+        uid = 65534 if self.runtime_instance.name == "bubblewrap" else 0
+        mounts = filesystem.build_mounts(
+            python_paths=list(pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))),
+            workspace=workspace,
+            workspace_writable=writable,
+            scratch_dir=str(scratch) if scratch else None,
+            ipc_dir=str(kdir / "ipc"),
+            connection_file=self.parent.connection_file,
+            etc_mounts=filesystem.synthetic_etc(kdir / "etc", "sandbox", uid, uid),
+            extra=[filesystem.ExtraMount.parse(m) for m in self.extra_mounts],
+            etc_allowlist=tuple(self.etc_allowlist),
+            hidden_paths=hidden,
+            workspace_readonly=tuple(self.workspace_readonly),
+        )
+        return SandboxSpec(
+            kernel_id=str(self.kernel_id),
+            argv=cmd,
+            env=kernel_env,
+            cwd=kernel_cwd,
+            mounts=mounts,
+            network=NetworkMode(self.network),
+            limits=ResourceLimits(
+                memory_bytes=parse_size(self.memory_limit, "memory_limit"),
+                cpus=self.cpu_limit or None,
+                pids=self.pids_limit or None,
+            ),
+            state_dir=kdir,
+            log_path=kdir / "kernel.log",
+        )
+
+    def _kernel_env(self, env: dict[str, str], cmd: list[str]) -> dict[str, str]:
+        """The allowlisted part of ``env`` plus the kernelspec's own env; nothing else."""
+        allowed = {
+            k: v
+            for k, v in env.items()
+            if any(fnmatch.fnmatchcase(k, p) for p in self.env_allowlist)
+        }
+        spec_env = self.kernel_spec.env if self.kernel_spec else {}
+        allowed.update({k: env[k] for k in spec_env if k in env})
+        bindir = os.path.dirname(cmd[0]) if os.path.isabs(cmd[0]) else ""
+        path = ":".join(p for p in (bindir, "/usr/local/bin", "/usr/bin", "/bin") if p)
+        return {
+            "PATH": path,
+            "HOME": "/tmp",
+            "TMPDIR": "/tmp",
+            **allowed,
+            RUNTIME_ENV: self.runtime_instance.name,
+        }
+
+    def _workspace(self, cwd: str | None) -> tuple[str | None, bool, str]:
+        """(host directory to bind or None for scratch, writable, the kernel's cwd)."""
+        mode = WorkspaceMode(self.workspace)
+        if mode is WorkspaceMode.SCRATCH:
+            return None, True, filesystem.SCRATCH_TARGET
+        notebook_dir = os.path.realpath(cwd or os.getcwd())
+        if not os.path.isdir(notebook_dir):
+            raise SandboxStartError(f"the kernel's directory {notebook_dir} does not exist")
+        directory = notebook_dir
+        if mode is WorkspaceMode.ROOT:
+            root_dir = getattr(getattr(self.parent, "parent", None), "root_dir", None)
+            directory = os.path.realpath(root_dir or notebook_dir)
+            if not pyenv.is_within(notebook_dir, directory):
+                notebook_dir = directory
+        if directory == "/":
+            raise SandboxStartError(
+                "refusing to give a sandboxed kernel the whole filesystem as its workspace; "
+                "start the server in a project directory or use workspace='scratch'"
+            )
+        return directory, mode is not WorkspaceMode.NOTEBOOK_READONLY, notebook_dir
+
+    def _socket_paths(self) -> list[str]:
+        info = self.connection_info
+        ports = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+        return [f"{info['ip']}-{info[p]}" for p in ports]
+
+    async def _wait_for_sockets(self) -> None:
+        """Return once the kernel has bound all five sockets; raise if it dies or hangs."""
+        assert self._sandbox is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.launch_timeout
+        paths = self._socket_paths()
+        delay = 0.005
+        while not all(os.path.exists(p) for p in paths):
+            code = await self._sandbox.poll()
+            if code is not None:
+                raise SandboxStartError(
+                    f"the sandboxed kernel ({self.runtime_instance.name}) exited with code "
+                    f"{code} while starting. Its output:\n{self._log_tail()}"
+                )
+            if loop.time() > deadline:
+                raise SandboxStartError(
+                    f"the sandboxed kernel ({self.runtime_instance.name}) did not open its "
+                    f"sockets within launch_timeout={self.launch_timeout:g}s. "
+                    f"Its output:\n{self._log_tail()}"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    async def _discard_failed_start(self) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.cleanup()
+        self._sandbox = None
+        self._exited = True
+        shutil.rmtree(self.kernel_dir, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self.parent.cleanup_connection_file()
+
+    def _log_tail(self) -> str:
+        try:
+            data = (self.kernel_dir / "kernel.log").read_bytes()[-_LOG_TAIL:]
+        except OSError:
+            return "(no output)"
+        return data.decode(errors="replace").strip() or "(no output)"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def poll(self) -> int | None:
+        if self._sandbox is None:
+            return 0
+        return await self._sandbox.poll()
+
+    async def wait(self) -> int | None:
+        if self._sandbox is None:
+            return 0
+        code = await self._sandbox.wait()
+        self._exited = True
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.send_signal(signum)
+
+    async def terminate(self, restart: bool = False) -> None:
+        self._stop_requested = True
+        if self._sandbox is not None:
+            await self._sandbox.terminate()
+
+    async def kill(self, restart: bool = False) -> None:
+        self._stop_requested = True
+        if self._sandbox is not None:
+            await self._sandbox.kill()
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        # jupyter_client does not pass ``restart`` on to terminate/kill (#1061): keep it here.
+        self._restart_requested = restart
+        self._stop_requested = True
+
+    async def cleanup(self, restart: bool = False) -> None:
+        sandbox, self._sandbox = self._sandbox, None
+        if sandbox is not None:
+            code = await sandbox.poll()
+            if code not in (None, 0) and not self._stop_requested:
+                self.log.warning(
+                    "Sandboxed kernel %s exited with code %s%s. Last output:\n%s",
+                    self.kernel_id,
+                    code,
+                    " (memory limit reached)" if getattr(sandbox, "oom_killed", bool)() else "",
+                    self._log_tail(),
+                )
+            await sandbox.cleanup()
+        self._exited = True
+        self._restart_requested = self._stop_requested = False
+        if not restart:
+            shutil.rmtree(self.kernel_dir, ignore_errors=True)
+
+    # -- persistence, timeouts, paths -------------------------------------------------------
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info["sandbox_runtime"] = self.runtime_instance.name
+        info["sandbox"] = self._sandbox.info() if self._sandbox is not None else None
+        info["state_root"] = self.state_root
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.runtime = provisioner_info["sandbox_runtime"]
+        self.state_root = provisioner_info["state_root"]
+        self._runtime = None
+        if provisioner_info.get("sandbox"):
+            self._sandbox = self.runtime_instance.reattach(provisioner_info["sandbox"])
+            self._exited = False
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return recommended
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        return max(recommended, self.launch_timeout)
+
+    def resolve_path(self, path_str: str) -> str | None:
+        """Resolve ``path_str`` against the workspace, never outside it."""
+        if self._workspace_host is None:
+            return None
+        path = Path(self._workspace_host, os.path.expanduser(path_str)).resolve()
+        if pyenv.is_within(str(path), self._workspace_host) and path.exists():
+            return path.as_posix()
+        return None

@@ -1,0 +1,112 @@
+"""The runtime interface: how the provisioner starts and controls one sandbox.
+
+A :class:`SandboxRuntime` is a kind of isolation (bubblewrap, gVisor, later a
+Kubernetes Sandbox). It says whether it can run here (:meth:`availability`)
+and turns a :class:`~sandbox_provisioner.spec.SandboxSpec` into a running
+:class:`Sandbox`. The provisioner knows only these two classes; each runtime
+lives in a module of its own and is found through the entry-point group
+``sandbox_provisioner.runtimes``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from traitlets.config import LoggingConfigurable
+
+from ..spec import SandboxSpec
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The requested runtime cannot run on this machine; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a runtime works here, and if not, why and what to do about it."""
+
+    available: bool
+    #: What was found (binary and version) or what is missing.
+    detail: str
+    #: What to install or change to make it available.
+    remedy: str = ""
+
+    def __str__(self) -> str:
+        text = self.detail
+        if not self.available and self.remedy:
+            text += f"; {self.remedy}"
+        return text
+
+
+class _Meta(abc.ABCMeta, type(LoggingConfigurable)):  # type: ignore[misc]
+    """ABCs and traitlets together, as jupyter_client's provisioner base does."""
+
+
+class Sandbox(abc.ABC):
+    """One running sandbox holding one kernel process."""
+
+    @abc.abstractmethod
+    async def poll(self) -> int | None:
+        """None while the kernel runs, else its exit code."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int | None:
+        """Wait until the kernel has exited; its exit code."""
+
+    @abc.abstractmethod
+    async def send_signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the kernel process inside the sandbox."""
+
+    @abc.abstractmethod
+    async def terminate(self) -> None:
+        """Ask the kernel to exit (SIGTERM to the kernel process)."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """End every process of the sandbox now."""
+
+    @abc.abstractmethod
+    async def cleanup(self) -> None:
+        """Make sure nothing of the sandbox is left: processes, mounts, cgroups, state."""
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """JSON-able facts from which :meth:`SandboxRuntime.reattach` rebuilds this handle."""
+
+    def host_pids(self) -> list[int]:
+        """Host process ids of the sandbox's processes, where the runtime can know them."""
+        return []
+
+
+class SandboxRuntime(LoggingConfigurable, metaclass=_Meta):
+    """A kind of isolation. Subclasses set ``name`` and ``strength`` and implement the rest."""
+
+    #: The name kernelspecs use (``"runtime": "gvisor"``).
+    name: ClassVar[str]
+    #: A short human description, for listings and ``jupyter sandbox doctor``.
+    description: ClassVar[str]
+    #: Isolation strength; ``auto`` picks the strongest available runtime.
+    strength: ClassVar[int]
+
+    @abc.abstractmethod
+    def availability(self) -> Availability:
+        """Whether this runtime can start sandboxes here (cheap: no sandbox is started)."""
+
+    @abc.abstractmethod
+    async def launch(self, spec: SandboxSpec) -> Sandbox:
+        """Start the kernel described by ``spec`` in a new sandbox."""
+
+    @abc.abstractmethod
+    def reattach(self, info: dict[str, Any]) -> Sandbox:
+        """A handle on a sandbox started earlier, possibly by another process."""
+
+    def require(self) -> None:
+        """Raise :class:`RuntimeUnavailable`, with what to install, unless available."""
+        found = self.availability()
+        if not found.available:
+            raise RuntimeUnavailable(
+                f"the {self.name} sandbox runtime is not available: {found}. "
+                "The kernel was not started: it never runs unsandboxed."
+            )

@@ -1,0 +1,262 @@
+"""gVisor: the kernel runs on a user-space kernel (the Sentry), not on the host's.
+
+The sandbox is an OCI bundle run by ``runsc run`` in the foreground: an empty
+read-only root with the spec's mounts bound in through the gofer, no
+capabilities, its own pid/ipc/uts/mount namespaces, ``--network=none``
+(loopback only) and ``--host-uds=create`` so that the kernel's ZMQ IPC
+sockets appear on the host. Limits are the spec's cgroup v1 resources,
+applied by runsc. Facts this module is built on (measured on hosts of this
+project's kind): netstack fails on kernels >= 6.11 with the Debian builds and
+the KVM platform hangs, so the network is ``none`` (or ``host``) and the
+platform systrap where the build has it, else ptrace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from traitlets import CaselessStrEnum, List, Unicode
+
+from ..limits import cgroup_relpath, cgroups_available, remove_cgroup_dirs
+from ..spec import Mount, MountKind, NetworkMode, SandboxSpec
+from .base import Availability, Sandbox, SandboxRuntime
+from .process import LocalSandbox, spawn
+
+#: The first runsc release with the systrap platform (mid-2023).
+_SYSTRAP_SINCE = 20230601
+
+
+@functools.lru_cache(maxsize=8)
+def runsc_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    return out.stdout.splitlines()[0].strip() if out.stdout else out.stderr.strip()
+
+
+def _release_date(version: str) -> int:
+    """``runsc version 0.0~20221219.0`` or ``release-20240729.0`` -> 20221219 (0 if unknown)."""
+    match = re.search(r"(20\d{6})", version)
+    return int(match.group(1)) if match else 0
+
+
+class GVisorSandbox(LocalSandbox):
+    """A ``runsc run`` monitor; signals go to the container's init (the kernel) via runsc."""
+
+    def __init__(self, *, runsc: str, state_root: Path, container_id: str, **kw: Any):
+        super().__init__(**kw)
+        self.runsc = runsc
+        self.state_root = state_root
+        self.container_id = container_id
+
+    async def _runsc(self, *args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            self.runsc,
+            "--root",
+            str(self.state_root),
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await proc.wait()
+
+    async def send_signal(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            await self.kill()
+        elif await self.poll() is None:
+            await self._runsc("kill", self.container_id, str(int(signum)))
+
+    async def terminate(self) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        # runsc leaves its state files and cgroups behind when its monitor is killed.
+        shutil.rmtree(self.state_root, ignore_errors=True)
+        remove_cgroup_dirs(cgroup_relpath(self.container_id))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **super().info(),
+            "runsc": self.runsc,
+            "state_root": str(self.state_root),
+            "container_id": self.container_id,
+        }
+
+
+class GVisorRuntime(SandboxRuntime):
+    name = "gvisor"
+    description = "gVisor user-space kernel (runsc); needs root"
+    strength = 20
+
+    runsc_path = Unicode("", config=True, help="The runsc binary. Empty: runsc on PATH.")
+    platform = CaselessStrEnum(
+        ["auto", "systrap", "ptrace", "kvm"],
+        default_value="auto",
+        config=True,
+        help="gVisor platform. auto: systrap where the runsc build has it, else ptrace. "
+        "kvm needs a real /dev/kvm (it hangs on paravirtual KVM).",
+    )
+    extra_flags = List(Unicode(), config=True, help="More global runsc flags, for experts.")
+
+    def find_runsc(self) -> str | None:
+        if self.runsc_path:
+            return self.runsc_path if os.access(self.runsc_path, os.X_OK) else None
+        return shutil.which("runsc")
+
+    def availability(self) -> Availability:
+        runsc = self.find_runsc()
+        if runsc is None:
+            return Availability(
+                False,
+                f"runsc not found{f' at {self.runsc_path}' if self.runsc_path else ''}",
+                "install gVisor with 'apt-get install runsc' (Debian/Ubuntu) or put runsc on PATH",
+            )
+        if os.geteuid() != 0:
+            return Availability(
+                False,
+                "gVisor sandboxes need root here (rootless runsc cannot bind host sockets)",
+                "run the server as root or use the bubblewrap runtime",
+            )
+        if shutil.which("setpriv") is None:
+            return Availability(False, "setpriv not found", "apt-get install util-linux")
+        try:
+            version = runsc_version(runsc)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return Availability(False, f"{runsc} does not run: {exc}", "reinstall runsc")
+        return Availability(True, f"{version} at {runsc}, platform {self.resolved_platform()}")
+
+    def resolved_platform(self) -> str:
+        if self.platform != "auto":
+            return self.platform
+        runsc = self.find_runsc()
+        date = _release_date(runsc_version(runsc)) if runsc else 0
+        return "systrap" if date >= _SYSTRAP_SINCE else "ptrace"
+
+    # -- the OCI bundle ----------------------------------------------------------------------
+    def bundle(self, spec: SandboxSpec, bundle_dir: Path, cgroups: bool) -> dict[str, Any]:
+        rootfs = bundle_dir / "rootfs"
+        rootfs.mkdir(parents=True, exist_ok=True)
+        empty = spec.state_dir / "empty"
+        mounts: list[dict[str, Any]] = [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs"},
+        ]
+        for mount in spec.mounts:
+            entry = self._oci_mount(mount, rootfs, empty)
+            if entry is not None:
+                mounts.append(entry)
+        resources: dict[str, Any] = {}
+        if spec.limits.memory_bytes:
+            resources["memory"] = {"limit": spec.limits.memory_bytes}
+        if spec.limits.pids:
+            resources["pids"] = {"limit": spec.limits.pids}
+        if spec.limits.cpus:
+            resources["cpu"] = {"quota": int(spec.limits.cpus * 100_000), "period": 100_000}
+        linux: dict[str, Any] = {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+        }
+        if cgroups:
+            linux["cgroupsPath"] = "/" + cgroup_relpath(_container_id(spec))
+            linux["resources"] = resources
+        no_caps: dict[str, list[str]] = {
+            k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+        }
+        return {
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": False,
+                "user": {"uid": 0, "gid": 0},
+                "args": spec.argv,
+                "env": [f"{k}={v}" for k, v in spec.env.items()],
+                "cwd": spec.cwd,
+                "capabilities": no_caps,
+                "noNewPrivileges": True,
+            },
+            "root": {"path": "rootfs", "readonly": True},
+            "hostname": spec.hostname,
+            "mounts": mounts,
+            "linux": linux,
+        }
+
+    @staticmethod
+    def _oci_mount(mount: Mount, rootfs: Path, empty: Path) -> dict[str, Any] | None:
+        inside = rootfs / mount.target.lstrip("/")
+        if mount.kind is MountKind.SYMLINK:
+            inside.parent.mkdir(parents=True, exist_ok=True)
+            if not inside.is_symlink():
+                inside.symlink_to(mount.source)
+            return None
+        if mount.kind is MountKind.TMPFS:
+            inside.mkdir(parents=True, exist_ok=True)
+            return {"destination": mount.target, "type": "tmpfs", "source": "tmpfs",
+                    "options": ["nosuid", "nodev", "mode=1777"]}  # fmt: skip
+        source = mount.source
+        if mount.kind is MountKind.HIDE_FILE:
+            empty.touch(mode=0o444, exist_ok=True)
+            source = str(empty)
+        # Mount points must exist in the read-only root before runsc starts.
+        if os.path.isdir(source):
+            inside.mkdir(parents=True, exist_ok=True)
+        else:
+            inside.parent.mkdir(parents=True, exist_ok=True)
+            inside.touch(exist_ok=True)
+        mode = "rw" if mount.writable else "ro"
+        return {"destination": mount.target, "type": "bind", "source": source,
+                "options": ["rbind", mode]}  # fmt: skip
+
+    async def launch(self, spec: SandboxSpec) -> Sandbox:
+        self.require()
+        runsc = self.find_runsc()
+        assert runsc is not None
+        cid = _container_id(spec)
+        state_root = spec.state_dir / "runsc"
+        bundle_dir = spec.state_dir / "bundle"
+        shutil.rmtree(state_root, ignore_errors=True)  # a previous run of this kernel
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        bundle_dir.mkdir(parents=True)
+        cgroups = spec.limits.any and cgroups_available()
+        config = self.bundle(spec, bundle_dir, cgroups)
+        fd = os.open(bundle_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        network = "host" if spec.network is NetworkMode.HOST else "none"
+        argv = [
+            # The sandbox dies with runsc's monitor, and the monitor with the server.
+            "setpriv", "--pdeathsig", "KILL", "--",
+            runsc, "--root", str(state_root), f"--network={network}", "--host-uds=create",
+            f"--platform={self.resolved_platform()}", *self.extra_flags,
+        ]  # fmt: skip
+        if not cgroups:
+            argv.append("--ignore-cgroups")
+        argv += ["run", "--bundle", str(bundle_dir), cid]
+        process = spawn(argv, spec, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        return GVisorSandbox(
+            pid=process.pid,
+            process=process,
+            runsc=runsc,
+            state_root=state_root,
+            container_id=cid,
+        )
+
+    def reattach(self, info: dict[str, Any]) -> Sandbox:
+        return GVisorSandbox(
+            pid=info["pid"],
+            start_time=info["start_time"],
+            runsc=info["runsc"],
+            state_root=Path(info["state_root"]),
+            container_id=info["container_id"],
+        )
+
+
+def _container_id(spec: SandboxSpec) -> str:
+    return f"kernel-{spec.kernel_id}"

@@ -1,0 +1,1 @@
+"""JupyterHub spawner for per-user sandboxes (to come; see the project's issues)."""

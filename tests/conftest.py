@@ -1,0 +1,163 @@
+"""Shared fixtures: real sandboxed ipykernels through jupyter_client.
+
+A test that needs a runtime this machine lacks fails in CI (CI installs every
+runtime); on a developer's machine it is skipped with the doctor's reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
+from sandbox_provisioner.runtimes import runtime_classes
+
+RUNTIMES = ["bubblewrap", "gvisor"]
+
+
+def require_runtime(name: str) -> None:
+    found = runtime_classes()[name]().availability()
+    if found.available:
+        return
+    message = f"runtime {name} unavailable: {found}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    require_runtime(request.param)
+    return request.param
+
+
+@pytest.fixture
+def notebook_dir(tmp_path: Path) -> Path:
+    """A notebook directory inside a parent the kernel must not see."""
+    nb = tmp_path / "project" / "notebooks"
+    nb.mkdir(parents=True)
+    (tmp_path / "project" / "outside.txt").write_text("not for the kernel")
+    return nb
+
+
+@dataclass
+class Result:
+    status: str
+    stdout: str = ""
+    stderr: str = ""
+    error: dict[str, Any] = field(default_factory=dict)
+    data: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class Kernel:
+    """A started sandboxed kernel and a client, with a helper to run code."""
+
+    def __init__(self, km: AsyncIOLoopKernelManager):
+        self.km = km
+        self.kc = km.client()
+        self.kc.start_channels()
+
+    async def ready(self, timeout: float = 60) -> None:
+        await self.kc.wait_for_ready(timeout=timeout)
+
+    async def run(self, code: str, timeout: float = 60) -> Result:
+        outputs: list[dict[str, Any]] = []
+        reply = await self.kc.execute_interactive(
+            code, timeout=timeout, output_hook=outputs.append, store_history=False
+        )
+        content = reply["content"]
+        result = Result(content["status"])
+        if content["status"] == "error":
+            result.error = {k: content[k] for k in ("ename", "evalue")}
+        for msg in outputs:
+            kind, c = msg["header"]["msg_type"], msg["content"]
+            if kind == "stream":
+                if c["name"] == "stdout":
+                    result.stdout += c["text"]
+                else:
+                    result.stderr += c["text"]
+            elif kind in ("execute_result", "display_data"):
+                result.data.append(c["data"])
+        return result
+
+    async def value(self, expr: str) -> Any:
+        """Evaluate ``expr`` in the kernel; its repr is parsed back with ast.literal_eval."""
+        import ast
+
+        result = await self.run(f"print(repr({expr}))")
+        assert result.ok, result.error
+        return ast.literal_eval(result.stdout.strip())
+
+    def provisioner(self) -> Any:
+        return self.km.provisioner
+
+    async def stop(self) -> None:
+        self.kc.stop_channels()
+        if self.km.has_kernel:
+            await self.km.shutdown_kernel(now=False)
+
+
+StartKernel = Callable[..., "asyncio.Future[Kernel]"]
+
+
+@pytest.fixture
+async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
+    """``await start_kernel(runtime, **provisioner_config)`` -> a ready :class:`Kernel`."""
+    started: list[Kernel] = []
+
+    async def start(runtime: str, *, cwd: Path | None = None, autorestart: bool = False,
+                    **config: Any) -> Kernel:  # fmt: skip
+        ksm = RuntimeKernelSpecManager()
+        ksm.overrides = {f"sandboxed-{runtime}": config}
+        km = AsyncIOLoopKernelManager(
+            kernel_name=f"sandboxed-{runtime}", kernel_spec_manager=ksm, autorestart=autorestart
+        )
+        await km.start_kernel(cwd=str(cwd or notebook_dir))
+        kernel = Kernel(km)
+        started.append(kernel)
+        await kernel.ready()
+        return kernel
+
+    yield start
+    for kernel in started:
+        try:
+            await kernel.stop()
+        except Exception as exc:  # a test that already shut it down
+            print(f"cleanup: {exc}")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+async def async_wait_until(predicate: Callable[[], Any], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+__all__ = ["RUNTIMES", "Kernel", "Result", "async_wait_until", "queue", "require_runtime"]

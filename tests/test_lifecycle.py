@@ -1,0 +1,90 @@
+"""Kernel lifecycle through jupyter_client.KernelManager, for every runtime."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from conftest import async_wait_until
+
+from sandbox_provisioner.limits import CGROUP_PARENT, CGROUP_ROOT
+from sandbox_provisioner.runtimes.process import process_start_time
+
+
+def _alive(pids: dict[int, int | None]) -> list[int]:
+    """Those of ``pids`` (pid -> start time) still running: same process, not a zombie."""
+    return [
+        pid
+        for pid, start in pids.items()
+        if start and process_start_time(pid) == start and not _zombie(pid)
+    ]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+async def test_execute_in_notebook_dir(runtime, start_kernel, notebook_dir: Path):
+    kernel = await start_kernel(runtime)
+    result = await kernel.run("import os; print(os.getcwd(), 6 * 7)")
+    assert result.ok, result
+    assert result.stdout.split() == [str(notebook_dir), "42"]
+    assert await kernel.value("os.environ['JUPYTER_SANDBOX_RUNTIME']") == runtime
+
+
+async def test_interrupt_reaches_kernel(runtime, start_kernel):
+    kernel = await start_kernel(runtime)
+    msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")
+    await asyncio.sleep(1.0)
+    await kernel.km.interrupt_kernel()
+    reply = await kernel.kc._async_get_shell_msg(timeout=30)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = await kernel.kc._async_get_shell_msg(timeout=30)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert (await kernel.run("print('still alive')")).stdout.strip() == "still alive"
+
+
+async def test_restart_gives_fresh_kernel(runtime, start_kernel, notebook_dir: Path):
+    kernel = await start_kernel(runtime)
+    assert (await kernel.run("x = 41")).ok
+    old_pids = {p: process_start_time(p) for p in kernel.provisioner()._sandbox.host_pids()}
+    await kernel.km.restart_kernel()
+    await kernel.ready()
+    result = await kernel.run("print(x)")
+    assert result.error.get("ename") == "NameError"
+    assert (await kernel.run("x = 1; print(x + 1)")).stdout.strip() == "2"
+    # Restart keeps the kernel's directory and connection file, not the old sandbox.
+    assert kernel.provisioner().kernel_dir.is_dir()
+    assert await async_wait_until(lambda: not _alive(old_pids), timeout=10)
+
+
+async def test_shutdown_leaves_nothing(runtime, start_kernel):
+    kernel = await start_kernel(runtime, memory_limit="1G", pids_limit=256)
+    assert (await kernel.run("import subprocess; p = subprocess.Popen(['sleep', '600'])")).ok
+    provisioner = kernel.provisioner()
+    pids = {p: process_start_time(p) for p in provisioner._sandbox.host_pids()}
+    assert len(pids) >= 2, pids
+    kernel_dir = provisioner.kernel_dir
+    connection_file = Path(kernel.km.connection_file)
+    assert kernel_dir.is_dir() and connection_file.exists()
+    await kernel.stop()
+    assert not kernel.km.has_kernel
+    assert _alive(pids) == []
+    assert not kernel_dir.exists()
+    assert not connection_file.exists()
+    groups = list(CGROUP_ROOT.glob(f"*/{CGROUP_PARENT}/*{kernel.km.kernel_id}*"))
+    assert groups == []
+
+
+async def test_crash_is_detected_and_kernel_restarts(runtime, start_kernel):
+    kernel = await start_kernel(runtime, autorestart=True)
+    restarted = asyncio.Event()
+    kernel.km.add_restart_callback(restarted.set, "restart")
+    kernel.kc.execute("import os; os._exit(3)")
+    await asyncio.wait_for(restarted.wait(), timeout=30)
+    await kernel.ready()
+    assert (await kernel.run("print('back')")).stdout.strip() == "back"
