@@ -97,7 +97,7 @@ class Kernel:
         """Evaluate ``expr`` in the kernel; its repr is parsed back with ast.literal_eval."""
         import ast
 
-        result = await self.run(f"print(repr({expr}))")
+        result = await self.run(f"import os, socket\nprint(repr({expr}))")
         assert result.ok, result.error
         return ast.literal_eval(result.stdout.strip())
 

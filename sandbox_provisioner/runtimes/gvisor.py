@@ -158,8 +158,6 @@ class GVisorRuntime(SandboxRuntime):
         resources: dict[str, Any] = {}
         if spec.limits.memory_bytes:
             resources["memory"] = {"limit": spec.limits.memory_bytes}
-        if spec.limits.pids:
-            resources["pids"] = {"limit": spec.limits.pids}
         if spec.limits.cpus:
             resources["cpu"] = {"quota": int(spec.limits.cpus * 100_000), "period": 100_000}
         linux: dict[str, Any] = {
@@ -181,6 +179,13 @@ class GVisorRuntime(SandboxRuntime):
                 "cwd": spec.cwd,
                 "capabilities": no_caps,
                 "noNewPrivileges": True,
+                # The Sentry counts the sandbox's own tasks against RLIMIT_NPROC. A host pids
+                # cgroup would count the Sentry's threads instead (130 when idle) and starve it.
+                "rlimits": [
+                    {"type": "RLIMIT_NPROC", "hard": spec.limits.pids, "soft": spec.limits.pids}
+                ]
+                if spec.limits.pids
+                else [],
             },
             "root": {"path": "rootfs", "readonly": True},
             "hostname": spec.hostname,
@@ -224,7 +229,7 @@ class GVisorRuntime(SandboxRuntime):
         shutil.rmtree(state_root, ignore_errors=True)  # a previous run of this kernel
         shutil.rmtree(bundle_dir, ignore_errors=True)
         bundle_dir.mkdir(parents=True)
-        cgroups = spec.limits.any and cgroups_available()
+        cgroups = bool(spec.limits.memory_bytes or spec.limits.cpus) and cgroups_available()
         config = self.bundle(spec, bundle_dir, cgroups)
         fd = os.open(bundle_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
