@@ -71,7 +71,7 @@ class DoctorApp(JupyterApp):
     flags = {"brief": ({"DoctorApp": {"brief": True}}, "Start no kernel.")}
 
     def start(self) -> None:
-        self.exit(doctor.run(full=not self.brief))
+        self.exit(doctor.run(full=not self.brief, parent=self))
 
 
 class SandboxApp(JupyterApp):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 
@@ -38,14 +40,20 @@ class RuntimeReport:
         return text
 
 
-async def start_kernel_once(runtime: str, timeout: float = 60) -> float:
+async def start_kernel_once(runtime: str, timeout: float = 60, config: Any = None) -> float:
     """Start a sandboxed kernel, execute code, shut it down; seconds to the first reply."""
-
     km = AsyncKernelManager(
-        kernel_name=f"sandboxed-{runtime}", kernel_spec_manager=RuntimeKernelSpecManager()
+        kernel_name=f"sandboxed-{runtime}",
+        kernel_spec_manager=RuntimeKernelSpecManager(),
+        **({"config": config} if config is not None else {}),
     )
+    with tempfile.TemporaryDirectory(prefix="sandbox-doctor-") as workdir:
+        return await _run_once(km, workdir, timeout)
+
+
+async def _run_once(km: AsyncKernelManager, workdir: str, timeout: float) -> float:
     started = time.perf_counter()
-    await km.start_kernel()
+    await km.start_kernel(cwd=workdir)
     try:
         kc = km.client()
         kc.start_channels()
@@ -63,14 +71,17 @@ async def start_kernel_once(runtime: str, timeout: float = 60) -> float:
         await km.shutdown_kernel(now=True)
 
 
-async def diagnose(full: bool = True) -> list[RuntimeReport]:
+async def diagnose(full: bool = True, parent: Any = None) -> list[RuntimeReport]:
+    """Check every installed runtime (``parent`` carries runtime config, e.g. binary paths)."""
     reports = []
     for name, cls in runtime_classes().items():
-        found = cls().availability()
+        found = cls(parent=parent).availability()
         report = RuntimeReport(name, found.available, str(found))
         if full and found.available:
             try:
-                report.seconds = await start_kernel_once(name)
+                report.seconds = await start_kernel_once(
+                    name, config=getattr(parent, "config", None)
+                )
                 report.started = True
             except Exception as exc:
                 report.started = False
@@ -89,8 +100,8 @@ def host_facts() -> list[str]:
     ]
 
 
-def run(full: bool = True) -> int:
-    reports = asyncio.run(diagnose(full))
+def run(full: bool = True, parent: Any = None) -> int:
+    reports = asyncio.run(diagnose(full, parent))
     for report in reports:
         print(report.line())
     for fact in host_facts():

@@ -53,11 +53,14 @@ def installed() -> dict[str, tuple[str, str]]:
     return found
 
 
-def spec_for_runtime(runtime: str, **config: Any) -> KernelSpec:
-    """An in-memory kernelspec for one runtime (used by the doctor, tests and benchmarks)."""
+def spec_for_runtime(name: str, **config: Any) -> KernelSpec:
+    """An in-memory kernelspec for runtime ``name``; ``config`` adds provisioner options.
+
+    Used by the doctor, tests and benchmarks.
+    """
     data = json.loads((spec_dirs()[DEFAULT_KERNEL] / "kernel.json").read_text())
-    data["metadata"]["kernel_provisioner"]["config"] = {"runtime": runtime, **config}
-    data["display_name"] = f"Sandboxed Python ({runtime})"
+    data["metadata"]["kernel_provisioner"]["config"] = {"runtime": name, **config}
+    data["display_name"] = f"Sandboxed Python ({name})"
     return KernelSpec(resource_dir=str(spec_dirs()[DEFAULT_KERNEL]), **data)
 
 

@@ -66,7 +66,7 @@ def _real(path: str) -> str:
 def minimal_cover(paths: list[str]) -> list[str]:
     """Drop every path that lies inside another one of ``paths``."""
     kept: list[str] = []
-    for path in sorted(set(paths), key=lambda p: len(Path(p).parts)):
+    for path in sorted(set(paths), key=lambda p: (len(Path(p).parts), p)):
         if not any(is_within(path, parent) for parent in kept):
             kept.append(path)
     return kept

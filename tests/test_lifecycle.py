@@ -8,23 +8,12 @@ from pathlib import Path
 from conftest import async_wait_until
 
 from sandbox_provisioner.limits import CGROUP_PARENT, CGROUP_ROOT
-from sandbox_provisioner.runtimes.process import process_start_time
+from sandbox_provisioner.runtimes.process import is_running, process_start_time
 
 
 def _alive(pids: dict[int, int | None]) -> list[int]:
     """Those of ``pids`` (pid -> start time) still running: same process, not a zombie."""
-    return [
-        pid
-        for pid, start in pids.items()
-        if start and process_start_time(pid) == start and not _zombie(pid)
-    ]
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
+    return [pid for pid, start in pids.items() if is_running(pid, start)]
 
 
 async def test_execute_in_notebook_dir(runtime, start_kernel, notebook_dir: Path):
@@ -88,3 +77,37 @@ async def test_crash_is_detected_and_kernel_restarts(runtime, start_kernel):
     await asyncio.wait_for(restarted.wait(), timeout=30)
     await kernel.ready()
     assert (await kernel.run("print('back')")).stdout.strip() == "back"
+
+
+async def test_reconnect_from_provisioner_info(runtime, start_kernel):
+    """Another process rebuilds the provisioner from its persisted info and controls the kernel."""
+    import json
+    import signal
+
+    from sandbox_provisioner import SandboxProvisioner
+
+    kernel = await start_kernel(runtime)
+    info = await kernel.provisioner().get_provisioner_info()
+    # What this provisioner adds is JSON (jupyter_client's connection_info holds a bytes key).
+    info = {**info, "sandbox": json.loads(json.dumps(info["sandbox"]))}
+    assert info["sandbox_runtime"] == runtime and info["sandbox"]["pid"]
+
+    other = SandboxProvisioner(kernel_id=info["kernel_id"], kernel_spec=kernel.km.kernel_spec)
+    await other.load_provisioner_info(info)
+    assert other.connection_info == kernel.provisioner().connection_info
+    assert other.has_process and await other.poll() is None
+
+    msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")
+    await asyncio.sleep(1.0)
+    await other.send_signal(signal.SIGINT)
+    reply = await kernel.kc._async_get_shell_msg(timeout=30)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = await kernel.kc._async_get_shell_msg(timeout=30)
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+    kernel_dir = other.kernel_dir
+    await other.kill()
+    await asyncio.wait_for(other.wait(), timeout=15)
+    assert await async_wait_until(lambda: kernel.provisioner().poll(), timeout=15)
+    await other.cleanup()
+    assert not kernel_dir.exists()

@@ -24,13 +24,29 @@ from .base import Sandbox
 _GONE = (ProcessLookupError, ChildProcessError)
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat)."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3 onwards)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def is_running(pid: int, start_time: int | None) -> bool:
+    """Whether the process ``pid`` that started at ``start_time`` still runs (zombies do not)."""
+    fields = _stat_fields(pid)
+    return (
+        bool(fields)
+        and start_time is not None
+        and int(fields[19]) == start_time
+        and (fields[0] != "Z")
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -105,7 +121,7 @@ class LocalSandbox(Sandbox):
 
     # -- liveness -------------------------------------------------------------------------
     def _alive(self) -> bool:
-        return self.start_time is not None and process_start_time(self.pid) == self.start_time
+        return is_running(self.pid, self.start_time)
 
     async def poll(self) -> int | None:
         if self._exit_code is not None:

@@ -1,0 +1,99 @@
+"""Kernel start-up: launch to first execute_reply, sandboxed runtimes against local-provisioner.
+
+One run measures every mode, round-robin (so machine noise hits all alike), after
+one warm-up each, and prints each mode's median and its ratio to jupyter_client's
+own local-provisioner (a plain, unsandboxed ipykernel):
+
+    .venv/bin/python benchmarks/kernel_startup.py [--runs 7] [--modes local,bubblewrap,gvisor]
+
+The clock starts just before ``start_kernel`` and stops at the first execute_reply,
+as a notebook user waits: start, connect, kernel_info until ready, execute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
+from sandbox_provisioner.runtimes import runtime_classes
+
+LOCAL = "local"
+
+
+class _LocalSpecs(KernelSpecManager):
+    """The plain ipykernel spec, started by jupyter_client's local-provisioner."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return KernelSpec(
+            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            display_name="Python (local-provisioner)",
+            language="python",
+        )
+
+
+async def launch_to_first_reply(mode: str, cwd: str) -> float:
+    if mode == LOCAL:
+        km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=_LocalSpecs())
+    else:
+        km = AsyncKernelManager(
+            kernel_name=f"sandboxed-{mode}", kernel_spec_manager=RuntimeKernelSpecManager()
+        )
+    started = time.perf_counter()
+    await km.start_kernel(cwd=cwd)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=120)
+        reply = await kc.execute_interactive("1", timeout=120, output_hook=lambda m: None)
+        elapsed = time.perf_counter() - started
+        assert reply["content"]["status"] == "ok"
+        return elapsed
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7, help="measured runs per mode (>= 5)")
+    parser.add_argument("--modes", default=",".join([LOCAL, *reversed(runtime_classes())]))
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode != LOCAL and not runtime_classes()[mode]().availability().available:
+            print(f"{mode}: unavailable here, left out")
+            modes.remove(mode)
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as cwd:
+        for mode in modes:  # warm-up: caches, first imports
+            await launch_to_first_reply(mode, cwd)
+        for _ in range(args.runs):
+            for mode in modes:
+                samples[mode].append(await launch_to_first_reply(mode, cwd))
+    base = statistics.median(samples[LOCAL]) if LOCAL in samples else None
+    print(f"launch -> first execute_reply, {args.runs} runs per mode after 1 warm-up (seconds)")
+    print(f"{'mode':<12}{'median':>9}{'min':>9}{'max':>9}{'ratio':>9}")
+    results = {}
+    for mode, values in samples.items():
+        median = statistics.median(values)
+        ratio = median / base if base else float("nan")
+        results[mode] = {"median": median, "min": min(values), "max": max(values), "ratio": ratio}
+        print(f"{mode:<12}{median:9.3f}{min(values):9.3f}{max(values):9.3f}{ratio:8.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,138 @@
+"""A real jupyter_server with the example configuration: REST sessions, websocket execution."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+CONFIG = Path(__file__).parent.parent / "jupyter_config" / "jupyter_server_config.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server-root")
+    (root / "project").mkdir()
+    port, token = _free_port(), uuid.uuid4().hex
+    log = open(root.parent / "server.log", "w")  # noqa: SIM115 (closed below)
+    env = {**os.environ, "JUPYTERHUB_API_TOKEN": "hub-secret-must-not-leak"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", f"--config={CONFIG}", "--no-browser",
+         f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        log.close()
+        pytest.fail("jupyter_server did not start:\n" + (root.parent / "server.log").read_text())
+    yield {"base": base, "token": token, "root": root}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+async def api(server, method: str, path: str, body: object | None = None) -> object:
+    request = HTTPRequest(
+        f"{server['base']}{path}",
+        method=method,
+        headers={"Authorization": f"token {server['token']}"},
+        body=None if body is None else json.dumps(body),
+        allow_nonstandard_methods=True,
+    )
+    response = await AsyncHTTPClient().fetch(request, raise_error=True)
+    return json.loads(response.body) if response.body else None
+
+
+async def execute_over_websocket(server, kernel_id: str, code: str) -> tuple[str, str]:
+    session = uuid.uuid4().hex
+    url = server["base"].replace("http", "ws") + f"/api/kernels/{kernel_id}/channels"
+    ws = await websocket_connect(
+        HTTPRequest(
+            f"{url}?session_id={session}", headers={"Authorization": f"token {server['token']}"}
+        )
+    )
+    msg_id = uuid.uuid4().hex
+    ws.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": "test", "session": session,
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False},
+    }))  # fmt: skip
+    stdout, status = "", ""
+    deadline = time.monotonic() + 120
+    while not status and time.monotonic() < deadline:
+        msg = json.loads(await ws.read_message())
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            stdout += msg["content"]["text"]
+        elif msg["msg_type"] == "execute_reply":
+            status = msg["content"]["status"]
+    ws.close()
+    return status, stdout
+
+
+async def test_only_sandboxed_kernels_are_offered(server):
+    specs = await api(server, "GET", "/api/kernelspecs")
+    assert specs["default"] == "sandboxed-python"
+    assert set(specs["kernelspecs"]) == {
+        "sandboxed-python",
+        "sandboxed-python-gvisor",
+        "sandboxed-python-bubblewrap",
+    }
+
+
+@pytest.mark.parametrize("kernel_name", ["sandboxed-python-bubblewrap", "sandboxed-python-gvisor"])
+async def test_session_execute_shutdown(server, kernel_name):
+    from conftest import require_runtime
+
+    require_runtime(kernel_name.rsplit("-", 1)[1])
+    session = await api(server, "POST", "/api/sessions", {
+        "path": "project/analysis.ipynb", "type": "notebook", "name": "analysis.ipynb",
+        "kernel": {"name": kernel_name},
+    })  # fmt: skip
+    kernel_id = session["kernel"]["id"]
+    try:
+        code = (
+            "import os\n"
+            "print(os.getcwd(), os.environ['JUPYTER_SANDBOX_RUNTIME'],"
+            " 'JUPYTERHUB_API_TOKEN' in os.environ)"
+        )
+        status, out = await execute_over_websocket(server, kernel_id, code)
+        assert status == "ok"
+        cwd, runtime, leaked = out.split()
+        assert cwd == str(server["root"] / "project")
+        assert runtime == kernel_name.rsplit("-", 1)[1]
+        assert leaked == "False"
+    finally:
+        await api(server, "DELETE", f"/api/sessions/{session['id']}")
+    kernels = await api(server, "GET", "/api/kernels")
+    assert kernel_id not in [k["id"] for k in kernels]

@@ -1,0 +1,120 @@
+"""Pure logic: sizes, mount plans, environment filtering, the seccomp filter."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox_provisioner import filesystem
+from sandbox_provisioner.limits import parse_size
+from sandbox_provisioner.pyenv import minimal_cover, python_dirs
+from sandbox_provisioner.runtimes.gvisor import _release_date
+from sandbox_provisioner.seccomp import filter_bpf
+from sandbox_provisioner.spec import MountKind
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("100", 100), (4096, 4096),
+     (0, None), ("", None), (None, None), ("64k", 64 << 10)],
+)  # fmt: skip
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "2X", "-1G", True])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+def test_extra_mount_parsing(tmp_path: Path):
+    m = filesystem.ExtraMount.parse(f"{tmp_path}:/data:rw")
+    assert (m.source, m.target, m.writable) == (str(tmp_path), "/data", True)
+    m = filesystem.ExtraMount.parse(str(tmp_path))
+    assert (m.target, m.writable) == (str(tmp_path), False)
+    for bad in ["", f"{tmp_path}:data", "/no/such:/x", f"{tmp_path}:/a:/b:/c"]:
+        with pytest.raises(ValueError):
+            filesystem.ExtraMount.parse(bad)
+
+
+def test_python_dirs_come_from_the_interpreter():
+    dirs = python_dirs(sys.executable)
+    assert os.path.realpath(sys.prefix) in dirs
+    assert all(os.path.isabs(d) and os.path.exists(d) for d in dirs)
+    assert os.getcwd() not in dirs or os.getcwd() in (sys.prefix, "/")
+
+
+def test_minimal_cover():
+    assert minimal_cover(["/a/b", "/a", "/c/d", "/ab"]) == ["/a", "/ab", "/c/d"]
+
+
+def test_mount_plan(tmp_path: Path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".netrc").write_text("secret")
+    (home / ".venv").mkdir()
+    (home / ".git").mkdir()
+    ipc = tmp_path / "state" / "ipc"
+    ipc.mkdir(parents=True)
+    conn = tmp_path / "kernel.json"
+    conn.write_text("{}")
+    mounts = filesystem.build_mounts(
+        python_paths=[str(home / ".venv"), "/usr/lib/python3"],
+        workspace=str(home),
+        workspace_writable=True,
+        scratch_dir=None,
+        ipc_dir=str(ipc),
+        connection_file=str(conn),
+        etc_mounts=[],
+        hidden_paths=(str(home / ".*"),),
+    )
+    by_target = {m.target: m for m in mounts}
+    assert [m.depth for m in mounts] == sorted(m.depth for m in mounts)  # parents first
+    assert by_target[str(home)].writable
+    assert by_target[str(home / ".ssh")].kind is MountKind.TMPFS
+    assert by_target[str(home / ".netrc")].kind is MountKind.HIDE_FILE
+    # The Python environment under a hidden path stays visible, read-only.
+    venv = by_target[str(home / ".venv")]
+    assert venv.kind is MountKind.BIND and not venv.writable
+    assert by_target[str(home / ".git")].kind is MountKind.BIND
+    assert not by_target[str(home / ".git")].writable
+    assert by_target[str(ipc)].writable and not by_target[str(conn)].writable
+    assert by_target["/usr"].source == "/usr" and not by_target["/usr"].writable
+    assert "/usr/lib/python3" not in by_target  # covered by /usr
+    assert by_target["/tmp"].kind is MountKind.TMPFS
+    assert not any(m.target.startswith("/etc/shadow") for m in mounts)
+
+
+def test_scratch_workspace_plan(tmp_path: Path):
+    mounts = filesystem.build_mounts(
+        python_paths=[], workspace=None, workspace_writable=True, scratch_dir=str(tmp_path),
+        ipc_dir=str(tmp_path), connection_file=str(tmp_path), etc_mounts=[],
+    )  # fmt: skip
+    scratch = next(m for m in mounts if m.target == filesystem.SCRATCH_TARGET)
+    assert scratch.source == str(tmp_path) and scratch.writable
+
+
+def test_synthetic_etc_has_only_the_sandbox_user(tmp_path: Path):
+    mounts = filesystem.synthetic_etc(tmp_path, "sandbox", 65534, 65534)
+    assert {m.target for m in mounts} == {"/etc/passwd", "/etc/group", "/etc/hosts",
+                                          "/etc/hostname"}  # fmt: skip
+    passwd = (tmp_path / "passwd").read_text()
+    assert "sandbox:x:65534" in passwd and len(passwd.splitlines()) == 2
+
+
+def test_seccomp_filter_compiles():
+    program = filter_bpf()
+    assert len(program) % 8 == 0 and len(program) > 200  # sock_filter entries are 8 bytes
+
+
+@pytest.mark.parametrize(
+    ("version", "date"),
+    [("runsc version 0.0~20221219.0", 20221219), ("runsc version release-20240729.0", 20240729),
+     ("runsc version dev", 0)],
+)  # fmt: skip
+def test_runsc_release_date(version, date):
+    assert _release_date(version) == date
