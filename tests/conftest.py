@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from traitlets.config import Config
 
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
 from sandbox_provisioner.runtimes import runtime_classes
@@ -119,11 +120,15 @@ async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[Kernel] = []
 
     async def start(runtime: str, *, cwd: Path | None = None, autorestart: bool = False,
-                    **config: Any) -> Kernel:  # fmt: skip
+                    app_config: Config | None = None, **config: Any) -> Kernel:  # fmt: skip
+        """``config`` goes to the kernelspec; ``app_config`` is server-wide traitlets config."""
         ksm = RuntimeKernelSpecManager()
         ksm.overrides = {f"sandboxed-{runtime}": config}
         km = AsyncIOLoopKernelManager(
-            kernel_name=f"sandboxed-{runtime}", kernel_spec_manager=ksm, autorestart=autorestart
+            kernel_name=f"sandboxed-{runtime}",
+            kernel_spec_manager=ksm,
+            autorestart=autorestart,
+            config=app_config or Config(),
         )
         await km.start_kernel(cwd=str(cwd or notebook_dir))
         kernel = Kernel(km)

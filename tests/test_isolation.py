@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from traitlets.config import Config
 
 
 @pytest.fixture
@@ -152,11 +153,8 @@ async def test_host_loopback_unreachable(runtime, start_kernel, host_listener):
     assert await kernel.value("[n for _, n in socket.if_nameindex()]") == ["lo"]
 
 
-async def test_host_network_is_opt_in(start_kernel, host_listener):
-    from conftest import require_runtime
-
-    require_runtime("bubblewrap")
-    kernel = await start_kernel("bubblewrap", network="host")
+async def test_host_network_is_opt_in(runtime, start_kernel, host_listener):
+    kernel = await start_kernel(runtime, network="host")
     result = await kernel.run(CONNECT.format(port=host_listener.port))
     assert result.stdout.strip() == "b'host'", result
 
@@ -261,3 +259,50 @@ async def test_memory_bomb_is_contained(runtime, start_kernel):
     if not died:
         reply = await kernel.kc._async_get_shell_msg(timeout=60)
         assert reply["content"].get("ename") == "MemoryError", reply["content"]
+
+
+async def test_memory_limit_without_cgroups_uses_rlimits(start_kernel):
+    """What a server without root gets: the allocation fails, the kernel lives on."""
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    kernel = await start_kernel(
+        "bubblewrap",
+        memory_limit="1G",
+        app_config=Config({"BubblewrapRuntime": {"limit_mechanism": "rlimit"}}),
+    )
+    assert kernel.provisioner()._sandbox.cgroup is None
+    result = await kernel.run(MEMORY_BOMB, timeout=120)
+    assert result.error.get("ename") == "MemoryError", result
+    assert (await kernel.run("del chunks; print('alive')")).stdout.strip() == "alive"
+
+
+CPU_BURN = """
+import time
+start = time.monotonic()
+while time.monotonic() - start < 3:
+    pass
+"""
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """Host CPU time (user + system) of ``pids``, threads included."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def test_cpu_limit(runtime, start_kernel):
+    kernel = await start_kernel(runtime, cpu_limit=0.25)
+    assert (await kernel.run("1")).ok  # gVisor starts its ptrace stubs on first use
+    pids = kernel.provisioner()._sandbox.host_pids()
+    before = _cpu_seconds(pids)
+    assert (await kernel.run(CPU_BURN, timeout=60)).ok
+    used = _cpu_seconds(pids) - before
+    # A quarter core for 3 s is 0.75 s of CPU, as the host counts it; unlimited, about 3 s.
+    assert used < 1.6, used

