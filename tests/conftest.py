@@ -102,6 +102,13 @@ class Kernel:
         assert result.ok, result.error
         return ast.literal_eval(result.stdout.strip())
 
+    async def reply(self, msg_id: str, timeout: float = 30) -> dict[str, Any]:
+        """The shell reply to the request ``msg_id`` (sent earlier with ``kc.execute``)."""
+        while True:
+            msg = await self.kc._async_get_shell_msg(timeout=timeout)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+
     def provisioner(self) -> Any:
         return self.km.provisioner
 

@@ -249,7 +249,7 @@ print('allocated', len(chunks))
 
 async def test_memory_bomb_is_contained(runtime, start_kernel):
     kernel = await start_kernel(runtime, memory_limit="384M")
-    kernel.kc.execute(MEMORY_BOMB)
+    msg_id = kernel.kc.execute(MEMORY_BOMB)
     provisioner = kernel.provisioner()
     # The limit ends the sandbox (the OOM killer) or the allocation fails: either way the
     # kernel never holds 2 GiB, and this process (the server) goes on.
@@ -257,7 +257,7 @@ async def test_memory_bomb_is_contained(runtime, start_kernel):
 
     died = await async_wait_until(lambda: provisioner.poll(), timeout=60)
     if not died:
-        reply = await kernel.kc._async_get_shell_msg(timeout=60)
+        reply = await kernel.reply(msg_id, timeout=60)
         assert reply["content"].get("ename") == "MemoryError", reply["content"]
 
 

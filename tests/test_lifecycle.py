@@ -29,9 +29,7 @@ async def test_interrupt_reaches_kernel(runtime, start_kernel):
     msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")
     await asyncio.sleep(1.0)
     await kernel.km.interrupt_kernel()
-    reply = await kernel.kc._async_get_shell_msg(timeout=30)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = await kernel.kc._async_get_shell_msg(timeout=30)
+    reply = await kernel.reply(msg_id)
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     assert (await kernel.run("print('still alive')")).stdout.strip() == "still alive"
@@ -100,9 +98,7 @@ async def test_reconnect_from_provisioner_info(runtime, start_kernel):
     msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")
     await asyncio.sleep(1.0)
     await other.send_signal(signal.SIGINT)
-    reply = await kernel.kc._async_get_shell_msg(timeout=30)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = await kernel.kc._async_get_shell_msg(timeout=30)
+    reply = await kernel.reply(msg_id)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
 
     kernel_dir = other.kernel_dir

@@ -86,9 +86,10 @@ async def execute_over_websocket(server, kernel_id: str, code: str) -> tuple[str
         "content": {"code": code, "silent": False, "store_history": False,
                     "user_expressions": {}, "allow_stdin": False},
     }))  # fmt: skip
-    stdout, status = "", ""
+    # Shell and iopub are separate channels: done when the reply and the idle status both came.
+    stdout, status, idle = "", "", False
     deadline = time.monotonic() + 120
-    while not status and time.monotonic() < deadline:
+    while not (status and idle) and time.monotonic() < deadline:
         msg = json.loads(await ws.read_message())
         if msg.get("parent_header", {}).get("msg_id") != msg_id:
             continue
@@ -96,6 +97,8 @@ async def execute_over_websocket(server, kernel_id: str, code: str) -> tuple[str
             stdout += msg["content"]["text"]
         elif msg["msg_type"] == "execute_reply":
             status = msg["content"]["status"]
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            idle = True
     ws.close()
     return status, stdout
 
