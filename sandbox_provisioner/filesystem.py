@@ -119,8 +119,8 @@ def build_mounts(
     workspace: str | None,
     workspace_writable: bool,
     scratch_dir: str | None,
-    ipc_dir: str,
-    connection_file: str,
+    ipc_dir: str | None,
+    connection_file: str | None,
     etc_mounts: list[Mount],
     extra: list[ExtraMount] = (),  # type: ignore[assignment]
     etc_allowlist: tuple[str, ...] = DEFAULT_ETC_ALLOWLIST,
@@ -145,8 +145,10 @@ def build_mounts(
             if os.path.exists(path):
                 mounts.append(Mount(path, source=path))
     mounts += [Mount(p, source=p) for p in python_binds]
-    mounts.append(Mount(ipc_dir, source=ipc_dir, writable=True))
-    mounts.append(Mount(connection_file, source=connection_file))
+    if ipc_dir is not None:
+        mounts.append(Mount(ipc_dir, source=ipc_dir, writable=True))
+    if connection_file is not None:
+        mounts.append(Mount(connection_file, source=connection_file))
     # Stable sort: a mount is applied after every mount of a shallower target.
     return tuple(sorted(mounts, key=lambda m: m.depth))
 

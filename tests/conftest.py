@@ -22,6 +22,8 @@ from traitlets.config import Config
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
 from sandbox_provisioner.runtimes import runtime_classes
 
+pytest_plugins = ["cluster_fixtures"]
+
 RUNTIMES = ["bubblewrap", "gvisor"]
 
 

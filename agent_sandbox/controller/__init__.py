@@ -1,0 +1,243 @@
+"""The Agent Sandbox controller: kopf watches, one reconciler per kind, leader election.
+
+Run it alone (``python -m agent_sandbox run`` / ``agent-sandbox-controller``)
+or inside another asyncio program (the Hub service) with :func:`run`::
+
+    await run(kubeconfig=None, namespaces=["jupyterhub"])
+
+kopf supplies the watch streams (list, then watch from a resourceVersion,
+re-listing after 410 Gone); each event only triggers a key in the reconciler
+queue of its kind (:mod:`.queue`), and the reconcilers
+(:mod:`.sandbox`, :mod:`.template`, :mod:`.warmpool`, :mod:`.claim`) read the
+current state through :class:`~agent_sandbox.kube.Kube` and write the
+difference. Since they keep no state of their own, a controller killed at any
+point converges when it starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+
+from .. import api, crds, webhook
+from ..kube import CRDS, Kube, controller_of, load_config
+from . import claim, sandbox, template, warmpool
+from .context import Context, Options
+from .leader import LeaderElector
+from .queue import ReconcileQueue
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Options", "run"]
+
+
+def _login(cfg: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same client configuration kubernetes_asyncio uses."""
+    token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
+    scheme = None
+    if token and " " in token:
+        scheme, token = token.split(" ", 1)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme or ("Bearer" if token else None),
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
+    """kopf handlers: every watch event triggers a reconcile of the object it concerns."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return _login(cfg)
+
+    def owner_trigger(body: Any, namespace: str) -> None:
+        ref = controller_of(body)
+        if ref is not None:
+            ctx.trigger(ref["kind"], namespace, ref["name"])
+
+    for kind in api.KINDS:
+
+        @kopf.on.event(
+            kind.group,
+            api.STORAGE_VERSION,
+            kind.plural,
+            registry=registry,
+            id=f"watch-{kind.plural}",
+        )
+        def on_custom(body: Any, name: str, namespace: str, _kind: str = kind.kind, **_: Any):
+            ctx.trigger(_kind, namespace, name)
+            if _kind == api.SANDBOX.kind:
+                owner_trigger(body, namespace)
+            elif _kind == api.SANDBOX_TEMPLATE.kind:
+                ctx.trigger(template.POOLS_OF_TEMPLATE, namespace, name)
+
+    @kopf.on.event(
+        "",
+        "v1",
+        "pods",
+        registry=registry,
+        id="watch-pods",
+        labels={api.LABEL_SANDBOX_NAME_HASH: kopf.PRESENT},
+    )
+    def on_pod(body: Any, namespace: str, **_: Any) -> None:
+        owner_trigger(body, namespace)
+
+    return registry
+
+
+async def install_conversion(kube: Kube, client_config: dict[str, Any]) -> None:
+    """Point every CRD's conversion at this controller's webhook (with its CA)."""
+    for crd in crds.all_crds(client_config):
+        await kube.patch(
+            CRDS, None, crd["metadata"]["name"], {"spec": {"conversion": crd["spec"]["conversion"]}}
+        )
+
+
+async def run(
+    kubeconfig: str | None = None,
+    *,
+    namespaces: Sequence[str] = (),
+    options: Options | None = None,
+    leader_election: bool = True,
+    lease_namespace: str = "default",
+    webhook_host: str = "127.0.0.1",
+    webhook_port: int | None = None,
+    webhook_url: str | None = None,
+    webhook_service: tuple[str, str, int] | None = None,
+    metrics_port: int | None = None,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the controller until ``stop`` is set (or forever).
+
+    The conversion webhook is served when ``webhook_port`` is given and the CRDs
+    are pointed at ``webhook_url`` (e.g. ``https://127.0.0.1:9443/convert``) or at
+    ``webhook_service`` (namespace, name, port) inside a cluster.
+    """
+    cfg = await load_config(kubeconfig)
+    kube = Kube(cfg)
+    ctx = Context(kube=kube, options=options or Options())
+    stop = stop or asyncio.Event()
+    runner = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1" if webhook_host == "127.0.0.1" else "")
+    try:
+        if webhook_port is not None:
+            hosts = [webhook_host, "localhost"]
+            if webhook_service:
+                ns, name, _ = webhook_service
+                hosts += [f"{name}.{ns}.svc", f"{name}.{ns}.svc.{ctx.options.cluster_domain}"]
+            certs = webhook.make_certificates(hosts)
+            runner = await webhook.serve(webhook_host, webhook_port, certs)
+            client_config: dict[str, Any] = {"caBundle": _b64(certs.ca_pem)}
+            if webhook_service:
+                ns, name, port = webhook_service
+                client_config["service"] = {
+                    "namespace": ns,
+                    "name": name,
+                    "port": port,
+                    "path": webhook.PATH,
+                }
+            else:
+                client_config["url"] = webhook_url or (
+                    f"https://{webhook_host}:{webhook_port}{webhook.PATH}"
+                )
+            await install_conversion(kube, client_config)
+
+        async def lead() -> None:
+            await _operate(ctx, cfg, namespaces, ready, stop)
+
+        if leader_election:
+            elector = LeaderElector(kube, lease_namespace)
+            election = asyncio.create_task(elector.run(lead))
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({election, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (election, stopper):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                await elector.release()
+        else:
+            await lead()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await kube.close()
+
+
+async def _operate(
+    ctx: Context,
+    cfg: Any,
+    namespaces: Sequence[str],
+    ready: asyncio.Event | None,
+    stop: asyncio.Event,
+) -> None:
+    ctx.queues = {
+        api.SANDBOX.kind: ReconcileQueue(
+            api.SANDBOX.kind, lambda ns, n: sandbox.reconcile(ctx, ns, n)
+        ),
+        api.SANDBOX_TEMPLATE.kind: ReconcileQueue(
+            api.SANDBOX_TEMPLATE.kind, lambda ns, n: template.reconcile(ctx, ns, n), workers=2
+        ),
+        template.POOLS_OF_TEMPLATE: ReconcileQueue(
+            template.POOLS_OF_TEMPLATE, lambda ns, n: template.trigger_pools(ctx, ns, n), workers=1
+        ),
+        api.SANDBOX_WARM_POOL.kind: ReconcileQueue(
+            api.SANDBOX_WARM_POOL.kind, lambda ns, n: warmpool.reconcile(ctx, ns, n), workers=4
+        ),
+        api.SANDBOX_CLAIM.kind: ReconcileQueue(
+            api.SANDBOX_CLAIM.kind, lambda ns, n: claim.reconcile(ctx, ns, n)
+        ),
+    }
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    kopf_ready = asyncio.Event()
+    kopf_stop = asyncio.Event()
+    operator = asyncio.create_task(
+        kopf.operator(
+            registry=registry_for(ctx, cfg),
+            settings=settings,
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=list(namespaces),
+            ready_flag=kopf_ready,
+            stop_flag=kopf_stop,
+        )
+    )
+    try:
+        waiter = asyncio.create_task(kopf_ready.wait())
+        await asyncio.wait({operator, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if ready is not None and kopf_ready.is_set():
+            ready.set()
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({operator, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+    finally:
+        kopf_stop.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(operator, timeout=10)
+        for queue in ctx.queues.values():
+            await queue.close()
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()

@@ -1,0 +1,292 @@
+"""The SandboxClaim reconciler: bind a claim to a warm member (or a cold Sandbox), mirror status.
+
+Lookup, as upstream: ``status.sandbox.name``, then the claim's
+``sandbox-name`` annotation, then a Sandbox named as the claim; else a cold
+start when the claim injects env or volumes, else adoption from the pool.
+Adoption annotates the claim first, then moves the Sandbox with a patch that
+carries its resourceVersion, so two claims can never take the same member.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import api, metrics
+from ..kube import (
+    CLAIMS,
+    CONFIGMAPS,
+    SANDBOXES,
+    TEMPLATES,
+    WARM_POOLS,
+    is_controlled_by,
+    is_status,
+    now,
+    parse_time,
+)
+from ..objects import claim as desired
+from ..objects.conditions import condition, find, merge
+from ..objects.warmpool import pool_selector
+from .context import Context
+
+log = logging.getLogger(__name__)
+
+
+async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
+    kube = ctx.kube
+    claim = await kube.get(CLAIMS, namespace, name)
+    if claim is None or claim["metadata"].get("deletionTimestamp"):
+        return None
+    gen = claim["metadata"].get("generation")
+    ready_now = find((claim.get("status") or {}).get("conditions"), "Ready") or {}
+    if ready_now.get("reason") == api.Reason.CLAIM_EXPIRED:
+        return None  # expiry is final
+    bound = await _bound_sandbox(ctx, claim)
+
+    expires = desired.expiry(claim, bound)
+    if expires is not None and now() >= expires:
+        await _expire(ctx, claim, bound)
+        return None
+    requeue = max((expires - now()).total_seconds(), 1.0) if expires else None
+
+    if bound is None and _bound_name(claim):
+        return await _status(
+            ctx,
+            claim,
+            None,
+            condition(
+                "Ready", False, api.Reason.SANDBOX_MISSING, "the claimed sandbox is gone", gen
+            ),
+        )
+
+    if bound is None:
+        pool_name = (claim["spec"].get("warmPoolRef") or {}).get("name", "")
+        pool = await kube.get(WARM_POOLS, namespace, pool_name)
+        if pool is None:
+            await _status(
+                ctx,
+                claim,
+                None,
+                condition(
+                    "Ready",
+                    False,
+                    api.Reason.WARM_POOL_NOT_FOUND,
+                    f"warm pool {pool_name!r} not found",
+                    gen,
+                ),
+            )
+            return 60.0
+        template_name = pool["spec"]["sandboxTemplateRef"]["name"]
+        template = await kube.get(TEMPLATES, namespace, template_name)
+        if template is None:
+            await _status(
+                ctx,
+                claim,
+                None,
+                condition(
+                    "Ready",
+                    False,
+                    api.Reason.TEMPLATE_NOT_FOUND,
+                    f"template {template_name!r} not found",
+                    gen,
+                ),
+            )
+            return 60.0
+        try:
+            desired.validate_metadata(claim, template, await _allowed_domains(ctx, namespace))
+            if desired.needs_cold_start(claim):
+                bound = await _cold_start(ctx, claim, template)
+            else:
+                bound, wait = await _adopt(ctx, claim, pool, template)
+                if bound is None and wait:
+                    await _status(
+                        ctx,
+                        claim,
+                        None,
+                        condition(
+                            "Ready",
+                            False,
+                            api.Reason.SANDBOX_CREATE_PENDING,
+                            "waiting for a warm sandbox",
+                            gen,
+                        ),
+                    )
+                    return wait
+        except desired.Rejected as rejected:
+            await kube.event(claim, rejected.reason, str(rejected), "Warning")
+            await _status(
+                ctx, claim, None, condition("Ready", False, rejected.reason, str(rejected), gen)
+            )
+            return None
+        if bound is None:
+            return 0.5
+
+    await _status(ctx, claim, bound, _ready_from(bound, gen))
+    return requeue
+
+
+def _bound_name(claim) -> str | None:
+    return ((claim.get("status") or {}).get("sandbox") or {}).get("name") or (
+        claim["metadata"].get("annotations") or {}
+    ).get(api.ANNOTATION_SANDBOX_NAME)
+
+
+async def _bound_sandbox(ctx: Context, claim):
+    ns = claim["metadata"]["namespace"]
+    for name in (_bound_name(claim), claim["metadata"]["name"]):
+        if not name:
+            continue
+        sandbox = await ctx.kube.get(SANDBOXES, ns, name)
+        if sandbox is not None and is_controlled_by(sandbox, claim):
+            return sandbox
+    return None
+
+
+def _ready_from(sandbox, gen):
+    ready = find((sandbox.get("status") or {}).get("conditions"), "Ready")
+    if ready and ready.get("status") == "True":
+        return condition("Ready", True, api.Reason.DEPENDENCIES_READY, "", gen)
+    reason = (ready or {}).get("reason")
+    if reason == api.Reason.SANDBOX_EXPIRED:
+        return condition("Ready", False, api.Reason.SANDBOX_EXPIRED, "", gen)
+    return condition(
+        "Ready", False, api.Reason.SANDBOX_NOT_READY, (ready or {}).get("reason", ""), gen
+    )
+
+
+async def _status(ctx: Context, claim, sandbox, ready) -> None:
+    old = claim.get("status") or {}
+    conds = [ready]
+    if sandbox is not None:
+        finished = find((sandbox.get("status") or {}).get("conditions"), "Finished")
+        if finished:
+            conds.append({k: finished[k] for k in ("type", "status", "reason") if k in finished})
+    status = {
+        "conditions": merge(old.get("conditions"), conds),
+        "sandbox": desired.claim_sandbox_status(sandbox),
+    }
+    if old.get("conditions") == status["conditions"] and old.get("sandbox") == status["sandbox"]:
+        return
+    meta = claim["metadata"]
+    try:
+        await ctx.kube.patch(
+            CLAIMS, meta["namespace"], meta["name"], {"status": status}, sub="status"
+        )
+    except Exception as exc:
+        if is_status(exc, 404):
+            return
+        raise
+    was_ready = (find(old.get("conditions"), "Ready") or {}).get("status") == "True"
+    if ready["status"] == "True" and not was_ready:
+        launch = ((sandbox or {}).get("metadata", {}).get("labels") or {}).get(
+            api.LABEL_LAUNCH_TYPE, api.LAUNCH_COLD
+        )
+        created = parse_time(meta["creationTimestamp"])
+        metrics.CLAIM_STARTUP_LATENCY.labels(launch).observe(
+            (now() - created).total_seconds() * 1000
+        )
+
+
+async def _allowed_domains(ctx: Context, namespace: str) -> list[str]:
+    for ns in (namespace, "agent-sandbox-system"):
+        cm = await ctx.kube.get(CONFIGMAPS, ns, api.CONFIG_MAP_NAME)
+        value = ((cm or {}).get("data") or {}).get(api.CONFIG_KEY_ALLOWED_LABEL_DOMAINS)
+        if value:
+            return [d.strip() for d in value.split(",") if d.strip()]
+    return list(api.DEFAULT_ALLOWED_LABEL_DOMAINS)
+
+
+async def _cold_start(ctx: Context, claim, template):
+    body = desired.cold_sandbox(claim, template)
+    ns = claim["metadata"]["namespace"]
+    try:
+        sandbox = await ctx.kube.create(SANDBOXES, ns, body)
+    except Exception as exc:
+        if not is_status(exc, 409):
+            raise
+        return await ctx.kube.get(SANDBOXES, ns, body["metadata"]["name"])
+    await ctx.kube.event(
+        claim,
+        api.EventReason.SANDBOX_PROVISIONED,
+        f"cold-started sandbox {sandbox['metadata']['name']}",
+    )
+    return sandbox
+
+
+async def _adopt(ctx: Context, claim, pool, template):
+    """(the adopted sandbox or None, seconds to wait before trying again or 0)."""
+    kube = ctx.kube
+    meta = claim["metadata"]
+    ns = meta["namespace"]
+    members = [
+        m
+        for m in await kube.list(SANDBOXES, ns, pool_selector(pool["metadata"]["name"]))
+        if is_controlled_by(m, pool)
+    ]
+    candidate = desired.pick_candidate(members)
+    if candidate is None:
+        age = (now() - parse_time(meta["creationTimestamp"])).total_seconds()
+        if age < ctx.options.claim_adoption_wait:
+            return None, 0.2
+        return await _cold_start(ctx, claim, template), 0
+    name = candidate["metadata"]["name"]
+    try:
+        claim = await kube.patch(
+            CLAIMS,
+            ns,
+            meta["name"],
+            {
+                "metadata": {
+                    "resourceVersion": meta["resourceVersion"],
+                    "annotations": {api.ANNOTATION_SANDBOX_NAME: name},
+                }
+            },
+        )
+    except Exception as exc:
+        if is_status(exc, 409):
+            return None, 0.05  # the claim changed meanwhile: read it again
+        raise
+    try:
+        sandbox = await kube.patch(SANDBOXES, ns, name, desired.adoption_patch(candidate, claim))
+    except Exception as exc:
+        if not is_status(exc, 409, 404):
+            raise
+        # Another claim took it first: forget it and pick again.
+        await kube.patch(
+            CLAIMS,
+            ns,
+            meta["name"],
+            {"metadata": {"annotations": {api.ANNOTATION_SANDBOX_NAME: None}}},
+        )
+        return None, 0.01
+    await kube.event(claim, api.EventReason.SANDBOX_ADOPTED, f"adopted warm sandbox {name}")
+    ctx.trigger(api.SANDBOX_WARM_POOL.kind, ns, pool["metadata"]["name"])  # refill
+    return sandbox, 0
+
+
+async def _expire(ctx: Context, claim, sandbox) -> None:
+    kube = ctx.kube
+    meta = claim["metadata"]
+    gen = meta.get("generation")
+    policy = (claim["spec"].get("lifecycle") or {}).get(
+        "shutdownPolicy"
+    ) or api.ShutdownPolicy.RETAIN
+    already = find((claim.get("status") or {}).get("conditions"), "Ready") or {}
+    if already.get("reason") != api.Reason.CLAIM_EXPIRED:
+        await kube.event(claim, api.EventReason.CLAIM_EXPIRED, "the claim's lifetime is over")
+        await _status(
+            ctx, claim, None, condition("Ready", False, api.Reason.CLAIM_EXPIRED, "", gen)
+        )
+    if policy in (api.ShutdownPolicy.DELETE, api.ShutdownPolicy.DELETE_FOREGROUND):
+        propagation = (
+            "Foreground" if policy == api.ShutdownPolicy.DELETE_FOREGROUND else "Background"
+        )
+        await kube.delete(
+            CLAIMS, meta["namespace"], meta["name"], propagation=propagation, uid=meta["uid"]
+        )
+    elif sandbox is not None:
+        await kube.delete(
+            SANDBOXES,
+            meta["namespace"],
+            sandbox["metadata"]["name"],
+            uid=sandbox["metadata"]["uid"],
+        )

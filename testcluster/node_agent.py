@@ -1,0 +1,398 @@
+"""A stand-in kubelet for the test cluster (test support code, not part of the product).
+
+There is no scheduler and no kubelet on the test cluster. This agent registers
+one Node, binds every pending pod to it, and runs each pod's container as a
+real local process inside this project's local sandbox runtimes (gVisor when
+the pod's runtimeClassName says so, else bubblewrap):
+
+* each pod gets its own IP from 127.0.0.0/8 and the host network, so a process
+  that binds its pod IP is reachable from the other pods by that IP;
+* PVC volumes are per-claim host directories that outlive the pod; emptyDir
+  volumes die with it;
+* status is written the way the kubelet writes it (phase, conditions,
+  containerStatuses, podIP/podIPs, hostIP, startTime), restarts follow
+  restartPolicy;
+* deletion: SIGTERM, the grace period, SIGKILL, then the pod is removed.
+
+Images are not pulled: the command runs on the host's /usr and Python. A
+container without a command runs ``sleep infinity`` in its place.
+
+    python -m testcluster.node_agent --kubeconfig F --root DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client, watch
+
+from agent_sandbox.kube import NODES, PODS, Kube, is_status, timestamp
+from sandbox_provisioner import filesystem, pyenv
+from sandbox_provisioner.runtimes import Sandbox, create_runtime
+from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
+
+log = logging.getLogger("node-agent")
+NODE = "sandbox-node"
+_FIRST_IP = int(ipaddress.ip_address("127.1.0.1"))
+
+
+@dataclass
+class PodRun:
+    uid: str
+    namespace: str
+    name: str
+    ip: str
+    sandbox: Sandbox | None = None
+    restarts: int = 0
+    monitor: asyncio.Task | None = None
+    stopping: bool = False
+    started_at: str = field(default_factory=timestamp)
+
+
+class NodeAgent:
+    def __init__(self, kube: Kube, root: Path, node: str = NODE):
+        self.kube, self.root, self.node = kube, root, node
+        self.runs: dict[str, PodRun] = {}
+        self._next_ip = _FIRST_IP
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- the node ---------------------------------------------------------------------------
+    async def register(self) -> None:
+        body = {
+            "metadata": {"name": self.node, "labels": {"kubernetes.io/hostname": self.node}},
+            "status": {},
+        }
+        with contextlib.suppress(Exception):
+            await self.kube.create(NODES, None, body)
+        await self.kube.patch(
+            NODES,
+            None,
+            self.node,
+            {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "KubeletReady",
+                            "lastHeartbeatTime": timestamp(),
+                            "lastTransitionTime": timestamp(),
+                        }
+                    ],
+                    "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                    "capacity": {"cpu": "2", "memory": "24Gi", "pods": "500"},
+                    "allocatable": {"cpu": "2", "memory": "24Gi", "pods": "500"},
+                }
+            },
+            sub="status",
+        )
+
+    # -- the watch --------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.register()
+        core = client.CoreV1Api(self.kube.api)
+        version = ""
+        while True:
+            if not version:
+                listing = await self.kube._call("GET", PODS.path())
+                version = listing["metadata"]["resourceVersion"]
+                for pod in listing.get("items", []):
+                    self._dispatch("ADDED", pod)
+            try:
+                async for event in watch.Watch().stream(
+                    core.list_pod_for_all_namespaces,
+                    resource_version=version,
+                    timeout_seconds=300,
+                    allow_watch_bookmarks=True,
+                ):
+                    pod = self.kube.api.sanitize_for_serialization(event["object"])
+                    version = pod["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        self._dispatch(event["type"], pod)
+            except client.exceptions.ApiException as exc:
+                if exc.status == 410:
+                    version = ""  # too old: list again
+                else:
+                    log.warning("watch failed: %s", exc)
+                    await asyncio.sleep(0.5)
+
+    def _dispatch(self, kind: str, pod: dict[str, Any]) -> None:
+        uid = pod["metadata"]["uid"]
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+
+        async def handle() -> None:
+            async with lock:
+                try:
+                    await self._handle(kind, pod)
+                except Exception:
+                    log.exception(
+                        "pod %s/%s", pod["metadata"]["namespace"], pod["metadata"]["name"]
+                    )
+
+        task = asyncio.create_task(handle())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, kind: str, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        uid = meta["uid"]
+        if kind == "DELETED":
+            await self._stop(uid, grace=0)
+            self._locks.pop(uid, None)
+            return
+        if meta.get("deletionTimestamp"):
+            if spec.get("nodeName") == self.node:
+                await self._stop(uid, grace=meta.get("deletionGracePeriodSeconds") or 0)
+                await self.kube.delete(PODS, meta["namespace"], meta["name"], uid=uid, grace=0)
+            return
+        if not spec.get("nodeName"):
+            await self._bind(pod)
+            return
+        if spec["nodeName"] == self.node and uid not in self.runs:
+            phase = (pod.get("status") or {}).get("phase")
+            if phase not in ("Succeeded", "Failed"):
+                await self._start(pod)
+
+    async def _bind(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        try:
+            await self.kube._call(
+                "POST",
+                PODS.path(meta["namespace"], meta["name"], "binding"),
+                body={
+                    "apiVersion": "v1",
+                    "kind": "Binding",
+                    "metadata": {"name": meta["name"]},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
+                },
+            )
+        except Exception as exc:
+            if not is_status(exc, 409, 404):
+                raise
+
+    # -- running a pod ----------------------------------------------------------------------
+    def _allocate_ip(self) -> str:
+        ip = str(ipaddress.ip_address(self._next_ip))
+        self._next_ip += 1
+        return ip
+
+    def _volumes(self, pod: dict[str, Any]) -> list[filesystem.ExtraMount]:
+        meta, spec = pod["metadata"], pod["spec"]
+        sources: dict[str, Path] = {}
+        for volume in spec.get("volumes") or []:
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                sources[volume["name"]] = self.root / "pvc" / meta["namespace"] / claim
+            elif "emptyDir" in volume:
+                sources[volume["name"]] = (
+                    self.root / "pods" / meta["uid"] / "empty" / volume["name"]
+                )
+        mounts = []
+        container = spec["containers"][0]
+        for vm in container.get("volumeMounts") or []:
+            src = sources.get(vm["name"])
+            if src is None:
+                continue
+            src.mkdir(parents=True, exist_ok=True)
+            mounts.append(
+                filesystem.ExtraMount(str(src), vm["mountPath"], not vm.get("readOnly", False))
+            )
+        return mounts
+
+    async def _launch(self, pod: dict[str, Any], run: PodRun) -> Sandbox:
+        meta, spec = pod["metadata"], pod["spec"]
+        container = spec["containers"][0]
+        argv = [
+            *(container.get("command") or ["sleep", "infinity"]),
+            *(container.get("args") or []),
+        ]
+        if not argv[0].startswith("/"):
+            argv[0] = (
+                shutil.which(argv[0], path=f"{Path(sys.executable).parent}:/usr/bin:/bin")
+                or argv[0]
+            )
+        env = {
+            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/tmp",
+            "HOSTNAME": meta["name"],
+            "POD_NAME": meta["name"],
+            "POD_NAMESPACE": meta["namespace"],
+            "POD_IP": run.ip,
+        }
+        env.update(
+            {e["name"]: e.get("value", "") for e in container.get("env") or [] if "name" in e}
+        )
+        state = self.root / "pods" / meta["uid"] / f"run-{run.restarts}"
+        state.mkdir(parents=True, exist_ok=True)
+        workdir = container.get("workingDir")
+        mounts = filesystem.build_mounts(
+            python_paths=list(pyenv.python_dirs(sys.executable)),
+            workspace=None,
+            workspace_writable=True,
+            scratch_dir=str(self.root / "pods" / meta["uid"] / "scratch"),
+            ipc_dir=None,
+            connection_file=None,
+            etc_mounts=filesystem.synthetic_etc(state / "etc", meta["name"], 0, 0),
+            extra=self._volumes(pod),
+            hidden_paths=(),
+        )
+        Path(self.root / "pods" / meta["uid"] / "scratch").mkdir(parents=True, exist_ok=True)
+        runtime_name = "gvisor" if spec.get("runtimeClassName") == "gvisor" else "bubblewrap"
+        runtime = create_runtime(runtime_name)
+        return await runtime.launch(
+            SandboxSpec(
+                kernel_id=f"pod-{meta['uid']}-{run.restarts}",
+                argv=argv,
+                env=env,
+                cwd=workdir or filesystem.SCRATCH_TARGET,
+                mounts=mounts,
+                network=NetworkMode.HOST,
+                limits=ResourceLimits(),
+                state_dir=state,
+                log_path=state / "container.log",
+                hostname=meta["name"][:63],
+            )
+        )
+
+    async def _start(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        run = PodRun(meta["uid"], meta["namespace"], meta["name"], self._allocate_ip())
+        self.runs[run.uid] = run
+        try:
+            run.sandbox = await self._launch(pod, run)
+        except Exception as exc:
+            await self._write_status(run, pod, failed=str(exc))
+            return
+        await self._write_status(run, pod)
+        run.monitor = asyncio.create_task(self._monitor(run, pod))
+
+    async def _monitor(self, run: PodRun, pod: dict[str, Any]) -> None:
+        policy = pod["spec"].get("restartPolicy", "Always")
+        while True:
+            assert run.sandbox is not None
+            code = await run.sandbox.wait()
+            await run.sandbox.cleanup()
+            if run.stopping:
+                return
+            if policy == "Always" or (policy == "OnFailure" and code != 0):
+                run.restarts += 1
+                await asyncio.sleep(min(0.1 * 2**run.restarts, 10))
+                if run.stopping:
+                    return
+                run.sandbox = await self._launch(pod, run)
+                await self._write_status(run, pod)
+                continue
+            await self._write_status(run, pod, exit_code=code or 0)
+            return
+
+    async def _stop(self, uid: str, grace: float) -> None:
+        run = self.runs.pop(uid, None)
+        if run is None or run.sandbox is None:
+            return
+        run.stopping = True
+        if await run.sandbox.poll() is None:
+            await run.sandbox.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(run.sandbox.wait(), timeout=max(grace, 0.1))
+            except TimeoutError:
+                await run.sandbox.kill()
+        await run.sandbox.cleanup()
+        if run.monitor is not None:
+            run.monitor.cancel()
+        shutil.rmtree(self.root / "pods" / uid, ignore_errors=True)
+
+    async def _write_status(
+        self, run: PodRun, pod: dict[str, Any], *, exit_code: int | None = None, failed: str = ""
+    ) -> None:
+        container = pod["spec"]["containers"][0]
+        now = timestamp()
+        running = exit_code is None and not failed
+        if running:
+            state = {"running": {"startedAt": now}}
+            phase = "Running"
+        else:
+            state = {
+                "terminated": {
+                    "exitCode": exit_code if exit_code is not None else 128,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "message": failed,
+                    "finishedAt": now,
+                }
+            }
+            phase = "Succeeded" if exit_code == 0 else "Failed"
+        ready = "True" if running else "False"
+        status = {
+            "phase": phase,
+            "hostIP": "127.0.0.1",
+            "podIP": run.ip,
+            "podIPs": [{"ip": run.ip}],
+            "startTime": run.started_at,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": run.started_at},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": run.started_at},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
+                {"type": "Ready", "status": ready, "lastTransitionTime": now},
+            ],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "containerID": f"sandbox://{run.uid}",
+                    "ready": running,
+                    "started": running,
+                    "restartCount": run.restarts,
+                    "state": state,
+                }
+            ],
+        }
+        try:
+            await self.kube.patch(PODS, run.namespace, run.name, {"status": status}, sub="status")
+        except Exception as exc:
+            if not is_status(exc, 404):
+                raise
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(self._stop(uid, 0) for uid in list(self.runs)), return_exceptions=True
+        )
+
+
+async def main_async(kubeconfig: str, root: Path) -> None:
+    kube = await Kube.connect(kubeconfig)
+    agent = NodeAgent(kube, root)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(agent.run())
+    await stop.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await agent.close()
+    await kube.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="stand-in kubelet for the test cluster")
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--root", required=True, type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
+    asyncio.run(main_async(args.kubeconfig, args.root))
+
+
+if __name__ == "__main__":
+    main()
