@@ -73,6 +73,8 @@ async def _run(args: argparse.Namespace) -> None:
         ),
         leader_election=not args.no_leader_election,
         lease_namespace=args.lease_namespace,
+        lease_duration=args.lease_duration,
+        lease_renew=args.lease_renew,
         webhook_host=args.webhook_host,
         webhook_port=args.webhook_port,
         webhook_url=args.webhook_url,
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--warm-pool-readiness-grace", type=float, default=300.0)
     run_p.add_argument("--no-leader-election", action="store_true")
     run_p.add_argument("--lease-namespace", default="default")
+    run_p.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
+    run_p.add_argument("--lease-renew", type=float, default=5.0, help="seconds")
     run_p.add_argument("--webhook-host", default="127.0.0.1")
     run_p.add_argument("--webhook-port", type=int, help="serve the v1alpha1 conversion webhook")
     run_p.add_argument("--webhook-url", help="the URL the API server calls (default: host:port)")
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     inst_p.add_argument("--kubeconfig")
     args = parser.parse_args(argv)
     if args.command == "run":
+        for noisy in ("kubernetes_asyncio", "kopf", "aiohttp"):  # their DEBUG is per request
+            logging.getLogger(noisy).setLevel(logging.INFO)
         logging.basicConfig(
             level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )

@@ -102,49 +102,39 @@ def node_agent(cluster: TestCluster) -> Iterator[Process]:
     agent.stop()
 
 
-def controller_process(cluster: TestCluster, name: str = "controller", *extra: str) -> Process:
-    port = free_port()
-    return Process(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "agent_sandbox",
-            "run",
-            "--kubeconfig",
-            str(cluster.kubeconfig),
-            "--webhook-port",
-            str(port),
-            "--log-level",
-            "INFO",
-            *extra,
-        ],
-        cluster.workdir,
-    )
+def controller_process(cluster: TestCluster, name: str = "controller") -> Process:
+    """A controller process with short leases (tests kill leaders) and a metrics port."""
+    webhook_port, metrics_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "agent_sandbox", "run", "--kubeconfig", str(cluster.kubeconfig),
+            "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
+            "--lease-duration", "3", "--lease-renew", "1", "--log-level", "INFO"]  # fmt: skip
+    proc = Process(name, argv, cluster.workdir)
+    proc.webhook_port, proc.metrics_port = webhook_port, metrics_port  # type: ignore[attr-defined]
+    return proc
 
 
 @pytest.fixture(scope="session")
 def controller(cluster: TestCluster, node_agent: Process) -> Iterator[Process]:
     proc = controller_process(cluster).start()
-    wait_for_conversion(cluster, proc)
+    wait_for_leader(cluster, proc)
     yield proc
     proc.stop()
 
 
-def wait_for_conversion(cluster: TestCluster, proc: Process, timeout: float = 60) -> None:
-    """Wait until the controller has pointed the CRDs at its webhook (it is up by then)."""
+def wait_for_leader(cluster: TestCluster, proc: Process, timeout: float = 60) -> None:
+    """Wait until ``proc`` leads: the CRDs then call its conversion webhook."""
     deadline = time.monotonic() + timeout
+    needle = f":{proc.webhook_port}/"  # type: ignore[attr-defined]
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/sandboxes.agents.x-k8s.io"
     while time.monotonic() < deadline:
         if proc.proc is not None and proc.proc.poll() is not None:
             raise RuntimeError(f"controller exited:\n{proc.log()}")
-        status, crd = cluster.request(
-            "GET",
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/sandboxes.agents.x-k8s.io",
-        )
-        if status == 200 and crd["spec"].get("conversion", {}).get("strategy") == "Webhook":
+        status, crd = cluster.request("GET", path)
+        config = crd["spec"].get("conversion", {}).get("webhook", {}).get("clientConfig", {})
+        if status == 200 and needle in config.get("url", ""):
             return
         time.sleep(0.2)
-    raise RuntimeError(f"controller did not install its webhook:\n{proc.log()}")
+    raise RuntimeError(f"controller did not become leader:\n{proc.log()}")
 
 
 @pytest.fixture

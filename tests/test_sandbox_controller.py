@@ -139,7 +139,8 @@ def test_suspend_and_resume_keep_the_volume(k8s, namespace, node_agent):
     pvc = k8s.get(PVCS, namespace, "data-keeper")
     assert pvc["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
     volume_dir = Path(node_agent.root) / "pvc" / namespace / "data-keeper"
-    wait_for(lambda: (volume_dir / "log").exists(), 30, "the pod wrote into its volume")
+    log = volume_dir / "log"
+    wait_for(lambda: log.exists() and log.read_text().endswith("\n"), 30, "a line in the volume")
     first_line = (volume_dir / "log").read_text()
 
     k8s.patch(SANDBOXES, namespace, "keeper", {"spec": {"operatingMode": "Suspended"}})

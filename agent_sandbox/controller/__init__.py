@@ -61,6 +61,8 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
     def login(**_: Any) -> kopf.ConnectionInfo:
         return _login(cfg)
 
+    # Handlers are coroutines: kopf runs plain functions in a thread pool, and the queues
+    # belong to the event loop.
     def owner_trigger(body: Any, namespace: str) -> None:
         ref = controller_of(body)
         if ref is not None:
@@ -75,7 +77,10 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
             registry=registry,
             id=f"watch-{kind.plural}",
         )
-        def on_custom(body: Any, name: str, namespace: str, _kind: str = kind.kind, **_: Any):
+        async def on_custom(
+            event: Any, body: Any, name: str, namespace: str, _kind: str = kind.kind, **_: Any
+        ) -> None:
+            ctx.store.seen(_kind, event.get("type"), event["object"])
             ctx.trigger(_kind, namespace, name)
             if _kind == api.SANDBOX.kind:
                 owner_trigger(body, namespace)
@@ -90,7 +95,20 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
         id="watch-pods",
         labels={api.LABEL_SANDBOX_NAME_HASH: kopf.PRESENT},
     )
-    def on_pod(body: Any, namespace: str, **_: Any) -> None:
+    async def on_pod(event: Any, body: Any, namespace: str, **_: Any) -> None:
+        ctx.store.seen("Pod", event.get("type"), event["object"])
+        owner_trigger(body, namespace)
+
+    @kopf.on.event(
+        "",
+        "v1",
+        "services",
+        registry=registry,
+        id="watch-services",
+        labels={api.LABEL_SANDBOX_NAME_HASH: kopf.PRESENT},
+    )
+    async def on_service(event: Any, body: Any, namespace: str, **_: Any) -> None:
+        ctx.store.seen("Service", event.get("type"), event["object"])
         owner_trigger(body, namespace)
 
     return registry
@@ -111,6 +129,8 @@ async def run(
     options: Options | None = None,
     leader_election: bool = True,
     lease_namespace: str = "default",
+    lease_duration: float = 15.0,
+    lease_renew: float = 5.0,
     webhook_host: str = "127.0.0.1",
     webhook_port: int | None = None,
     webhook_url: str | None = None,
@@ -135,6 +155,7 @@ async def run(
 
         start_http_server(metrics_port, addr="127.0.0.1" if webhook_host == "127.0.0.1" else "")
     try:
+        client_config: dict[str, Any] | None = None
         if webhook_port is not None:
             hosts = [webhook_host, "localhost"]
             if webhook_service:
@@ -142,7 +163,7 @@ async def run(
                 hosts += [f"{name}.{ns}.svc", f"{name}.{ns}.svc.{ctx.options.cluster_domain}"]
             certs = webhook.make_certificates(hosts)
             runner = await webhook.serve(webhook_host, webhook_port, certs)
-            client_config: dict[str, Any] = {"caBundle": _b64(certs.ca_pem)}
+            client_config = {"caBundle": _b64(certs.ca_pem)}
             if webhook_service:
                 ns, name, port = webhook_service
                 client_config["service"] = {
@@ -152,16 +173,20 @@ async def run(
                     "path": webhook.PATH,
                 }
             else:
-                client_config["url"] = webhook_url or (
-                    f"https://{webhook_host}:{webhook_port}{webhook.PATH}"
+                client_config["url"] = (
+                    webhook_url or f"https://{webhook_host}:{webhook_port}{webhook.PATH}"
                 )
-            await install_conversion(kube, client_config)
 
         async def lead() -> None:
+            # The leader's webhook is the one the CRDs call (its CA, its address).
+            if client_config is not None:
+                await install_conversion(kube, client_config)
             await _operate(ctx, cfg, namespaces, ready, stop)
 
         if leader_election:
-            elector = LeaderElector(kube, lease_namespace)
+            elector = LeaderElector(
+                kube, lease_namespace, duration=lease_duration, renew=lease_renew
+            )
             election = asyncio.create_task(elector.run(lead))
             stopper = asyncio.create_task(stop.wait())
             try:
@@ -188,8 +213,10 @@ async def _operate(
     stop: asyncio.Event,
 ) -> None:
     ctx.queues = {
+        # Worker counts as upstream's defaults (--sandbox-concurrent-workers 100,
+        # --sandbox-claim-concurrent-workers 50, one each for pools and templates).
         api.SANDBOX.kind: ReconcileQueue(
-            api.SANDBOX.kind, lambda ns, n: sandbox.reconcile(ctx, ns, n)
+            api.SANDBOX.kind, lambda ns, n: sandbox.reconcile(ctx, ns, n), workers=100
         ),
         api.SANDBOX_TEMPLATE.kind: ReconcileQueue(
             api.SANDBOX_TEMPLATE.kind, lambda ns, n: template.reconcile(ctx, ns, n), workers=2
@@ -201,7 +228,7 @@ async def _operate(
             api.SANDBOX_WARM_POOL.kind, lambda ns, n: warmpool.reconcile(ctx, ns, n), workers=4
         ),
         api.SANDBOX_CLAIM.kind: ReconcileQueue(
-            api.SANDBOX_CLAIM.kind, lambda ns, n: claim.reconcile(ctx, ns, n)
+            api.SANDBOX_CLAIM.kind, lambda ns, n: claim.reconcile(ctx, ns, n), workers=50
         ),
     }
     settings = kopf.OperatorSettings()

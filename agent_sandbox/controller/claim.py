@@ -10,6 +10,7 @@ carries its resourceVersion, so two claims can never take the same member.
 from __future__ import annotations
 
 import logging
+import time
 
 from .. import api, metrics
 from ..kube import (
@@ -25,15 +26,15 @@ from ..kube import (
 )
 from ..objects import claim as desired
 from ..objects.conditions import condition, find, merge
-from ..objects.warmpool import pool_selector
 from .context import Context
 
 log = logging.getLogger(__name__)
 
 
 async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
+    log.debug("claim %s/%s reconcile at %.3f", namespace, name, time.time())
     kube = ctx.kube
-    claim = await kube.get(CLAIMS, namespace, name)
+    claim = await ctx.read(CLAIMS, namespace, name)
     if claim is None or claim["metadata"].get("deletionTimestamp"):
         return None
     gen = claim["metadata"].get("generation")
@@ -60,7 +61,7 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
 
     if bound is None:
         pool_name = (claim["spec"].get("warmPoolRef") or {}).get("name", "")
-        pool = await kube.get(WARM_POOLS, namespace, pool_name)
+        pool = await ctx.read(WARM_POOLS, namespace, pool_name)
         if pool is None:
             await _status(
                 ctx,
@@ -76,7 +77,7 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
             )
             return 60.0
         template_name = pool["spec"]["sandboxTemplateRef"]["name"]
-        template = await kube.get(TEMPLATES, namespace, template_name)
+        template = await ctx.read(TEMPLATES, namespace, template_name)
         if template is None:
             await _status(
                 ctx,
@@ -121,6 +122,8 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
             return 0.5
 
     await _status(ctx, claim, bound, _ready_from(bound, gen))
+    log.debug("claim %s/%s bound to %s at %.3f", namespace, name, bound["metadata"]["name"],
+              time.time())  # fmt: skip
     return requeue
 
 
@@ -131,11 +134,14 @@ def _bound_name(claim) -> str | None:
 
 
 async def _bound_sandbox(ctx: Context, claim):
-    ns = claim["metadata"]["namespace"]
-    for name in (_bound_name(claim), claim["metadata"]["name"]):
-        if not name:
-            continue
-        sandbox = await ctx.kube.get(SANDBOXES, ns, name)
+    """The Sandbox this claim holds: by status or annotation, by its uid label, or cold-named."""
+    meta = claim["metadata"]
+    ns = meta["namespace"]
+    named = _bound_name(claim)
+    candidates = [await ctx.read(SANDBOXES, ns, named)] if named else []
+    candidates += ctx.store.labelled(api.SANDBOX.kind, api.LABEL_CLAIM_UID, ns, meta["uid"])
+    candidates.append(ctx.store.get(api.SANDBOX.kind, ns, meta["name"]))
+    for sandbox in candidates:
         if sandbox is not None and is_controlled_by(sandbox, claim):
             return sandbox
     return None
@@ -164,13 +170,14 @@ async def _status(ctx: Context, claim, sandbox, ready) -> None:
         "conditions": merge(old.get("conditions"), conds),
         "sandbox": desired.claim_sandbox_status(sandbox),
     }
-    if old.get("conditions") == status["conditions"] and old.get("sandbox") == status["sandbox"]:
+    if ctx.unchanged(claim, status):
         return
     meta = claim["metadata"]
     try:
         await ctx.kube.patch(
             CLAIMS, meta["namespace"], meta["name"], {"status": status}, sub="status"
         )
+        ctx.wrote(claim, status)
     except Exception as exc:
         if is_status(exc, 404):
             return
@@ -187,6 +194,15 @@ async def _status(ctx: Context, claim, sandbox, ready) -> None:
 
 
 async def _allowed_domains(ctx: Context, namespace: str) -> list[str]:
+    cached = ctx.allowed_domains.get(namespace)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    domains = await _read_allowed_domains(ctx, namespace)
+    ctx.allowed_domains[namespace] = (time.monotonic() + 30.0, domains)
+    return domains
+
+
+async def _read_allowed_domains(ctx: Context, namespace: str) -> list[str]:
     for ns in (namespace, "agent-sandbox-system"):
         cm = await ctx.kube.get(CONFIGMAPS, ns, api.CONFIG_MAP_NAME)
         value = ((cm or {}).get("data") or {}).get(api.CONFIG_KEY_ALLOWED_LABEL_DOMAINS)
@@ -214,52 +230,54 @@ async def _cold_start(ctx: Context, claim, template):
 
 async def _adopt(ctx: Context, claim, pool, template):
     """(the adopted sandbox or None, seconds to wait before trying again or 0)."""
-    kube = ctx.kube
     meta = claim["metadata"]
     ns = meta["namespace"]
+    pool_hash = api.name_hash(pool["metadata"]["name"])
     members = [
         m
-        for m in await kube.list(SANDBOXES, ns, pool_selector(pool["metadata"]["name"]))
+        for m in ctx.store.labelled(api.SANDBOX.kind, api.LABEL_WARM_POOL_SANDBOX, ns, pool_hash)
         if is_controlled_by(m, pool)
     ]
-    candidate = desired.pick_candidate(members)
+    reserved = ctx.reserved.setdefault((ns, pool["metadata"]["name"]), set())
+    # A reservation lasts until the member has left the pool (no longer listed as a member).
+    reserved &= {m["metadata"]["name"] for m in members}
+    candidate = desired.pick_candidate(
+        [m for m in members if m["metadata"]["name"] not in reserved]
+    )
     if candidate is None:
         age = (now() - parse_time(meta["creationTimestamp"])).total_seconds()
         if age < ctx.options.claim_adoption_wait:
             return None, 0.2
         return await _cold_start(ctx, claim, template), 0
     name = candidate["metadata"]["name"]
-    try:
-        claim = await kube.patch(
-            CLAIMS,
-            ns,
-            meta["name"],
-            {
-                "metadata": {
-                    "resourceVersion": meta["resourceVersion"],
-                    "annotations": {api.ANNOTATION_SANDBOX_NAME: name},
-                }
-            },
-        )
-    except Exception as exc:
-        if is_status(exc, 409):
-            return None, 0.05  # the claim changed meanwhile: read it again
-        raise
+    reserved.add(name)
+    sandbox, wait = await _take(ctx, claim, candidate, pool)
+    if sandbox is None:
+        reserved.discard(name)
+    return sandbox, wait
+
+
+async def _take(ctx: Context, claim, candidate, pool):
+    """Move ``candidate`` to the claim; its resourceVersion makes a second taker fail.
+
+    The claim needs no annotation first (upstream writes one): the adopted Sandbox
+    carries the claim's uid as a label, which finds it again after any crash.
+    """
+    kube = ctx.kube
+    ns, name = claim["metadata"]["namespace"], candidate["metadata"]["name"]
     try:
         sandbox = await kube.patch(SANDBOXES, ns, name, desired.adoption_patch(candidate, claim))
     except Exception as exc:
         if not is_status(exc, 409, 404):
             raise
-        # Another claim took it first: forget it and pick again.
-        await kube.patch(
-            CLAIMS,
-            ns,
-            meta["name"],
-            {"metadata": {"annotations": {api.ANNOTATION_SANDBOX_NAME: None}}},
-        )
-        return None, 0.01
-    await kube.event(claim, api.EventReason.SANDBOX_ADOPTED, f"adopted warm sandbox {name}")
-    ctx.trigger(api.SANDBOX_WARM_POOL.kind, ns, pool["metadata"]["name"])  # refill
+        return None, 0.01  # the member changed or went meanwhile: pick again
+    ctx.background(
+        kube.event(claim, api.EventReason.SANDBOX_ADOPTED, f"adopted warm sandbox {name}")
+    )
+    # Refill a moment later: a burst of claims then costs one refill, not one per claim.
+    ctx.trigger_after(
+        api.SANDBOX_WARM_POOL.kind, ns, pool["metadata"]["name"], ctx.options.refill_delay
+    )
     return sandbox, 0
 
 

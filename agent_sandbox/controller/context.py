@@ -1,11 +1,14 @@
-"""What every reconciler shares: the API client, the queues, and the controller's options."""
+"""What every reconciler shares: the API client, the watch store, the queues, the options."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..kube import Kube
+from ..kube import Kube, Obj, Resource
+from .store import Store
 
 if TYPE_CHECKING:
     from .queue import ReconcileQueue
@@ -19,6 +22,8 @@ class Options:
     warm_pool_max_batch: int = 300
     #: How long a claim waits for a warm member with pod IPs before starting cold.
     claim_adoption_wait: float = 2.0
+    #: A pool refills this long after its last adoption: a burst of claims costs one refill.
+    refill_delay: float = 0.5
 
 
 @dataclass
@@ -26,8 +31,62 @@ class Context:
     kube: Kube
     options: Options = field(default_factory=Options)
     queues: dict[str, ReconcileQueue] = field(default_factory=dict)
+    store: Store = field(default_factory=Store)
+    #: Warm members promised to a claim whose adoption is under way, per (namespace, pool):
+    #: concurrent claims each get a different member instead of racing for the oldest.
+    reserved: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    #: Allowed label domains per namespace, with the monotonic time they expire.
+    allowed_domains: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    #: The status each object was last given, by (kind, namespace, name): the store can lag
+    #: behind our own writes, and comparing against it alone would write the same status again.
+    written: dict[tuple[str, str, str], Obj] = field(default_factory=dict)
+    _background: set[asyncio.Task] = field(default_factory=set)
 
+    # -- reading ----------------------------------------------------------------------------
+    async def read(self, res: Resource, namespace: str, name: str) -> Obj | None:
+        """An object from the watch store, else (not seen yet) from the API server."""
+        found = self.store.get(res.kind, namespace, name)
+        return found if found is not None else await self.kube.get(res, namespace, name)
+
+    # -- status writes ----------------------------------------------------------------------
+    def unchanged(self, obj: Obj, status: Obj) -> bool:
+        """True when ``status`` is what ``obj`` has, or what this controller last wrote."""
+        current = obj.get("status") or {}
+        if all(current.get(k) == v for k, v in status.items()):
+            return True
+        return self.written.get(_key(obj)) == _untimed(status)
+
+    def wrote(self, obj: Obj, status: Obj) -> None:
+        self.written[_key(obj)] = _untimed(status)
+
+    # -- scheduling -------------------------------------------------------------------------
     def trigger(self, kind: str, namespace: str, name: str) -> None:
         queue = self.queues.get(kind)
         if queue is not None:
             queue.trigger(namespace, name)
+
+    def trigger_after(self, kind: str, namespace: str, name: str, seconds: float) -> None:
+        """Reconcile after ``seconds``; a later call for the same object postpones it."""
+        queue = self.queues.get(kind)
+        if queue is not None:
+            queue.requeue_after((namespace, name), seconds)
+
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` without waiting for it (best-effort writes such as Events)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _key(obj: Obj) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return (obj.get("kind", ""), meta["namespace"], meta["name"])
+
+
+def _untimed(status: Obj) -> Obj:
+    """``status`` without transition times (a stale read re-stamps them)."""
+    conds = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"}
+        for c in status.get("conditions") or []
+    ]
+    return {**status, "conditions": conds}

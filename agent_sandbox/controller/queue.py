@@ -24,6 +24,12 @@ ReconcileFn = Callable[[str, str], Awaitable[float | None]]
 log = logging.getLogger(__name__)
 
 
+def _namespace_terminating(exc: Exception) -> bool:
+    return getattr(exc, "status", None) == 403 and "NamespaceTerminating" in str(
+        getattr(exc, "body", "")
+    )
+
+
 class ReconcileQueue:
     def __init__(self, kind: str, reconcile: ReconcileFn, workers: int = 16):
         self.kind = kind
@@ -60,12 +66,14 @@ class ReconcileQueue:
                 after = await self._reconcile(*key)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                count = self._failures.get(key, 0) + 1
-                self._failures[key] = count
-                metrics.RECONCILE_ERRORS.labels(self.kind).inc()
-                log.exception("reconcile %s %s/%s failed (attempt %d)", self.kind, *key, count)
-                after = min(0.2 * 2**count, 30.0)
+            except Exception as exc:
+                after = None  # its namespace is going: nothing to reconcile any more
+                if not _namespace_terminating(exc):
+                    count = self._failures.get(key, 0) + 1
+                    self._failures[key] = count
+                    metrics.RECONCILE_ERRORS.labels(self.kind).inc()
+                    log.exception("reconcile %s %s/%s failed (attempt %d)", self.kind, *key, count)
+                    after = min(0.2 * 2**count, 30.0)
             else:
                 self._failures.pop(key, None)
             finally:

@@ -34,7 +34,7 @@ KIND = api.SANDBOX.kind
 
 async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     kube = ctx.kube
-    sandbox = await kube.get(SANDBOXES, namespace, name)
+    sandbox = await ctx.read(SANDBOXES, namespace, name)
     if sandbox is None or sandbox["metadata"].get("deletionTimestamp"):
         return None
     spec = sandbox["spec"]
@@ -51,7 +51,12 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     for pvc in desired.desired_pvcs(sandbox):
         await _ensure(ctx, PVCS, namespace, pvc, sandbox)
 
-    pods = await kube.list(PODS, namespace, api.selector(name))
+    hash_ = api.name_hash(name)
+    pods = ctx.store.labelled("Pod", api.LABEL_SANDBOX_NAME_HASH, namespace, hash_)
+    seen = {p["metadata"]["name"] for p in pods}
+    pods += [
+        p for p in ctx.store.expected("Pod", namespace, name) if p["metadata"]["name"] not in seen
+    ]
     owned = [p for p in pods if is_controlled_by(p, sandbox)]
     owned += [await _adopt(ctx, PODS, p, sandbox) for p in pods if _adoptable(p)]
     owned = [p for p in owned if p is not None]
@@ -74,6 +79,7 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     elif pod is None and not not_owned:
         try:
             pod = await kube.create(PODS, namespace, desired.desired_pod(sandbox))
+            ctx.store.expect("Pod", namespace, name, pod)
         except Exception as exc:
             if is_status(exc, 409):
                 pod = None  # created meanwhile: its event brings us back
@@ -123,13 +129,14 @@ async def _report_error(ctx: Context, sandbox: Obj, exc: Exception) -> None:
 async def write_status(ctx: Context, sandbox: Obj, status: Obj) -> None:
     old = sandbox.get("status") or {}
     status["conditions"] = conditions.merge(old.get("conditions"), status["conditions"])
-    if all(old.get(k) == v for k, v in status.items()):
+    if ctx.unchanged(sandbox, status):
         return
     meta = sandbox["metadata"]
     try:
         await ctx.kube.patch(
             SANDBOXES, meta["namespace"], meta["name"], {"status": status}, sub="status"
         )
+        ctx.wrote(sandbox, status)
     except Exception as exc:
         if not is_status(exc, 404):
             raise
@@ -237,7 +244,12 @@ def _drift(have: dict[str, str], want: dict[str, str], propagated: set[str]) -> 
 async def _reconcile_service(ctx: Context, sandbox: Obj) -> Obj | None:
     meta = sandbox["metadata"]
     want = sandbox["spec"].get("service")
-    existing = await ctx.kube.get(SERVICES, meta["namespace"], meta["name"])
+    services = ctx.store.labelled(
+        "Service", api.LABEL_SANDBOX_NAME_HASH, meta["namespace"], api.name_hash(meta["name"])
+    )
+    existing = next((s for s in services if s["metadata"]["name"] == meta["name"]), None)
+    if existing is None and want is True:  # created a moment ago, not seen yet?
+        existing = await ctx.kube.get(SERVICES, meta["namespace"], meta["name"])
     owned = existing is not None and is_controlled_by(existing, sandbox)
     if want is True and existing is None:
         return await _ensure(

@@ -29,17 +29,19 @@ log = logging.getLogger(__name__)
 
 async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     kube = ctx.kube
-    pool = await kube.get(WARM_POOLS, namespace, name)
+    pool = await ctx.read(WARM_POOLS, namespace, name)
     if pool is None or pool["metadata"].get("deletionTimestamp"):
         return None
     spec = pool.get("spec") or {}
     replicas = int(spec.get("replicas", 1))
-    template = await kube.get(TEMPLATES, namespace, spec["sandboxTemplateRef"]["name"])
-    members = [
-        m
-        for m in await kube.list(SANDBOXES, namespace, desired.pool_selector(name))
-        if is_controlled_by(m, pool)
-    ]
+    template = await ctx.read(TEMPLATES, namespace, spec["sandboxTemplateRef"]["name"])
+    seen = ctx.store.labelled(
+        api.SANDBOX.kind, api.LABEL_WARM_POOL_SANDBOX, namespace, api.name_hash(name)
+    )
+    names = {m["metadata"]["name"] for m in seen}
+    pending = ctx.store.expected(api.SANDBOX.kind, namespace, name)
+    members = [m for m in seen if is_controlled_by(m, pool)]
+    members += [m for m in pending if m["metadata"]["name"] not in names]
     active = [m for m in members if not m["metadata"].get("deletionTimestamp")]
     requeue: float | None = None
 
@@ -89,6 +91,8 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
             return_exceptions=True,
         )
         created = [r for r in results if isinstance(r, dict)]
+        for member in created:  # counted until their watch events arrive: no over-creation
+            ctx.store.expect(api.SANDBOX.kind, namespace, name, member)
         keep += created
         for error in (r for r in results if isinstance(r, BaseException)):
             if not is_status(error, 409):

@@ -1,0 +1,84 @@
+"""The controller killed at any point converges; two replicas share one Lease; metrics."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+
+from cluster_fixtures import controller_process, wait_for, wait_for_leader
+from test_pool_controller import (
+    claim_body,
+    claim_condition,
+    make_pool,
+    make_template,
+    members,
+    pool_ready,
+)
+
+from agent_sandbox import api
+from agent_sandbox.kube import CLAIMS, LEASES, PODS, WARM_POOLS
+
+
+def _lease_holder(k8s) -> str:
+    lease = k8s.get(LEASES, "default", "agent-sandbox-controller") or {}
+    return (lease.get("spec") or {}).get("holderIdentity") or ""
+
+
+def test_killed_mid_refill_converges_without_duplicates(k8s, namespace, controller):
+    make_template(k8s, namespace)
+    make_pool(k8s, namespace, replicas=0)
+    k8s.patch(WARM_POOLS, namespace, "pool", {"spec": {"replicas": 8}})
+    wait_for(lambda: len(members(k8s, namespace)) >= 1, 30, "the refill to begin")
+    controller.stop(signal.SIGKILL)  # mid-refill, no chance to clean up
+    controller.start()
+    wait_for_leader(k8s.cluster, controller)
+    pool_ready(k8s, namespace, 8, timeout=120)
+    time.sleep(2)  # anything still in flight would show now
+    names = {m["metadata"]["name"] for m in members(k8s, namespace)}
+    assert len(names) == 8
+    pods = [p for p in k8s.list(PODS, namespace) if api.LABEL_SANDBOX_NAME_HASH in
+            p["metadata"].get("labels", {})]  # fmt: skip
+    assert sorted(p["metadata"]["name"] for p in pods) == sorted(names)  # one pod each, no orphan
+
+
+def test_standby_replica_takes_over(k8s, namespace, controller):
+    make_template(k8s, namespace)
+    make_pool(k8s, namespace, replicas=1)
+    pool_ready(k8s, namespace, 1)
+    standby = controller_process(k8s.cluster, "controller-standby").start()
+    try:
+        time.sleep(3)
+        leader = _lease_holder(k8s)
+        assert leader, "the first controller holds the lease"
+        controller.stop(signal.SIGKILL)
+        wait_for_leader(k8s.cluster, standby, timeout=30)
+        assert _lease_holder(k8s) != leader
+        # The new leader reconciles: a claim adopts and the pool refills.
+        k8s.create(CLAIMS, namespace, claim_body("after-failover"))
+        claim_condition(k8s, namespace, "after-failover")
+        pool_ready(k8s, namespace, 1)
+    finally:
+        controller.start()  # back as the session's controller: it leads once the standby goes
+        standby.stop()
+        wait_for_leader(k8s.cluster, controller, timeout=30)
+
+
+def test_claim_startup_latency_metric(k8s, namespace, controller):
+    make_template(k8s, namespace)
+    make_pool(k8s, namespace, replicas=1)
+    pool_ready(k8s, namespace, 1)
+    k8s.create(CLAIMS, namespace, claim_body("measured"))
+    claim_condition(k8s, namespace, "measured")
+    url = f"http://127.0.0.1:{controller.metrics_port}/metrics"
+
+    def warm_count() -> float:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith('agent_sandbox_claim_startup_latency_ms_count{launch_type="warm"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    assert wait_for(lambda: warm_count() >= 1, 10, "the warm claim observed")
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'agent_sandbox_reconcile_total{kind="SandboxClaim"}' in text
