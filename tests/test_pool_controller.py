@@ -234,3 +234,20 @@ def test_claim_expiry_policies(k8s, namespace):
     wait_for(lambda: k8s.get(SANDBOXES, namespace, "retain") is None, 30, "sandbox deleted")
     assert k8s.get(CLAIMS, namespace, "retain")["metadata"]["uid"] == claim["metadata"]["uid"]
     wait_for(lambda: k8s.get(CLAIMS, namespace, "gone") is None, 60, "claim deleted")
+
+
+def test_never_ready_members_are_replaced(k8s, namespace):
+    """The session's controller runs with --warm-pool-readiness-grace 4."""
+    k8s.create(TEMPLATES, namespace, {
+        "metadata": {"name": "broken"},
+        "spec": {"podTemplate": {"spec": {"restartPolicy": "Never", "containers": [
+            {"name": "agent", "image": "none", "command": ["/nonexistent/agent"]}]}}},
+    })  # fmt: skip
+    make_pool(k8s, namespace, replicas=1, template="broken")
+    first = wait_for(lambda: members(k8s, namespace), 30, "a member")[0]["metadata"]["name"]
+    replaced = wait_for(
+        lambda: [m for m in members(k8s, namespace) if m["metadata"]["name"] != first],
+        60, "a replacement member",
+    )  # fmt: skip
+    assert len(replaced) == 1
+    wait_for(lambda: k8s.get(SANDBOXES, namespace, first) is None, 30, "the stuck one deleted")
