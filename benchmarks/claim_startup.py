@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -92,6 +93,9 @@ async def burst(kube: Kube, pool: str, n: int, prefix: str) -> tuple[list[float]
     await asyncio.gather(*(create(i) for i in range(n)))
     await asyncio.wait_for(done.wait(), timeout=600)
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(3)  # let the refill and follow-up work settle before the next burst
     if os.environ.get("BENCH_TRACE"):
         offset = time.time() - time.perf_counter()
         for k in sorted(sent)[:3] + sorted(sent)[-3:]:
@@ -178,6 +182,7 @@ async def run(n: int, workdir: Path) -> int:
             started = time.perf_counter()
             await wait_pool(kube, "warm", n)
             print(f"warm pool of {n} ready in {time.perf_counter() - started:.1f} s")
+            await asyncio.sleep(3)  # measure a pool at rest, not one still settling
             warm = report("warm", *await burst(kube, "warm", n, "w-"))
             cold = report("cold", *await burst(kube, "cold", n, "c-"))
         finally:

@@ -81,7 +81,11 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
             event: Any, body: Any, name: str, namespace: str, _kind: str = kind.kind, **_: Any
         ) -> None:
             ctx.store.seen(_kind, event.get("type"), event["object"])
-            ctx.trigger(_kind, namespace, name)
+            if _kind == api.SANDBOX.kind:
+                # A sandbox's events come in bursts (adoption, its pod's status): coalesce them.
+                ctx.trigger_after(_kind, namespace, name, ctx.options.sandbox_debounce)
+            else:
+                ctx.trigger(_kind, namespace, name)
             if _kind == api.SANDBOX.kind:
                 owner_trigger(body, namespace)
             elif _kind == api.SANDBOX_TEMPLATE.kind:

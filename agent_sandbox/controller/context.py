@@ -24,6 +24,8 @@ class Options:
     claim_adoption_wait: float = 2.0
     #: A pool refills this long after its last adoption: a burst of claims costs one refill.
     refill_delay: float = 0.5
+    #: Sandbox events within this window cost one reconcile.
+    sandbox_debounce: float = 0.2
 
 
 @dataclass
