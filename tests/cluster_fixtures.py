@@ -204,6 +204,19 @@ def condition(obj: dict | None, type_: str) -> dict:
     return {}
 
 
+def wait_condition(k8s: Client, res, ns: str, name: str, type_: str, *, status: str = "True",
+                   reason: str | None = None, timeout: float = 60) -> dict:  # fmt: skip
+    """Wait until ``name`` has condition ``type_`` with ``status`` (or ``reason``); the object."""
+
+    def check():
+        obj = k8s.get(res, ns, name)
+        cond = condition(obj, type_)
+        ok = cond.get("reason") == reason if reason else cond.get("status") == status
+        return obj if ok else None
+
+    return wait_for(check, timeout, f"{name} {type_}={reason or status}")
+
+
 @pytest.fixture(scope="session")
 def k8s(cluster: TestCluster) -> Client:
     return Client(cluster)

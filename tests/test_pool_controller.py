@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from cluster_fixtures import condition, wait_for
+from cluster_fixtures import condition, wait_condition, wait_for
 
 from agent_sandbox import api
 from agent_sandbox.kube import (
@@ -81,14 +81,7 @@ def claim_body(name: str, pool: str = "pool", **spec) -> dict:
 
 
 def claim_condition(k8s, ns: str, name: str, reason: str | None = None, timeout: float = 60):
-    def check():
-        claim = k8s.get(CLAIMS, ns, name)
-        cond = condition(claim, "Ready")
-        if reason is None:
-            return cond.get("status") == "True" and claim
-        return cond.get("reason") == reason and claim
-
-    return wait_for(check, timeout, f"claim {name} {reason or 'Ready'}")
+    return wait_condition(k8s, CLAIMS, ns, name, "Ready", reason=reason, timeout=timeout)
 
 
 def events_for(k8s, ns: str, name: str) -> list[str]:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_fixtures import condition, wait_for
+from cluster_fixtures import condition, wait_condition, wait_for
 
 from agent_sandbox import api
 from agent_sandbox.kube import PODS, PVCS, SANDBOXES, SERVICES, Resource
@@ -30,15 +30,7 @@ def sandbox_body(name: str, command: list[str] | None = None, **spec) -> dict:
 
 
 def ready(k8s, ns: str, name: str, timeout: float = 60) -> dict:
-    return wait_for(
-        lambda: (
-            (sb := k8s.get(SANDBOXES, ns, name))
-            and condition(sb, "Ready").get("status") == "True"
-            and sb
-        ),
-        timeout,
-        f"sandbox {name} Ready",
-    )
+    return wait_condition(k8s, SANDBOXES, ns, name, "Ready", timeout=timeout)
 
 
 def test_v1alpha1_example_reaches_ready(k8s, namespace):
@@ -144,15 +136,7 @@ def test_suspend_and_resume_keep_the_volume(k8s, namespace, node_agent):
     first_line = (volume_dir / "log").read_text()
 
     k8s.patch(SANDBOXES, namespace, "keeper", {"spec": {"operatingMode": "Suspended"}})
-    suspended = wait_for(
-        lambda: (
-            (sb := k8s.get(SANDBOXES, namespace, "keeper"))
-            and condition(sb, "Suspended").get("status") == "True"
-            and sb
-        ),
-        30,
-        "Suspended",
-    )
+    suspended = wait_condition(k8s, SANDBOXES, namespace, "keeper", "Suspended", timeout=30)
     assert condition(suspended, "Suspended")["reason"] == "PodTerminated"
     assert condition(suspended, "Ready")["reason"] == "SandboxSuspended"
     assert suspended["status"]["podIPs"] == []
@@ -192,14 +176,8 @@ def test_shutdown_time_retain_and_delete(k8s, namespace):
         SANDBOXES, namespace, sandbox_body("deleted", shutdownTime=_in(4), shutdownPolicy="Delete")
     )
     ready(k8s, namespace, "retained")
-    expired = wait_for(
-        lambda: (
-            (sb := k8s.get(SANDBOXES, namespace, "retained"))
-            and condition(sb, "Ready").get("reason") == "SandboxExpired"
-            and sb
-        ),
-        30,
-        "SandboxExpired",
+    expired = wait_condition(
+        k8s, SANDBOXES, namespace, "retained", "Ready", reason="SandboxExpired", timeout=30
     )
     assert not expired["status"].get("podIPs")
     wait_for(lambda: k8s.get(PODS, namespace, "retained") is None, 30, "expired pod deleted")
@@ -217,15 +195,7 @@ def test_pod_exit_is_reported(k8s, namespace):
     body = sandbox_body("oneshot", ["sh", "-c", "exit 3"])
     body["spec"]["podTemplate"]["spec"]["restartPolicy"] = "Never"
     k8s.create(SANDBOXES, namespace, body)
-    finished = wait_for(
-        lambda: (
-            (sb := k8s.get(SANDBOXES, namespace, "oneshot"))
-            and condition(sb, "Finished").get("status") == "True"
-            and sb
-        ),
-        60,
-        "Finished",
-    )
+    finished = wait_condition(k8s, SANDBOXES, namespace, "oneshot", "Finished", timeout=60)
     assert condition(finished, "Finished")["reason"] == "PodFailed"
     assert condition(finished, "Ready")["reason"] == "PodFailed"
     time.sleep(1)

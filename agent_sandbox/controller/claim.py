@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
-    log.debug("claim %s/%s reconcile at %.3f", namespace, name, time.time())
+    log.debug("claim %s/%s reconcile", namespace, name)
     kube = ctx.kube
     claim = await ctx.read(CLAIMS, namespace, name)
     if claim is None or claim["metadata"].get("deletionTimestamp"):
@@ -50,47 +50,21 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     requeue = max((expires - now()).total_seconds(), 1.0) if expires else None
 
     if bound is None and _bound_name(claim):
-        return await _status(
-            ctx,
-            claim,
-            None,
-            condition(
-                "Ready", False, api.Reason.SANDBOX_MISSING, "the claimed sandbox is gone", gen
-            ),
-        )
+        await _not_ready(ctx, claim, api.Reason.SANDBOX_MISSING, "the claimed sandbox is gone")
+        return None
 
     if bound is None:
         pool_name = (claim["spec"].get("warmPoolRef") or {}).get("name", "")
         pool = await ctx.read(WARM_POOLS, namespace, pool_name)
         if pool is None:
-            await _status(
-                ctx,
-                claim,
-                None,
-                condition(
-                    "Ready",
-                    False,
-                    api.Reason.WARM_POOL_NOT_FOUND,
-                    f"warm pool {pool_name!r} not found",
-                    gen,
-                ),
-            )
+            message = f"warm pool {pool_name!r} not found"
+            await _not_ready(ctx, claim, api.Reason.WARM_POOL_NOT_FOUND, message)
             return 60.0
         template_name = pool["spec"]["sandboxTemplateRef"]["name"]
         template = await ctx.read(TEMPLATES, namespace, template_name)
         if template is None:
-            await _status(
-                ctx,
-                claim,
-                None,
-                condition(
-                    "Ready",
-                    False,
-                    api.Reason.TEMPLATE_NOT_FOUND,
-                    f"template {template_name!r} not found",
-                    gen,
-                ),
-            )
+            message = f"template {template_name!r} not found"
+            await _not_ready(ctx, claim, api.Reason.TEMPLATE_NOT_FOUND, message)
             return 60.0
         try:
             desired.validate_metadata(claim, template, await _allowed_domains(ctx, namespace))
@@ -99,32 +73,24 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
             else:
                 bound, wait = await _adopt(ctx, claim, pool, template)
                 if bound is None and wait:
-                    await _status(
-                        ctx,
-                        claim,
-                        None,
-                        condition(
-                            "Ready",
-                            False,
-                            api.Reason.SANDBOX_CREATE_PENDING,
-                            "waiting for a warm sandbox",
-                            gen,
-                        ),
-                    )
+                    message = "waiting for a warm sandbox"
+                    await _not_ready(ctx, claim, api.Reason.SANDBOX_CREATE_PENDING, message)
                     return wait
         except desired.Rejected as rejected:
             await kube.event(claim, rejected.reason, str(rejected), "Warning")
-            await _status(
-                ctx, claim, None, condition("Ready", False, rejected.reason, str(rejected), gen)
-            )
+            await _not_ready(ctx, claim, rejected.reason, str(rejected))
             return None
         if bound is None:
             return 0.5
 
     await _status(ctx, claim, bound, _ready_from(bound, gen))
-    log.debug("claim %s/%s bound to %s at %.3f", namespace, name, bound["metadata"]["name"],
-              time.time())  # fmt: skip
+    log.debug("claim %s/%s bound to %s", namespace, name, bound["metadata"]["name"])
     return requeue
+
+
+async def _not_ready(ctx: Context, claim, reason: api.Reason, message: str = "") -> None:
+    gen = claim["metadata"].get("generation")
+    await _status(ctx, claim, None, condition("Ready", False, reason, message, gen))
 
 
 def _bound_name(claim) -> str | None:
@@ -170,18 +136,9 @@ async def _status(ctx: Context, claim, sandbox, ready) -> None:
         "conditions": merge(old.get("conditions"), conds),
         "sandbox": desired.claim_sandbox_status(sandbox),
     }
-    if ctx.unchanged(claim, status):
+    if not await ctx.write_status(CLAIMS, claim, status):
         return
     meta = claim["metadata"]
-    try:
-        await ctx.kube.patch(
-            CLAIMS, meta["namespace"], meta["name"], {"status": status}, sub="status"
-        )
-        ctx.wrote(claim, status)
-    except Exception as exc:
-        if is_status(exc, 404):
-            return
-        raise
     was_ready = (find(old.get("conditions"), "Ready") or {}).get("status") == "True"
     if ready["status"] == "True" and not was_ready:
         launch = ((sandbox or {}).get("metadata", {}).get("labels") or {}).get(
@@ -284,16 +241,13 @@ async def _take(ctx: Context, claim, candidate, pool):
 async def _expire(ctx: Context, claim, sandbox) -> None:
     kube = ctx.kube
     meta = claim["metadata"]
-    gen = meta.get("generation")
     policy = (claim["spec"].get("lifecycle") or {}).get(
         "shutdownPolicy"
     ) or api.ShutdownPolicy.RETAIN
     already = find((claim.get("status") or {}).get("conditions"), "Ready") or {}
     if already.get("reason") != api.Reason.CLAIM_EXPIRED:
         await kube.event(claim, api.EventReason.CLAIM_EXPIRED, "the claim's lifetime is over")
-        await _status(
-            ctx, claim, None, condition("Ready", False, api.Reason.CLAIM_EXPIRED, "", gen)
-        )
+        await _not_ready(ctx, claim, api.Reason.CLAIM_EXPIRED)
     if policy in (api.ShutdownPolicy.DELETE, api.ShutdownPolicy.DELETE_FOREGROUND):
         propagation = (
             "Foreground" if policy == api.ShutdownPolicy.DELETE_FOREGROUND else "Background"

@@ -7,7 +7,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..kube import Kube, Obj, Resource
+from ..kube import Kube, Obj, Resource, is_status
 from .store import Store
 
 if TYPE_CHECKING:
@@ -51,6 +51,25 @@ class Context:
         return found if found is not None else await self.kube.get(res, namespace, name)
 
     # -- status writes ----------------------------------------------------------------------
+    async def write_status(self, res: Resource, obj: Obj, status: Obj) -> bool:
+        """Merge-patch ``status`` onto ``obj``'s status subresource unless nothing changed.
+
+        True when written; False when unchanged or the object is gone.
+        """
+        if self.unchanged(obj, status):
+            return False
+        meta = obj["metadata"]
+        try:
+            await self.kube.patch(
+                res, meta["namespace"], meta["name"], {"status": status}, sub="status"
+            )
+        except Exception as exc:
+            if is_status(exc, 404):
+                return False
+            raise
+        self.wrote(obj, status)
+        return True
+
     def unchanged(self, obj: Obj, status: Obj) -> bool:
         """True when ``status`` is what ``obj`` has, or what this controller last wrote."""
         current = obj.get("status") or {}

@@ -129,17 +129,7 @@ async def _report_error(ctx: Context, sandbox: Obj, exc: Exception) -> None:
 async def write_status(ctx: Context, sandbox: Obj, status: Obj) -> None:
     old = sandbox.get("status") or {}
     status["conditions"] = conditions.merge(old.get("conditions"), status["conditions"])
-    if ctx.unchanged(sandbox, status):
-        return
-    meta = sandbox["metadata"]
-    try:
-        await ctx.kube.patch(
-            SANDBOXES, meta["namespace"], meta["name"], {"status": status}, sub="status"
-        )
-        ctx.wrote(sandbox, status)
-    except Exception as exc:
-        if not is_status(exc, 404):
-            raise
+    await ctx.write_status(SANDBOXES, sandbox, status)
 
 
 async def _expire(ctx: Context, sandbox: Obj) -> None:

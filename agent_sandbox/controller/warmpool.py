@@ -112,14 +112,4 @@ async def _unschedulable(ctx: Context, member) -> bool:
 
 
 async def _write_status(ctx: Context, pool, active) -> None:
-    status = desired.pool_status(pool, active)
-    if all((pool.get("status") or {}).get(k) == v for k, v in status.items()):
-        return
-    meta = pool["metadata"]
-    try:
-        await ctx.kube.patch(
-            WARM_POOLS, meta["namespace"], meta["name"], {"status": status}, sub="status"
-        )
-    except Exception as exc:
-        if not is_status(exc, 404):
-            raise
+    await ctx.write_status(WARM_POOLS, pool, desired.pool_status(pool, active))
