@@ -201,3 +201,69 @@ def test_pod_exit_is_reported(k8s, namespace):
     time.sleep(1)
     pod = k8s.get(PODS, namespace, "oneshot")
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+
+
+def _with_volume(body: dict, name: str) -> dict:
+    body["spec"]["podTemplate"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "data", "mountPath": "/data"}
+    ]
+    body["spec"]["volumeClaimTemplates"] = [{
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }]  # fmt: skip
+    return body
+
+
+def test_pods_reach_each_other_by_pod_ip(k8s, namespace, node_agent):
+    server = sandbox_body(
+        "server",
+        [
+            "sh",
+            "-c",
+            "echo hello > /tmp/index.html && cd /tmp && "
+            'exec python3 -m http.server 8000 --bind "$POD_IP"',
+        ],
+    )
+    k8s.create(SANDBOXES, namespace, server)
+    ip = ready(k8s, namespace, "server")["status"]["podIPs"][0]
+    assert ip.startswith("127.") and ip != "127.0.0.1"
+    fetch = (
+        "import time, urllib.request\n"
+        "for _ in range(50):\n"
+        "    try:\n"
+        f"        body = urllib.request.urlopen('http://{ip}:8000/index.html', timeout=2).read()\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.2)\n"
+        "open('/data/fetched', 'wb').write(body)\n"
+    )
+    client = _with_volume(sandbox_body("client", ["python3", "-c", fetch]), "client")
+    client["spec"]["podTemplate"]["spec"]["restartPolicy"] = "Never"
+    k8s.create(SANDBOXES, namespace, client)
+    out = Path(node_agent.root) / "pvc" / namespace / "data-client" / "fetched"
+    wait_for(lambda: out.exists() and out.read_bytes(), 60, "the client fetched from the server")
+    assert out.read_bytes() == b"hello\n"
+
+
+def test_pod_deletion_sends_sigterm_first(k8s, namespace, node_agent):
+    command = [
+        "sh",
+        "-c",
+        'trap "echo terminated > /data/signal; exit 0" TERM; while :; do sleep 0.1; done',
+    ]
+    k8s.create(SANDBOXES, namespace, _with_volume(sandbox_body("graceful", command), "graceful"))
+    ready(k8s, namespace, "graceful")
+    k8s.patch(SANDBOXES, namespace, "graceful", {"spec": {"operatingMode": "Suspended"}})
+    wait_for(lambda: k8s.get(PODS, namespace, "graceful") is None, 60, "pod removed")
+    signal_file = Path(node_agent.root) / "pvc" / namespace / "data-graceful" / "signal"
+    assert signal_file.read_text() == "terminated\n"
+
+
+def test_refused_volume_claim_is_a_reconciler_error(k8s, namespace):
+    body = sandbox_body("novolume")
+    body["spec"]["volumeClaimTemplates"] = [{"metadata": {"name": "data"}, "spec": {}}]
+    k8s.create(SANDBOXES, namespace, body)
+    sandbox = wait_condition(k8s, SANDBOXES, namespace, "novolume", "Ready",
+                             reason="ReconcilerError", timeout=30)  # fmt: skip
+    assert "PersistentVolumeClaim" in condition(sandbox, "Ready")["message"]
+    assert k8s.get(PODS, namespace, "novolume") is None

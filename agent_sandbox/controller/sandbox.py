@@ -49,7 +49,13 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
         requeue = max(remaining, 2.0)
 
     for pvc in desired.desired_pvcs(sandbox):
-        await _ensure(ctx, PVCS, namespace, pvc, sandbox)
+        try:
+            await _ensure(ctx, PVCS, namespace, pvc, sandbox)
+        except Exception as exc:
+            if not _refused(exc):
+                raise
+            await _report_error(ctx, sandbox, exc)
+            return 30.0
 
     hash_ = api.name_hash(name)
     pods = ctx.store.labelled("Pod", api.LABEL_SANDBOX_NAME_HASH, namespace, hash_)
@@ -83,7 +89,7 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
         except Exception as exc:
             if is_status(exc, 409):
                 pod = None  # created meanwhile: its event brings us back
-            elif is_status(exc, 400, 403, 422):  # the pod as specified cannot exist
+            elif _refused(exc):  # the pod as specified cannot exist
                 await _report_error(ctx, sandbox, exc)
                 return 30.0
             else:
@@ -105,6 +111,11 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     for ref in sandbox["metadata"].get("ownerReferences") or []:
         ctx.trigger(ref["kind"], namespace, ref["name"])
     return requeue
+
+
+def _refused(exc: Exception) -> bool:
+    """The API server refused the object as specified (no retry will change that)."""
+    return is_status(exc, 400, 403, 422)
 
 
 async def _report_error(ctx: Context, sandbox: Obj, exc: Exception) -> None:
