@@ -113,7 +113,7 @@ class Kube:
     async def close(self) -> None:
         await self.api.close()
 
-    async def _call(
+    async def call(
         self,
         method: str,
         path: str,
@@ -122,6 +122,7 @@ class Kube:
         query: Any = None,
         content_type: str = "application/json",
     ) -> Any:
+        """One request to ``path``; the decoded JSON answer (ApiException for errors)."""
         return await self.api.call_api(
             path,
             method,
@@ -136,7 +137,7 @@ class Kube:
 
     async def get(self, res: Resource, namespace: str | None, name: str) -> Obj | None:
         try:
-            return await self._call("GET", res.path(namespace, name))
+            return await self.call("GET", res.path(namespace, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -146,11 +147,11 @@ class Kube:
         self, res: Resource, namespace: str | None = None, labels: str | None = None
     ) -> list[Obj]:
         query = {"labelSelector": labels} if labels else None
-        return (await self._call("GET", res.path(namespace), query=query)).get("items", [])
+        return (await self.call("GET", res.path(namespace), query=query)).get("items", [])
 
     async def create(self, res: Resource, namespace: str | None, body: Obj) -> Obj:
         body = {"apiVersion": res.api_version, "kind": res.kind, **body}
-        return await self._call("POST", res.path(namespace), body=body)
+        return await self.call("POST", res.path(namespace), body=body)
 
     async def patch(
         self,
@@ -162,12 +163,12 @@ class Kube:
         sub: str = "",
         content_type: str = MERGE,
     ) -> Obj:
-        return await self._call(
+        return await self.call(
             "PATCH", res.path(namespace, name, sub), body=patch, content_type=content_type
         )
 
     async def replace(self, res: Resource, namespace: str | None, name: str, body: Obj) -> Obj:
-        return await self._call("PUT", res.path(namespace, name), body=body)
+        return await self.call("PUT", res.path(namespace, name), body=body)
 
     async def delete(
         self,
@@ -186,7 +187,7 @@ class Kube:
         if grace is not None:
             body["gracePeriodSeconds"] = grace
         try:
-            await self._call("DELETE", res.path(namespace, name), body=body)
+            await self.call("DELETE", res.path(namespace, name), body=body)
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False

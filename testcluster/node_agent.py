@@ -105,7 +105,7 @@ class NodeAgent:
         version = ""
         while True:
             if not version:
-                listing = await self.kube._call("GET", PODS.path())
+                listing = await self.kube.call("GET", PODS.path())
                 version = listing["metadata"]["resourceVersion"]
                 for pod in listing.get("items", []):
                     self._dispatch("ADDED", pod)
@@ -167,7 +167,7 @@ class NodeAgent:
     async def _bind(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         try:
-            await self.kube._call(
+            await self.kube.call(
                 "POST",
                 PODS.path(meta["namespace"], meta["name"], "binding"),
                 body={

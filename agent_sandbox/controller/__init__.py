@@ -91,29 +91,22 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
             elif _kind == api.SANDBOX_TEMPLATE.kind:
                 ctx.trigger(template.POOLS_OF_TEMPLATE, namespace, name)
 
-    @kopf.on.event(
-        "",
-        "v1",
-        "pods",
-        registry=registry,
-        id="watch-pods",
-        labels={api.LABEL_SANDBOX_NAME_HASH: kopf.PRESENT},
-    )
-    async def on_pod(event: Any, body: Any, namespace: str, **_: Any) -> None:
-        ctx.store.seen("Pod", event.get("type"), event["object"])
-        owner_trigger(body, namespace)
+    # Pods and Services of sandboxes: kept in the store, and their owner looks again.
+    for plural, kind in (("pods", "Pod"), ("services", "Service")):
 
-    @kopf.on.event(
-        "",
-        "v1",
-        "services",
-        registry=registry,
-        id="watch-services",
-        labels={api.LABEL_SANDBOX_NAME_HASH: kopf.PRESENT},
-    )
-    async def on_service(event: Any, body: Any, namespace: str, **_: Any) -> None:
-        ctx.store.seen("Service", event.get("type"), event["object"])
-        owner_trigger(body, namespace)
+        @kopf.on.event(
+            "",
+            "v1",
+            plural,
+            registry=registry,
+            id=f"watch-{plural}",
+            labels={api.LABEL_SANDBOX_NAME_HASH: kopf.PRESENT},
+        )
+        async def on_child(
+            event: Any, body: Any, namespace: str, _kind: str = kind, **_: Any
+        ) -> None:
+            ctx.store.seen(_kind, event.get("type"), event["object"])
+            owner_trigger(body, namespace)
 
     return registry
 

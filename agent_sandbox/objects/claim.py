@@ -9,7 +9,6 @@ from typing import Any
 from .. import api
 from ..kube import owner_reference, parse_time
 from .conditions import find, is_true
-from .sandbox import pod_ips
 from .template import secure_blueprint
 
 Obj = dict[str, Any]
@@ -181,11 +180,9 @@ def adoption_patch(sandbox: Obj, claim: Obj) -> Obj:
 
 
 def claim_sandbox_status(sandbox: Obj | None) -> Obj:
-    return {"name": sandbox["metadata"]["name"], "podIPs": pod_ips_of(sandbox)} if sandbox else {}
-
-
-def pod_ips_of(sandbox: Obj) -> list[str]:
-    return list((sandbox.get("status") or {}).get("podIPs") or [])
-
-
-__all__ = ["Rejected", "pod_ips"]
+    if sandbox is None:
+        return {}
+    return {
+        "name": sandbox["metadata"]["name"],
+        "podIPs": list((sandbox.get("status") or {}).get("podIPs") or []),
+    }
