@@ -241,7 +241,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         km.write_connection_file(jupyter_session=kwargs.get("env", {}).get("JPY_SESSION_NAME", ""))
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
-        return await super().pre_launch(cmd=cmd, **kwargs)
+        return await super().pre_launch(cmd=cmd + self._banner_arguments(cmd, runtime), **kwargs)
+
+    @staticmethod
+    def _banner_arguments(cmd: list[str], runtime: SandboxRuntime) -> list[str]:
+        """For IPython kernels: say in the banner (kernel_info) what sandbox this is."""
+        if not any("ipykernel" in part for part in cmd):
+            return []
+        return [f"--InteractiveShell.banner2=Sandboxed kernel: {runtime.name} (cold start)\n"]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         spec = self._sandbox_spec(cmd, kwargs.get("env", {}), kwargs.get("cwd"))

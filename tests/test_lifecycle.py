@@ -24,6 +24,12 @@ async def test_execute_in_notebook_dir(runtime, start_kernel, notebook_dir: Path
     assert await kernel.value("os.environ['JUPYTER_SANDBOX_RUNTIME']") == runtime
 
 
+async def test_banner_names_the_sandbox(runtime, start_kernel):
+    kernel = await start_kernel(runtime)
+    reply = await kernel.kc.kernel_info(reply=True, timeout=30)
+    assert f"Sandboxed kernel: {runtime} (cold start)" in reply["content"]["banner"]
+
+
 async def test_interrupt_reaches_kernel(runtime, start_kernel):
     kernel = await start_kernel(runtime)
     msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")
