@@ -20,7 +20,6 @@ from . import api
 
 Obj = dict[str, Any]
 MERGE = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
 
 
 @dataclass(frozen=True)

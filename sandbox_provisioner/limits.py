@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 from .spec import ResourceLimits
@@ -120,15 +119,9 @@ class CgroupV1:
         remove_cgroup_dirs(self.relpath)
 
 
-def remove_cgroup_dirs(relpath: str, controllers: Iterable[str] | None = None) -> None:
+def remove_cgroup_dirs(relpath: str) -> None:
     """rmdir ``relpath`` (and then its parent, when empty) in every v1 hierarchy."""
-    roots = (
-        [CGROUP_ROOT / c for c in controllers]
-        if controllers is not None
-        else [p for p in CGROUP_ROOT.iterdir() if p.is_dir()]
-        if CGROUP_ROOT.is_dir()
-        else []
-    )
+    roots = [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.is_dir() else []
     for root in roots:
         path = root / relpath
         if not path.is_dir():

@@ -152,7 +152,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._sandbox: Sandbox | None = None
         self._runtime: SandboxRuntime | None = None
         self._exited = False
-        self._restart_requested = False
         self._stop_requested = False
         self._workspace_host: str | None = None
 
@@ -425,8 +424,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._sandbox.kill()
 
     async def shutdown_requested(self, restart: bool = False) -> None:
-        # jupyter_client does not pass ``restart`` on to terminate/kill (#1061): keep it here.
-        self._restart_requested = restart
+        # A requested stop (shutdown or restart) is no crash: cleanup will not warn. Local
+        # sandboxes end the same way either way, so jupyter_client not passing ``restart``
+        # on to terminate/kill (#1061) costs nothing here; cleanup receives it correctly.
         self._stop_requested = True
 
     async def cleanup(self, restart: bool = False) -> None:
@@ -443,7 +443,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 )
             await sandbox.cleanup()
         self._exited = True
-        self._restart_requested = self._stop_requested = False
+        self._stop_requested = False
         if not restart:
             shutil.rmtree(self.kernel_dir, ignore_errors=True)
 
