@@ -73,12 +73,8 @@ def cold_sandbox(claim: Obj, template: Obj) -> Obj:
     pod_spec = blueprint["podTemplate"]["spec"]
     env = spec.get("env") or []
     if env:
-        policy = tspec.get("envVarsInjectionPolicy", api.InjectionPolicy.DISALLOWED)
-        if policy == api.InjectionPolicy.DISALLOWED:
-            raise Rejected(
-                api.Reason.ENV_VARS_INJECTION_REJECTED,
-                "the template's envVarsInjectionPolicy is Disallowed",
-            )
+        policy = _injection_policy(tspec, "envVarsInjectionPolicy",
+                                   api.Reason.ENV_VARS_INJECTION_REJECTED)  # fmt: skip
         containers = pod_spec.get("containers") or []
         for var in env:
             target = next(
@@ -101,12 +97,8 @@ def cold_sandbox(claim: Obj, template: Obj) -> Obj:
             current.append({"name": var["name"], "value": var.get("value", "")})
     vcts = spec.get("volumeClaimTemplates") or []
     if vcts:
-        policy = tspec.get("volumeClaimTemplatesPolicy", api.InjectionPolicy.DISALLOWED)
-        if policy == api.InjectionPolicy.DISALLOWED:
-            raise Rejected(
-                api.Reason.VOLUME_CLAIM_TEMPLATES_ERROR,
-                "the template's volumeClaimTemplatesPolicy is Disallowed",
-            )
+        policy = _injection_policy(tspec, "volumeClaimTemplatesPolicy",
+                                   api.Reason.VOLUME_CLAIM_TEMPLATES_ERROR)  # fmt: skip
         merged = {v["metadata"]["name"]: v for v in blueprint.get("volumeClaimTemplates") or []}
         for vct in vcts:
             vname = vct["metadata"]["name"]
@@ -133,6 +125,14 @@ def cold_sandbox(claim: Obj, template: Obj) -> Obj:
         },
         "spec": blueprint,
     }
+
+
+def _injection_policy(template_spec: Obj, field: str, reason: api.Reason) -> str:
+    """The template's policy for a kind of injection; Rejected when it is Disallowed."""
+    policy = template_spec.get(field, api.InjectionPolicy.DISALLOWED)
+    if policy == api.InjectionPolicy.DISALLOWED:
+        raise Rejected(reason, f"the template's {field} is Disallowed")
+    return policy
 
 
 def apply_claim_metadata(spec: Obj, claim: Obj, launch_type: str) -> None:
