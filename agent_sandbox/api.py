@@ -92,6 +92,17 @@ CONFIG_MAP_NAME = "agent-sandbox-config"
 CONFIG_KEY_ALLOWED_LABEL_DOMAINS = "allowed-label-domains"
 
 
+# -- this project's own keys (not upstream's): whose kernel runs in a claimed sandbox ---------
+JUPYTER_PREFIX = "jupyter-sandbox.io/"
+#: Claim labels: the kernel, its user and the notebook server that started it.
+LABEL_KERNEL_ID = JUPYTER_PREFIX + "kernel-id"
+LABEL_KERNEL_USER = JUPYTER_PREFIX + "user"
+LABEL_KERNEL_SERVER = JUPYTER_PREFIX + "server"
+#: Pod labels of a claimed kernel sandbox (in the domain claims may set by default).
+POD_LABEL_KERNEL_ID = DEFAULT_ALLOWED_LABEL_DOMAINS[0] + "/jupyter-kernel-id"
+POD_LABEL_KERNEL_USER = DEFAULT_ALLOWED_LABEL_DOMAINS[0] + "/jupyter-user"
+
+
 class OperatingMode(enum.StrEnum):
     RUNNING = "Running"
     SUSPENDED = "Suspended"
@@ -199,3 +210,9 @@ def selector(sandbox: str) -> str:
 def reserved_key(key: str) -> bool:
     """Label/annotation keys users may not set through a pod template."""
     return key.startswith((PREFIX, EXTENSIONS_PREFIX))
+
+
+def label_value(text: str) -> str:
+    """``text`` as a valid label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
+    return cleaned[:63].strip("._-")

@@ -18,22 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from kubernetes_asyncio import client, watch
+from testbed import run_in_workdir, running_cluster
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from agent_sandbox import api, crds  # noqa: E402
-from agent_sandbox.kube import CLAIMS, TEMPLATES, WARM_POOLS, Kube  # noqa: E402
-from testcluster.cluster import TestCluster, free_port  # noqa: E402
+from agent_sandbox import api
+from agent_sandbox.kube import CLAIMS, TEMPLATES, WARM_POOLS, Kube
 
 NS = "default"
 
@@ -119,84 +113,31 @@ def report(label: str, latencies: list[float], wall: float) -> dict[str, float]:
 
 
 async def run(n: int, workdir: Path) -> int:
-    cluster = TestCluster(workdir).start(crds=crds.all_crds())
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    logs = []
-    procs = []
-    try:
-        for name, argv in (
-            (
-                "node-agent",
-                [
-                    "-m",
-                    "testcluster.node_agent",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--root",
-                    str(workdir / "node"),
-                ],
-            ),
-            (
-                "controller",
-                [
-                    "-m",
-                    "agent_sandbox",
-                    "run",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--webhook-port",
-                    str(free_port()),
-                    "--log-level",
-                    os.environ.get("BENCH_LOG", "WARNING"),
-                ],
-            ),
-        ):
-            log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
-                )
-            )
-        kube = await Kube.connect(str(cluster.kubeconfig))
-        try:
-            container = {"name": "agent", "image": "python:3.11", "command": ["sleep", "infinity"]}
+    async with running_cluster(workdir) as (_, kube):
+        container = {"name": "agent", "image": "python:3.11", "command": ["sleep", "infinity"]}
+        await kube.create(
+            TEMPLATES,
+            NS,
+            {
+                "metadata": {"name": "bench"},
+                "spec": {"podTemplate": {"spec": {"containers": [container]}}},
+            },
+        )
+        for pool, replicas in (("warm", n), ("cold", 0)):
             await kube.create(
-                TEMPLATES,
+                WARM_POOLS,
                 NS,
                 {
-                    "metadata": {"name": "bench"},
-                    "spec": {"podTemplate": {"spec": {"containers": [container]}}},
+                    "metadata": {"name": pool},
+                    "spec": {"replicas": replicas, "sandboxTemplateRef": {"name": "bench"}},
                 },
             )
-            for pool, replicas in (("warm", n), ("cold", 0)):
-                await kube.create(
-                    WARM_POOLS,
-                    NS,
-                    {
-                        "metadata": {"name": pool},
-                        "spec": {"replicas": replicas, "sandboxTemplateRef": {"name": "bench"}},
-                    },
-                )
-            started = time.perf_counter()
-            await wait_pool(kube, "warm", n)
-            print(f"warm pool of {n} ready in {time.perf_counter() - started:.1f} s")
-            await asyncio.sleep(3)  # measure a pool at rest, not one still settling
-            warm = report("warm", *await burst(kube, "warm", n, "w-"))
-            cold = report("cold", *await burst(kube, "cold", n, "c-"))
-        finally:
-            await kube.close()
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
-        cluster.stop()
+        started = time.perf_counter()
+        await wait_pool(kube, "warm", n)
+        print(f"warm pool of {n} ready in {time.perf_counter() - started:.1f} s")
+        await asyncio.sleep(3)  # measure a pool at rest, not one still settling
+        warm = report("warm", *await burst(kube, "warm", n, "w-"))
+        cold = report("cold", *await burst(kube, "cold", n, "c-"))
     print("upstream thresholds: p50 and p90 <= 1000 ms, p99 <= 5000 ms (warm <= 500 ms)")
     ok = warm["p50"] <= 250 and warm["p95"] <= 1000
     print(f"target (warm p50 <= 250 ms, p95 <= 1000 ms at N=50): {'met' if ok else 'NOT met'}")
@@ -208,10 +149,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claims", type=int, default=50)
     args = parser.parse_args()
-    if os.environ.get("BENCH_DIR"):
-        return asyncio.run(run(args.claims, Path(os.environ["BENCH_DIR"])))
-    with tempfile.TemporaryDirectory(prefix="claim-bench-") as tmp:
-        return asyncio.run(run(args.claims, Path(tmp)))
+    return run_in_workdir(lambda workdir: run(args.claims, workdir))
 
 
 if __name__ == "__main__":

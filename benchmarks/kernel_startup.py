@@ -40,13 +40,17 @@ class _LocalSpecs(KernelSpecManager):
         )
 
 
-async def launch_to_first_reply(mode: str, cwd: str) -> float:
+def kernel_manager(mode: str, specs: KernelSpecManager | None = None) -> AsyncKernelManager:
+    """A kernel manager for ``mode``: ``local`` (local-provisioner) or a runtime's name."""
     if mode == LOCAL:
-        km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=_LocalSpecs())
-    else:
-        km = AsyncKernelManager(
-            kernel_name=f"sandboxed-{mode}", kernel_spec_manager=RuntimeKernelSpecManager()
-        )
+        return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=_LocalSpecs())
+    return AsyncKernelManager(
+        kernel_name=f"sandboxed-{mode}", kernel_spec_manager=specs or RuntimeKernelSpecManager()
+    )
+
+
+async def time_to_first_reply(km: AsyncKernelManager, cwd: str | None = None) -> float:
+    """Seconds from ``start_kernel`` to the first execute_reply; the kernel is shut down."""
     started = time.perf_counter()
     await km.start_kernel(cwd=cwd)
     kc = km.client()
@@ -60,6 +64,10 @@ async def launch_to_first_reply(mode: str, cwd: str) -> float:
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+async def launch_to_first_reply(mode: str, cwd: str) -> float:
+    return await time_to_first_reply(kernel_manager(mode), cwd)
 
 
 async def main() -> int:

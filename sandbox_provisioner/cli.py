@@ -3,6 +3,7 @@
 jupyter sandbox kernelspec install [--user|--sys-prefix|--prefix=DIR]
 jupyter sandbox kernelspec list
 jupyter sandbox doctor [--brief]
+jupyter sandbox controller-key [--key-file=PATH]
 """
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ class DoctorApp(JupyterApp):
         self.exit(doctor.run(full=not self.brief, parent=self))
 
 
+class ControllerKeyApp(JupyterApp):
+    name = "jupyter-sandbox-controller-key"
+    description = (
+        "Print this server's controller key (made on first use) for the kernel sandbox "
+        "templates' JUPYTER_SANDBOX_CONTROLLER_KEYS."
+    )
+    key_file = Unicode("", config=True, help="The private key file (default: the runtime's).")
+    aliases = {"key-file": "ControllerKeyApp.key_file"}
+
+    def start(self) -> None:
+        from .agent.protocol import load_or_create_signing_key, public_key_text
+        from .runtimes.kubernetes import KubernetesRuntime
+
+        path = self.key_file or KubernetesRuntime(parent=self).controller_key_file
+        print(public_key_text(load_or_create_signing_key(path)))
+
+
 class SandboxApp(JupyterApp):
     name = "jupyter-sandbox"
     version = __version__
@@ -81,6 +99,7 @@ class SandboxApp(JupyterApp):
     subcommands = {
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "doctor": (DoctorApp, DoctorApp.description),
+        "controller-key": (ControllerKeyApp, ControllerKeyApp.description),
     }
 
     def start(self) -> None:

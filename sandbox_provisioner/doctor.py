@@ -106,7 +106,8 @@ def run(full: bool = True, parent: Any = None) -> int:
         print(report.line())
     for fact in host_facts():
         print(f"    {fact}")
-    usable = [r for r in reports if r.available and r.started is not False]
+    local = {name for name, cls in runtime_classes().items() if cls.local}
+    usable = [r for r in reports if r.available and r.started is not False and r.name in local]
     if usable:
         print(f"'auto' uses: {usable[0].name}")
         return 0

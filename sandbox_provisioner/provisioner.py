@@ -47,7 +47,15 @@ from traitlets import (
 
 from . import filesystem, pyenv
 from .limits import parse_size
-from .runtimes import AUTO, Sandbox, SandboxRuntime, create_runtime, known_names
+from .runtimes import (
+    AUTO,
+    Sandbox,
+    SandboxRuntime,
+    banner_arguments,
+    create_runtime,
+    known_names,
+    runtime_classes,
+)
 from .spec import NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMode
 
 #: Environment variables a kernel gets from the server's environment by default.
@@ -142,12 +150,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # -- validation: every bad value is an error naming the option -------------------------
     def __init__(self, **kwargs: Any):
         base = {"kernel_id", "kernel_spec", "parent", "config", "log", "connection_info"}
-        unknown = sorted(set(kwargs) - base - set(self.class_trait_names(config=True)))
+        mine = set(self.class_trait_names(config=True))
+        runtime_cls = runtime_classes().get(str(kwargs.get("runtime", "")).strip().lower())
+        theirs = set(runtime_cls.class_trait_names(config=True)) - mine if runtime_cls else set()
+        unknown = sorted(set(kwargs) - base - mine - theirs)
         if unknown:
             raise TraitError(
                 f"unknown sandbox-provisioner option(s) {', '.join(map(repr, unknown))}; "
-                f"known: {', '.join(sorted(self.class_trait_names(config=True)))}"
+                f"known: {', '.join(sorted(mine | theirs))}"
             )
+        #: Options of the runtime itself (e.g. the kubernetes runtime's warm_pool).
+        self._runtime_options = {k: kwargs.pop(k) for k in list(kwargs) if k in theirs}
         super().__init__(**kwargs)
         self._sandbox: Sandbox | None = None
         self._runtime: SandboxRuntime | None = None
@@ -202,7 +215,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     @property
     def runtime_instance(self) -> SandboxRuntime:
         if self._runtime is None:
-            self._runtime = create_runtime(self.runtime, parent=self)
+            self._runtime = create_runtime(self.runtime, parent=self, **self._runtime_options)
         return self._runtime
 
     @property
@@ -232,24 +245,26 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         runtime.require()
         kwargs.pop("transport_encryption", None)
         extra_arguments = kwargs.pop("extra_arguments", [])
-        kdir = self._make_kernel_dir()
         km = self.parent
+        if not runtime.local:
+            # The sandbox's agent picks the ports and both sides derive the key; the
+            # connection file is written once launch_kernel returns them.
+            km.transport = "tcp"
+            cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
+            return await super().pre_launch(cmd=cmd, **kwargs)
+        kdir = self._make_kernel_dir()
         # ZMQ over IPC sockets in the kernel's own directory: nothing listens on the network.
         km.transport = "ipc"
         km.ip = str(kdir / "ipc" / "k")
         km.write_connection_file(jupyter_session=kwargs.get("env", {}).get("JPY_SESSION_NAME", ""))
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
-        return await super().pre_launch(cmd=cmd + self._banner_arguments(cmd, runtime), **kwargs)
-
-    @staticmethod
-    def _banner_arguments(cmd: list[str], runtime: SandboxRuntime) -> list[str]:
-        """For IPython kernels: say in the banner (kernel_info) what sandbox this is."""
-        if not any("ipykernel" in part for part in cmd):
-            return []
-        return [f"--InteractiveShell.banner2=Sandboxed kernel: {runtime.name} (cold start)\n"]
+        banner = banner_arguments(cmd, f"{runtime.name} (cold start)")
+        return await super().pre_launch(cmd=cmd + banner, **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        if not self.runtime_instance.local:
+            return await self._launch_remote(cmd, kwargs.get("env", {}))
         spec = self._sandbox_spec(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
         for path in self._socket_paths():  # a previous run's sockets
             with contextlib.suppress(FileNotFoundError):
@@ -267,6 +282,41 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except BaseException:
             await self._discard_failed_start()
             raise
+        return self.connection_info
+
+    async def _launch_remote(self, cmd: list[str], env: dict[str, str]) -> KernelConnectionInfo:
+        """A kernel in a sandbox elsewhere: restart in the same sandbox when there is one."""
+        spec = SandboxSpec(
+            kernel_id=str(self.kernel_id),
+            argv=cmd,
+            env=self._kernel_env(env, cmd, remote=True),
+            cwd="",
+            mounts=(),
+        )
+        runtime = self.runtime_instance
+        kept = self._sandbox
+        if kept is not None:
+            try:
+                self.log.info("Restarting kernel %s in place", self.kernel_id)
+                await kept.restart_kernel(spec)
+            except Exception as exc:
+                self.log.warning("Kernel %s cannot restart in its sandbox (%s); starting a "
+                                 "new one", self.kernel_id, exc)  # fmt: skip
+                await kept.cleanup()
+                self._sandbox = None
+        if self._sandbox is None:
+            self.log.info("Starting kernel %s in a %s sandbox", self.kernel_id, runtime.name)
+            try:
+                self._sandbox = await asyncio.wait_for(runtime.launch(spec), self.launch_timeout)
+            except TimeoutError:
+                raise SandboxStartError(
+                    f"the {runtime.name} sandbox did not start within "
+                    f"launch_timeout={self.launch_timeout:g}s"
+                ) from None
+        self._exited = False
+        info = self._sandbox.connection_info()
+        assert info is not None
+        self.connection_info = {**info, "kernel_name": self.parent.kernel_name}
         return self.connection_info
 
     def _sandbox_spec(self, cmd: list[str], env: dict[str, str], cwd: str | None) -> SandboxSpec:
@@ -312,8 +362,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             log_path=kdir / "kernel.log",
         )
 
-    def _kernel_env(self, env: dict[str, str], cmd: list[str]) -> dict[str, str]:
-        """The allowlisted part of ``env`` plus the kernelspec's own env; nothing else."""
+    def _kernel_env(
+        self, env: dict[str, str], cmd: list[str], remote: bool = False
+    ) -> dict[str, str]:
+        """The allowlisted part of ``env`` plus the kernelspec's own env; nothing else.
+
+        A remote sandbox keeps its image's PATH and HOME; it only gets the rest."""
         allowed = {
             k: v
             for k, v in env.items()
@@ -321,6 +375,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         }
         spec_env = self.kernel_spec.env if self.kernel_spec else {}
         allowed.update({k: env[k] for k in spec_env if k in env})
+        if remote:
+            return {**allowed, RUNTIME_ENV: self.runtime_instance.name}
         bindir = os.path.dirname(cmd[0]) if os.path.isabs(cmd[0]) else ""
         path = ":".join(p for p in (bindir, "/usr/local/bin", "/usr/bin", "/bin") if p)
         return {
@@ -431,6 +487,11 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def cleanup(self, restart: bool = False) -> None:
         sandbox, self._sandbox = self._sandbox, None
+        if sandbox is not None and restart and sandbox.restarts_in_place:
+            self._sandbox = sandbox  # launch_kernel starts the next kernel in it
+            self._exited = True
+            self._stop_requested = False
+            return
         if sandbox is not None:
             code = await sandbox.poll()
             if code not in (None, 0) and not self._stop_requested:
@@ -439,7 +500,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     self.kernel_id,
                     code,
                     " (memory limit reached)" if getattr(sandbox, "oom_killed", bool)() else "",
-                    self._log_tail(),
+                    await sandbox.output_tail() or self._log_tail(),
                 )
             await sandbox.cleanup()
         self._exited = True
@@ -450,15 +511,25 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # -- persistence, timeouts, paths -------------------------------------------------------
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
+        connection = dict(info.get("connection_info") or {})
+        if isinstance(connection.get("key"), bytes):  # JSON-able, for managers that persist it
+            info["connection_info"] = {**connection, "key": connection["key"].decode()}
         info["sandbox_runtime"] = self.runtime_instance.name
+        info["runtime_options"] = self._runtime_options
         info["sandbox"] = self._sandbox.info() if self._sandbox is not None else None
         info["state_root"] = self.state_root
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
         await super().load_provisioner_info(provisioner_info)
+        if isinstance(self.connection_info.get("key"), str):
+            self.connection_info = {
+                **self.connection_info,
+                "key": self.connection_info["key"].encode(),
+            }
         self.runtime = provisioner_info["sandbox_runtime"]
         self.state_root = provisioner_info["state_root"]
+        self._runtime_options = dict(provisioner_info.get("runtime_options") or {})
         self._runtime = None
         if provisioner_info.get("sandbox"):
             self._sandbox = self.runtime_instance.reattach(provisioner_info["sandbox"])

@@ -11,10 +11,12 @@ the pod's runtimeClassName says so, else bubblewrap):
   volumes die with it;
 * status is written the way the kubelet writes it (phase, conditions,
   containerStatuses, podIP/podIPs, hostIP, startTime), restarts follow
-  restartPolicy;
+  restartPolicy; a tcpSocket readiness probe holds Ready back until its port
+  answers (other probes are ignored);
 * deletion: SIGTERM, the grace period, SIGKILL, then the pod is removed.
 
-Images are not pulled: the command runs on the host's /usr and Python. A
+Images are not pulled: the command runs on the host's /usr and Python, with
+this project's packages (as a kernel image has them installed). A
 container without a command runs ``sleep infinity`` in its place.
 
     python -m testcluster.node_agent --kubeconfig F --root DIR
@@ -36,6 +38,7 @@ from typing import Any
 
 from kubernetes_asyncio import client, watch
 
+import sandbox_provisioner
 from agent_sandbox.kube import NODES, PODS, Kube, is_status, timestamp
 from sandbox_provisioner import filesystem, pyenv
 from sandbox_provisioner.runtimes import Sandbox, create_runtime
@@ -44,6 +47,8 @@ from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 log = logging.getLogger("node-agent")
 NODE = "sandbox-node"
 _FIRST_IP = int(ipaddress.ip_address("127.1.0.1"))
+#: Where this project's packages are: what a kernel image would have installed.
+PACKAGES = Path(sandbox_provisioner.__file__).resolve().parent.parent
 
 
 @dataclass
@@ -55,6 +60,7 @@ class PodRun:
     sandbox: Sandbox | None = None
     restarts: int = 0
     monitor: asyncio.Task | None = None
+    probe: asyncio.Task | None = None
     stopping: bool = False
     started_at: str = field(default_factory=timestamp)
 
@@ -224,20 +230,23 @@ class NodeAgent:
             )
         env = {
             "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "PYTHONPATH": str(PACKAGES),
             "HOME": "/tmp",
             "HOSTNAME": meta["name"],
             "POD_NAME": meta["name"],
             "POD_NAMESPACE": meta["namespace"],
             "POD_IP": run.ip,
         }
-        env.update(
-            {e["name"]: e.get("value", "") for e in container.get("env") or [] if "name" in e}
-        )
+        fields = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
+                  "status.podIP": run.ip, "spec.nodeName": self.node}  # fmt: skip
+        for var in container.get("env") or []:
+            ref = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+            env[var["name"]] = fields.get(ref, "") if ref else var.get("value", "")
         state = self.root / "pods" / meta["uid"] / f"run-{run.restarts}"
         state.mkdir(parents=True, exist_ok=True)
         workdir = container.get("workingDir")
         mounts = filesystem.build_mounts(
-            python_paths=list(pyenv.python_dirs(sys.executable)),
+            python_paths=[*pyenv.python_dirs(sys.executable), str(PACKAGES)],
             workspace=None,
             workspace_writable=True,
             scratch_dir=str(self.root / "pods" / meta["uid"] / "scratch"),
@@ -274,8 +283,27 @@ class NodeAgent:
         except Exception as exc:
             await self._write_status(run, pod, failed=str(exc))
             return
-        await self._write_status(run, pod)
+        await self._report_running(run, pod)
         run.monitor = asyncio.create_task(self._monitor(run, pod))
+
+    async def _report_running(self, run: PodRun, pod: dict[str, Any]) -> None:
+        """Running; Ready at once, or once a tcpSocket readiness probe's port answers."""
+        port = _probe_port(pod["spec"]["containers"][0])
+        await self._write_status(run, pod, ready=port is None)
+        if port is not None:
+            run.probe = asyncio.create_task(self._probe(run, pod, port))
+
+    async def _probe(self, run: PodRun, pod: dict[str, Any], port: int) -> None:
+        # Every 50 ms, not periodSeconds: tests and benchmarks should not wait on the probe.
+        while not run.stopping:
+            try:
+                _, writer = await asyncio.open_connection(run.ip, port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await self._write_status(run, pod, ready=True)
+            return
 
     async def _monitor(self, run: PodRun, pod: dict[str, Any]) -> None:
         policy = pod["spec"].get("restartPolicy", "Always")
@@ -291,7 +319,7 @@ class NodeAgent:
                 if run.stopping:
                     return
                 run.sandbox = await self._launch(pod, run)
-                await self._write_status(run, pod)
+                await self._report_running(run, pod)
                 continue
             await self._write_status(run, pod, exit_code=code or 0)
             return
@@ -308,12 +336,19 @@ class NodeAgent:
             except TimeoutError:
                 await run.sandbox.kill()
         await run.sandbox.cleanup()
-        if run.monitor is not None:
-            run.monitor.cancel()
+        for task in (run.monitor, run.probe):
+            if task is not None:
+                task.cancel()
         shutil.rmtree(self.root / "pods" / uid, ignore_errors=True)
 
     async def _write_status(
-        self, run: PodRun, pod: dict[str, Any], *, exit_code: int | None = None, failed: str = ""
+        self,
+        run: PodRun,
+        pod: dict[str, Any],
+        *,
+        exit_code: int | None = None,
+        failed: str = "",
+        ready: bool = True,
     ) -> None:
         container = pod["spec"]["containers"][0]
         now = timestamp()
@@ -331,7 +366,7 @@ class NodeAgent:
                 }
             }
             phase = "Succeeded" if exit_code == 0 else "Failed"
-        ready = "True" if running else "False"
+        ready_text = "True" if running and ready else "False"
         status = {
             "phase": phase,
             "hostIP": "127.0.0.1",
@@ -341,8 +376,8 @@ class NodeAgent:
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": run.started_at},
                 {"type": "Initialized", "status": "True", "lastTransitionTime": run.started_at},
-                {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
-                {"type": "Ready", "status": ready, "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": ready_text, "lastTransitionTime": now},
+                {"type": "Ready", "status": ready_text, "lastTransitionTime": now},
             ],
             "containerStatuses": [
                 {
@@ -350,7 +385,7 @@ class NodeAgent:
                     "image": container.get("image", ""),
                     "imageID": "",
                     "containerID": f"sandbox://{run.uid}",
-                    "ready": running,
+                    "ready": running and ready,
                     "started": running,
                     "restartCount": run.restarts,
                     "state": state,
@@ -367,6 +402,15 @@ class NodeAgent:
         await asyncio.gather(
             *(self._stop(uid, 0) for uid in list(self.runs)), return_exceptions=True
         )
+
+
+def _probe_port(container: dict[str, Any]) -> int | None:
+    """The port of a tcpSocket readiness probe (a number or a named container port)."""
+    port = ((container.get("readinessProbe") or {}).get("tcpSocket") or {}).get("port")
+    if isinstance(port, str) and not port.isdigit():
+        named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+        port = named.get(port)
+    return int(port) if port is not None else None
 
 
 async def main_async(kubeconfig: str, root: Path) -> None:

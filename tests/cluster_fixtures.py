@@ -108,7 +108,7 @@ def controller_process(cluster: TestCluster, name: str = "controller") -> Proces
     argv = [sys.executable, "-m", "agent_sandbox", "run", "--kubeconfig", str(cluster.kubeconfig),
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
             "--lease-duration", "3", "--lease-renew", "1", "--log-level", "INFO",
-            "--warm-pool-readiness-grace", "4"]  # fmt: skip
+            "--warm-pool-readiness-grace", "20"]  # fmt: skip
     proc = Process(name, argv, cluster.workdir)
     proc.webhook_port, proc.metrics_port = webhook_port, metrics_port  # type: ignore[attr-defined]
     return proc

@@ -230,7 +230,8 @@ def test_claim_expiry_policies(k8s, namespace):
 
 
 def test_never_ready_members_are_replaced(k8s, namespace):
-    """The session's controller runs with --warm-pool-readiness-grace 4."""
+    """The session's controller runs with --warm-pool-readiness-grace 20 (not less: gVisor
+    kernel sandboxes take seconds to become ready)."""
     k8s.create(TEMPLATES, namespace, {
         "metadata": {"name": "broken"},
         "spec": {"podTemplate": {"spec": {"restartPolicy": "Never", "containers": [

@@ -11,7 +11,7 @@ import functools
 from importlib.metadata import entry_points
 from typing import Any
 
-from .base import Availability, RuntimeUnavailable, Sandbox, SandboxRuntime
+from .base import Availability, RuntimeUnavailable, Sandbox, SandboxRuntime, banner_arguments
 
 ENTRY_POINT_GROUP = "sandbox_provisioner.runtimes"
 AUTO = "auto"
@@ -22,6 +22,7 @@ __all__ = [
     "RuntimeUnavailable",
     "Sandbox",
     "SandboxRuntime",
+    "banner_arguments",
     "create_runtime",
     "runtime_classes",
 ]
@@ -48,6 +49,8 @@ def create_runtime(name: str, **kwargs: Any) -> SandboxRuntime:
     if name == AUTO:
         reasons = []
         for cls in classes.values():
+            if not cls.local:
+                continue
             runtime = cls(**kwargs)
             found = runtime.availability()
             if found.available:

@@ -44,8 +44,18 @@ class _Meta(abc.ABCMeta, type(LoggingConfigurable)):  # type: ignore[misc]
     """ABCs and traitlets together, as jupyter_client's provisioner base does."""
 
 
+def banner_arguments(cmd: list[str], label: str) -> list[str]:
+    """For IPython kernels: ipykernel arguments that name the sandbox in the banner."""
+    if not any("ipykernel" in part for part in cmd):
+        return []
+    return [f"--InteractiveShell.banner2=Sandboxed kernel: {label}\n"]
+
+
 class Sandbox(abc.ABC):
     """One running sandbox holding one kernel process."""
+
+    #: True when :meth:`restart_kernel` starts a new kernel in this same sandbox.
+    restarts_in_place: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def poll(self) -> int | None:
@@ -75,6 +85,19 @@ class Sandbox(abc.ABC):
     def info(self) -> dict[str, Any]:
         """JSON-able facts from which :meth:`SandboxRuntime.reattach` rebuilds this handle."""
 
+    async def restart_kernel(self, spec: SandboxSpec) -> None:
+        """Replace the kernel by a new one in this sandbox (only if ``restarts_in_place``)."""
+        raise NotImplementedError
+
+    def connection_info(self) -> dict[str, Any] | None:
+        """Connection info the sandbox chose (remote sandboxes: ip, ports, key); None when
+        the provisioner's own connection file applies."""
+        return None
+
+    async def output_tail(self) -> str | None:
+        """The kernel's last output, where the runtime keeps it elsewhere than the kernel log."""
+        return None
+
     def host_pids(self) -> list[int]:
         """Host process ids of the sandbox's processes, where the runtime can know them."""
         return []
@@ -89,6 +112,10 @@ class SandboxRuntime(LoggingConfigurable, metaclass=_Meta):
     description: ClassVar[str]
     #: Isolation strength; ``auto`` picks the strongest available runtime.
     strength: ClassVar[int]
+    #: Whether sandboxes run on this machine (host mounts, IPC sockets in the kernel's
+    #: directory). Remote ones (a cluster) get everything through their kernel agent and
+    #: give their own connection info; ``auto`` never picks them.
+    local: ClassVar[bool] = True
 
     @abc.abstractmethod
     def availability(self) -> Availability:

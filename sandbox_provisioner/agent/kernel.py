@@ -1,0 +1,189 @@
+"""The kernel process: forked from the agent, with ipykernel already imported.
+
+The agent imports ipykernel (and whatever else it was told to preload) once,
+while it waits for a controller; each kernel start is then a ``fork`` that
+only has to bind its sockets. :func:`run_kernel` is all the child runs: it
+detaches from everything the agent holds (descriptors, signal handlers, the
+event loop, the environment) before any user code can see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+log = logging.getLogger("jupyter-sandbox-agent")
+
+#: What every agent preloads: the kernel itself.
+KERNEL_MODULES = ("ipykernel.kernelapp",)
+#: Objects the child must keep alive: the agent's loop and sockets, whose descriptors it closed.
+_KEEP: list[Any] = []
+
+
+def preload(modules: list[str]) -> list[str]:
+    """Import ``modules`` (the kernel's own always); the names that failed, for the log."""
+    failed = []
+    for name in (*KERNEL_MODULES, *modules):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a missing optional module must not stop the agent
+            if name in KERNEL_MODULES:
+                raise
+            log.warning("preloading %s failed: %s", name, exc)
+            failed.append(name)
+    return failed
+
+
+def learn_kernel_imports(timeout: float = 120.0) -> int:
+    """Import what a starting kernel imports; the number of modules imported.
+
+    ``IPKernelApp.initialize`` imports much more than ``ipykernel.kernelapp``
+    (the shell, the debugger, comms: most of a kernel's start under gVisor).
+    A throwaway child initializes a kernel on loopback ports and reports the
+    modules it loaded; importing them here means every forked kernel has them.
+    Must run before the agent starts any thread (it forks).
+    """
+    import tempfile
+
+    before = set(sys.modules)
+    ready_r, ready_w = os.pipe()
+    state = tempfile.mkdtemp(prefix="jupyter-sandbox-learn-")
+    launch = KernelLaunch(
+        connection_file=os.path.join(state, "kernel.json"),
+        args=[],
+        env=dict(os.environ),
+        cwd=state,
+        log_path=os.path.join(state, "kernel.log"),
+    )
+    ports = {f"{name}_port": 0 for name in ("shell", "iopub", "stdin", "hb", "control")}
+    launch.write_connection_file({"transport": "tcp", "ip": "127.0.0.1", "key": "",
+                                  "signature_scheme": "hmac-sha256", **ports})  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        code = 1
+        try:
+            from ipykernel.kernelapp import IPKernelApp
+
+            with open(launch.log_path, "w") as log_file, contextlib.redirect_stdout(log_file):
+                IPKernelApp.instance().initialize(["-f", launch.connection_file, "--quiet"])
+            new = [m for m in sys.modules if m not in before]
+            os.write(ready_w, json.dumps(new).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(ready_r, 65536):
+            data += chunk
+    os.close(ready_r)
+    os.waitpid(pid, 0)
+    import shutil
+
+    shutil.rmtree(state, ignore_errors=True)
+    try:
+        names = json.loads(data or b"[]")
+    except ValueError:
+        names = []
+    imported = 0
+    for name in names:
+        try:
+            importlib.import_module(name)
+            imported += 1
+        except Exception:  # modules made at run time, or that only import in a kernel
+            pass
+    return imported
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel start: where its connection file is and what it gets."""
+
+    connection_file: str
+    args: list[str]
+    env: dict[str, str]
+    cwd: str
+    log_path: str
+
+    def write_connection_file(self, info: dict[str, Any]) -> None:
+        fd = os.open(self.connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(info, out)
+
+
+def fork_kernel(launch: KernelLaunch) -> tuple[int, int]:
+    """Fork the kernel; (pid, read end of a pipe that gets b"R" once its sockets are bound)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
+    log_fd = os.open(launch.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    pid = os.fork()
+    if pid == 0:
+        _child(launch, ready_w, log_fd)
+    os.close(ready_w)
+    os.close(log_fd)
+    return pid, ready_r
+
+
+def _child(launch: KernelLaunch, ready_w: int, log_fd: int) -> NoReturn:
+    code = 1
+    try:
+        os.setsid()  # own process group: signals reach the kernel and its children only
+        _detach(ready_w, log_fd)
+        os.environ.clear()
+        os.environ.update(launch.env)
+        os.chdir(launch.cwd)
+        from ipykernel.kernelapp import IPKernelApp
+
+        argv = ["-f", launch.connection_file, *launch.args]
+        sys.argv = [sys.executable, *argv]
+        app = IPKernelApp.instance()
+        app.initialize(argv)
+        os.write(ready_w, b"R")
+        os.close(ready_w)
+        app.start()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _detach(ready_w: int, log_fd: int) -> None:
+    """Leave the agent behind: its descriptors, signal handlers and event loop."""
+    loop = asyncio.get_event_loop_policy().get_event_loop()
+    _KEEP.append(loop)  # never collected: its descriptors are closed below
+    gc.freeze()
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    asyncio.events._set_running_loop(None)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    # Nothing of the agent's (its listening socket, controller connections) reaches user code.
+    keep = sorted({0, 1, 2, ready_w})
+    for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
+        os.closerange(low + 1, high)
+    asyncio.set_event_loop(asyncio.new_event_loop())
