@@ -4,10 +4,14 @@ One run measures every mode, round-robin (so machine noise hits all alike), afte
 one warm-up each, and prints each mode's median and its ratio to jupyter_client's
 own local-provisioner (a plain, unsandboxed ipykernel):
 
-    .venv/bin/python benchmarks/kernel_startup.py [--runs 7] [--modes local,bubblewrap,gvisor]
+    .venv/bin/python benchmarks/kernel_startup.py [--runs 7] [--modes local,bubblewrap,...]
 
-The clock starts just before ``start_kernel`` and stops at the first execute_reply,
-as a notebook user waits: start, connect, kernel_info until ready, execute.
+Modes: ``local``; each local runtime started cold (``bubblewrap``, ``gvisor``);
+``<runtime>-pooled`` for runtimes with a local warm pool (one member, refilled
+between runs: the steady state of a pool sized for its load). The clock starts
+just before ``start_kernel`` and stops at the first execute_reply, as a notebook
+user waits: start, connect, kernel_info until ready, execute. Also printed: the
+memory an idle pooled sandbox holds (RSS summed over its processes).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
+from sandbox_provisioner import pool
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
 from sandbox_provisioner.runtimes import runtime_classes
 
@@ -66,21 +72,52 @@ async def time_to_first_reply(km: AsyncKernelManager, cwd: str | None = None) ->
         await km.shutdown_kernel(now=True)
 
 
+POOLED = "-pooled"
+
+
 async def launch_to_first_reply(mode: str, cwd: str) -> float:
-    return await time_to_first_reply(kernel_manager(mode), cwd)
+    if not mode.endswith(POOLED):
+        return await time_to_first_reply(kernel_manager(mode), cwd)
+    runtime = mode.removesuffix(POOLED)
+    specs = RuntimeKernelSpecManager()
+    specs.overrides = {f"sandboxed-{runtime}": {"pool_size": 1, "pool_root": cwd}}
+    for member_pool in pool._POOLS.values():  # a warm member, as a pool at rest has one
+        while member_pool.ready < member_pool.size:
+            await asyncio.sleep(0.05)
+    return await time_to_first_reply(kernel_manager(runtime, specs), cwd)
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def default_modes() -> list[str]:
+    local = [cls for cls in reversed(runtime_classes().values()) if cls.local]
+    return [LOCAL, *(c.name for c in local), *(c.name + POOLED for c in local if c.pooling)]
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="measured runs per mode (>= 5)")
-    parser.add_argument("--modes", default=",".join([LOCAL, *reversed(runtime_classes())]))
+    parser.add_argument("--modes", default=",".join(default_modes()))
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    modes = args.modes.split(",")
-    for mode in modes:
-        if mode != LOCAL and not runtime_classes()[mode]().availability().available:
+    modes = []
+    for mode in args.modes.split(","):
+        runtime = mode.removesuffix(POOLED)
+        if mode != LOCAL and not runtime_classes()[runtime]().availability().available:
             print(f"{mode}: unavailable here, left out")
-            modes.remove(mode)
+        else:
+            modes.append(mode)
     samples: dict[str, list[float]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as cwd:
         for mode in modes:  # warm-up: caches, first imports
@@ -88,15 +125,20 @@ async def main() -> int:
         for _ in range(args.runs):
             for mode in modes:
                 samples[mode].append(await launch_to_first_reply(mode, cwd))
+        idle = {p.runtime.name: rss_bytes(p._ready[0].host_pids())
+                for p in pool._POOLS.values() if p.ready}  # fmt: skip
+        await pool.close_pools()
     base = statistics.median(samples[LOCAL]) if LOCAL in samples else None
     print(f"launch -> first execute_reply, {args.runs} runs per mode after 1 warm-up (seconds)")
-    print(f"{'mode':<12}{'median':>9}{'min':>9}{'max':>9}{'ratio':>9}")
+    print(f"{'mode':<20}{'median':>9}{'min':>9}{'max':>9}{'ratio':>9}")
     results = {}
     for mode, values in samples.items():
         median = statistics.median(values)
         ratio = median / base if base else float("nan")
         results[mode] = {"median": median, "min": min(values), "max": max(values), "ratio": ratio}
-        print(f"{mode:<12}{median:9.3f}{min(values):9.3f}{max(values):9.3f}{ratio:8.2f}x")
+        print(f"{mode:<20}{median:9.3f}{min(values):9.3f}{max(values):9.3f}{ratio:8.2f}x")
+    for runtime, rss in idle.items():
+        print(f"an idle pooled {runtime} sandbox holds {rss / 2**20:.0f} MiB (RSS, all processes)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

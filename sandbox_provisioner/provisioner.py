@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import json
 import os
 import shutil
 import stat
@@ -45,7 +46,8 @@ from traitlets import (
     validate,
 )
 
-from . import filesystem, pyenv
+from . import filesystem, pool, pyenv
+from .agent.client import AgentError
 from .limits import parse_size
 from .runtimes import (
     AUTO,
@@ -56,7 +58,7 @@ from .runtimes import (
     known_names,
     runtime_classes,
 )
-from .spec import NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMode
+from .spec import Mount, NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMode
 
 #: Environment variables a kernel gets from the server's environment by default.
 DEFAULT_ENV_ALLOWLIST = ("LANG", "LANGUAGE", "LC_*", "TZ", "JPY_SESSION_NAME")
@@ -65,6 +67,14 @@ DEFAULT_ENV_ALLOWLIST = ("LANG", "LANGUAGE", "LC_*", "TZ", "JPY_SESSION_NAME")
 RUNTIME_ENV = "JUPYTER_SANDBOX_RUNTIME"
 
 _LOG_TAIL = 2000
+#: Runtimes whose kernels were told once that they do not pool.
+_NO_POOL_WARNED: set[str] = set()
+
+
+def _normalized(cmd: list[str]) -> list[str]:
+    """``cmd`` with an absolute interpreter path normalized: ".." through a directory the
+    sandbox lacks cannot resolve."""
+    return [os.path.normpath(cmd[0]), *cmd[1:]] if os.path.isabs(cmd[0]) else cmd
 
 
 class SandboxStartError(RuntimeError):
@@ -137,6 +147,22 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="Seconds to wait for the sandboxed kernel to open its sockets before giving up.",
     )
+    pool_size = Int(
+        0,
+        config=True,
+        help="Sandboxes of this kernelspec kept started ahead, with ipykernel imported, so a "
+        "kernel starts warm (runtimes that can bind a workspace late: bubblewrap). 0 = none.",
+    )
+    pool_preload = List(
+        Unicode(),
+        config=True,
+        help="More modules pooled sandboxes import ahead (e.g. 'numpy', 'pandas').",
+    )
+    pool_root = Unicode(
+        config=True,
+        help="Pooled sandboxes can serve workspaces under this directory (default: the "
+        "server's root directory, else the current one); others start cold.",
+    )
     state_root = Unicode(
         config=True,
         help="Host directory holding each kernel's private directory (sockets, logs). "
@@ -195,6 +221,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                              f"invalid {name} {value!r}: must be >= 0")  # fmt: skip
         return value
 
+    @validate("pool_size")
+    def _check_pool_size(self, proposal: Any) -> int:
+        if proposal["value"] < 0:
+            raise TraitError(f"invalid pool_size {proposal['value']!r}: must be >= 0")
+        return proposal["value"]
+
     @validate("pids_limit")
     def _check_pids(self, proposal: Any) -> int:
         value = proposal["value"]
@@ -246,6 +278,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs.pop("transport_encryption", None)
         extra_arguments = kwargs.pop("extra_arguments", [])
         km = self.parent
+        if self._sandbox is not None:  # a restart in place: the kernel keeps its endpoint
+            cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
+            return await super().pre_launch(cmd=cmd, **kwargs)
         if not runtime.local:
             # The sandbox's agent picks the ports and both sides derive the key; the
             # connection file is written once launch_kernel returns them.
@@ -265,6 +300,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         if not self.runtime_instance.local:
             return await self._launch_remote(cmd, kwargs.get("env", {}))
+        if self._sandbox is not None:  # a pooled sandbox kept for a restart in place
+            return await self._restart_pooled(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
+        if self._poolable(kwargs.get("cwd")):
+            try:
+                return await self._launch_pooled(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
+            except pool.PoolFailing as exc:
+                self.log.warning("%s; kernel %s starts cold", exc, self.kernel_id)
         spec = self._sandbox_spec(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
         for path in self._socket_paths():  # a previous run's sockets
             with contextlib.suppress(FileNotFoundError):
@@ -314,6 +356,129 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     f"launch_timeout={self.launch_timeout:g}s"
                 ) from None
         self._exited = False
+        return self._agent_connection()
+
+    # -- pooled sandboxes (pool.py) ---------------------------------------------------------
+    def _pool_root(self) -> str:
+        root = self.pool_root or getattr(getattr(self.parent, "parent", None), "root_dir", None)
+        return os.path.realpath(root or os.getcwd())
+
+    def _poolable(self, cwd: str | None) -> bool:
+        if not self.pool_size:
+            return False
+        name = self.runtime_instance.name
+        if not self.runtime_instance.pooling:
+            if name not in _NO_POOL_WARNED:
+                _NO_POOL_WARNED.add(name)
+                self.log.warning("pool_size is ignored for %s sandboxes: they cannot take "
+                                 "a workspace after they start", name)  # fmt: skip
+            return False
+        workspace = self._workspace(cwd)[0]
+        return workspace is None or pyenv.is_within(workspace, self._pool_root())
+
+    def _pool(self, cmd: list[str], env: dict[str, str]) -> pool.LocalPool:
+        """This configuration's pool (members are interchangeable when all this matches)."""
+        cmd = _normalized(cmd)
+        kernel_env = self._kernel_env(env, cmd)
+        root = self._pool_root()
+        config = {name: getattr(self, name) for name in self.trait_names(config=True)
+                  if name not in ("launch_timeout", "workspace")}  # fmt: skip
+        key = json.dumps([self.runtime_instance.name, cmd[0], kernel_env, config, root],
+                         sort_keys=True, default=str)  # fmt: skip
+
+        python_paths = pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))
+        package_root = pyenv.own_package_root(python_paths)
+
+        def member_spec(slot: Path, controller_key: str) -> SandboxSpec:
+            extra = [filesystem.ExtraMount(root, pool.STAGE_TARGET, True)]
+            start = ["-m", "sandbox_provisioner.agent"]
+            if package_root:  # a development checkout: the agent imports the package from it
+                package = os.path.join(package_root, "sandbox_provisioner")
+                extra.append(filesystem.ExtraMount(package, package, False))
+                code = (
+                    f"import sys, runpy; sys.path.insert(0, {package_root!r}); "
+                    "runpy.run_module('sandbox_provisioner.agent', run_name='__main__')"
+                )
+                start = ["-c", code]
+            argv = [cmd[0], *start, "serve",
+                    "--unix", str(slot / pool.AGENT_SOCKET), "--stage", pool.STAGE_TARGET,
+                    "--confine", "--workdir", filesystem.SCRATCH_TARGET,
+                    "--preload", ",".join(self.pool_preload)]  # fmt: skip
+            (slot / "scratch").mkdir(exist_ok=True)
+            return SandboxSpec(
+                kernel_id=f"pool-{slot.name}",
+                argv=argv,
+                env={**kernel_env, pool.CONTROLLER_KEYS_ENV: controller_key},
+                cwd=filesystem.SCRATCH_TARGET,
+                mounts=self._mounts(
+                    cmd, kernel_env, None, True, slot / "scratch", slot, 0, extra=tuple(extra)
+                ),
+                network=NetworkMode(self.network),
+                limits=self._limits(),
+                state_dir=slot,
+                log_path=slot / "agent.log",
+                agent=True,
+            )
+
+        def make() -> pool.LocalPool:
+            return pool.LocalPool(
+                self.runtime_instance, member_spec, size=self.pool_size,
+                state_dir=Path(self.state_root) / "pool", log=self.log,
+            )  # fmt: skip
+
+        self._make_kernel_dir()  # state_root exists, with the right owner and mode
+        return pool.pool_for(key, make)
+
+    async def _launch_pooled(
+        self, cmd: list[str], env: dict[str, str], cwd: str | None
+    ) -> KernelConnectionInfo:
+        cmd = _normalized(cmd)
+        member_pool = self._pool(cmd, env)
+        member = await member_pool.take(self.launch_timeout)
+        kernel_env = self._kernel_env(env, cmd)
+        workspace, writable, kernel_cwd = self._workspace(cwd)
+        self._workspace_host = workspace
+        scratch = member.slot / "scratch" if workspace is None else None
+        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot, 0)
+        base = self._mounts(cmd, kernel_env, None, True, member.slot / "scratch", member.slot, 0)
+        plan = pool.stage_plan(list(mounts), list(base), self._pool_root())
+        assert plan is not None, "_poolable checked that the workspace is on the stage"
+        member.plan = plan
+        self.log.info("Starting kernel %s in a pooled %s sandbox (%s, workspace %s)",
+                      self.kernel_id, self.runtime_instance.name,
+                      "warm" if member.warm else "waited for", workspace or "scratch")  # fmt: skip
+        self._sandbox, self._exited = member, False
+        try:
+            await member.start_kernel(self._agent_spec(cmd, kernel_env, kernel_cwd))
+        except AgentError as exc:
+            await self._discard_failed_start()
+            raise SandboxStartError(
+                f"the sandboxed kernel ({member.describe()}) did not start: {exc}. "
+                f"Its output:\n{exc.log.strip() or '(no output)'}"
+            ) from None
+        except BaseException:
+            await self._discard_failed_start()
+            raise
+        return self._agent_connection()
+
+    async def _restart_pooled(
+        self, cmd: list[str], env: dict[str, str], cwd: str | None
+    ) -> KernelConnectionInfo:
+        assert self._sandbox is not None
+        cmd = _normalized(cmd)
+        kernel_cwd = self._workspace(cwd)[2]
+        self.log.info("Restarting kernel %s in place", self.kernel_id)
+        await self._sandbox.restart_kernel(self._agent_spec(cmd, self._kernel_env(env, cmd),
+                                                            kernel_cwd))  # fmt: skip
+        self._exited = False
+        return self._agent_connection()
+
+    def _agent_spec(self, cmd: list[str], kernel_env: dict[str, str], cwd: str) -> SandboxSpec:
+        return SandboxSpec(kernel_id=str(self.kernel_id), argv=cmd, env=kernel_env, cwd=cwd,
+                           mounts=())  # fmt: skip
+
+    def _agent_connection(self) -> KernelConnectionInfo:
+        assert self._sandbox is not None
         info = self._sandbox.connection_info()
         assert info is not None
         self.connection_info = {**info, "kernel_name": self.parent.kernel_name}
@@ -321,8 +486,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     def _sandbox_spec(self, cmd: list[str], env: dict[str, str], cwd: str | None) -> SandboxSpec:
         kdir = self.kernel_dir
-        if os.path.isabs(cmd[0]):  # ".." through a directory the sandbox lacks cannot resolve
-            cmd = [os.path.normpath(cmd[0]), *cmd[1:]]
+        cmd = _normalized(cmd)
         kernel_env = self._kernel_env(env, cmd)
         workspace, writable, kernel_cwd = self._workspace(cwd)
         scratch = None
@@ -330,22 +494,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             scratch = kdir / "scratch"
             scratch.mkdir(exist_ok=True)
         self._workspace_host = workspace
-        hidden = (*self.hidden_paths, jupyter_runtime_dir(), jupyter_data_dir(),
-                  jupyter_config_dir())  # fmt: skip
         uid = 65534 if self.runtime_instance.name == "bubblewrap" else 0
-        mounts = filesystem.build_mounts(
-            python_paths=list(pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))),
-            workspace=workspace,
-            workspace_writable=writable,
-            scratch_dir=str(scratch) if scratch else None,
-            ipc_dir=str(kdir / "ipc"),
-            connection_file=self.parent.connection_file,
-            etc_mounts=filesystem.synthetic_etc(kdir / "etc", "sandbox", uid, uid),
-            extra=[filesystem.ExtraMount.parse(m) for m in self.extra_mounts],
-            etc_allowlist=tuple(self.etc_allowlist),
-            hidden_paths=hidden,
-            workspace_readonly=tuple(self.workspace_readonly),
-        )
+        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, uid,
+                              connection_file=self.parent.connection_file)  # fmt: skip
         return SandboxSpec(
             kernel_id=str(self.kernel_id),
             argv=cmd,
@@ -353,13 +504,45 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             cwd=kernel_cwd,
             mounts=mounts,
             network=NetworkMode(self.network),
-            limits=ResourceLimits(
-                memory_bytes=parse_size(self.memory_limit, "memory_limit"),
-                cpus=self.cpu_limit or None,
-                pids=self.pids_limit or None,
-            ),
+            limits=self._limits(),
             state_dir=kdir,
             log_path=kdir / "kernel.log",
+        )
+
+    def _mounts(
+        self,
+        cmd: list[str],
+        kernel_env: dict[str, str],
+        workspace: str | None,
+        writable: bool,
+        scratch: Path | None,
+        state_dir: Path,
+        uid: int,
+        connection_file: str | None = None,
+        extra: tuple[filesystem.ExtraMount, ...] = (),
+    ) -> tuple[Mount, ...]:
+        """The sandbox's filesystem; ``state_dir`` holds its ipc/ and etc/ directories."""
+        hidden = (*self.hidden_paths, jupyter_runtime_dir(), jupyter_data_dir(),
+                  jupyter_config_dir())  # fmt: skip
+        return filesystem.build_mounts(
+            python_paths=list(pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))),
+            workspace=workspace,
+            workspace_writable=writable,
+            scratch_dir=str(scratch) if scratch else None,
+            ipc_dir=str(state_dir / "ipc"),
+            connection_file=connection_file,
+            etc_mounts=filesystem.synthetic_etc(state_dir / "etc", "sandbox", uid, uid),
+            extra=[*(filesystem.ExtraMount.parse(m) for m in self.extra_mounts), *extra],
+            etc_allowlist=tuple(self.etc_allowlist),
+            hidden_paths=hidden,
+            workspace_readonly=tuple(self.workspace_readonly),
+        )
+
+    def _limits(self) -> ResourceLimits:
+        return ResourceLimits(
+            memory_bytes=parse_size(self.memory_limit, "memory_limit"),
+            cpus=self.cpu_limit or None,
+            pids=self.pids_limit or None,
         )
 
     def _kernel_env(
@@ -531,8 +714,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.state_root = provisioner_info["state_root"]
         self._runtime_options = dict(provisioner_info.get("runtime_options") or {})
         self._runtime = None
-        if provisioner_info.get("sandbox"):
-            self._sandbox = self.runtime_instance.reattach(provisioner_info["sandbox"])
+        found = provisioner_info.get("sandbox")
+        if found and found.get("pooled"):
+            self._sandbox = pool.PoolMember.reattach(self.runtime_instance, found, self.log)
+            self._exited = False
+        elif found:
+            self._sandbox = self.runtime_instance.reattach(found)
             self._exited = False
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:

@@ -74,3 +74,10 @@ def minimal_cover(paths: list[str]) -> list[str]:
 
 def is_within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def own_package_root(python_paths: tuple[str, ...] | list[str]) -> str | None:
+    """The directory holding this package when ``python_paths`` do not cover it (a
+    development checkout): a pooled sandbox's agent imports it from there."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    return None if any(is_within(root, p) for p in python_paths) else root

@@ -15,6 +15,7 @@ import functools
 import os
 import socket
 import tempfile
+from typing import Any
 
 import pyseccomp as seccomp
 
@@ -47,9 +48,8 @@ _TIOCSTI = 0x5412
 _TIOCLINUX = 0x541C
 
 
-@functools.lru_cache(maxsize=1)
-def filter_bpf() -> bytes:
-    """The compiled BPF program, as bubblewrap's ``--seccomp FD`` reads it."""
+def build_filter() -> Any:
+    """The filter as a libseccomp object (``.load()`` applies it to the calling process)."""
     f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     deny = seccomp.ERRNO(errno.EPERM)
     for name in DENIED_SYSCALLS:
@@ -68,8 +68,14 @@ def filter_bpf() -> bytes:
         if family not in _ALLOWED_FAMILIES:
             f.add_rule(no_family, "socket", seccomp.Arg(0, seccomp.EQ, family))
     f.add_rule(no_family, "socket", seccomp.Arg(0, seccomp.GE, _AF_MAX))
+    return f
+
+
+@functools.lru_cache(maxsize=1)
+def filter_bpf() -> bytes:
+    """The compiled BPF program, as bubblewrap's ``--seccomp FD`` reads it."""
     with tempfile.TemporaryFile() as out:
-        f.export_bpf(out)
+        build_filter().export_bpf(out)
         out.seek(0)
         return out.read()
 

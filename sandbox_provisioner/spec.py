@@ -97,3 +97,8 @@ class SandboxSpec:
     log_path: Path = Path()
     #: The hostname the kernel sees.
     hostname: str = "sandbox"
+    #: The main process is the kernel agent of a pooled sandbox, started before its kernel
+    #: is known: it keeps CAP_SYS_ADMIN inside the sandbox (never outside) to bind the
+    #: kernel's workspace when one is assigned, and each kernel it forks drops every
+    #: capability and loads the seccomp filter before running anything.
+    agent: bool = False

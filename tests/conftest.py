@@ -20,14 +20,23 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from traitlets.config import Config
 
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
+from sandbox_provisioner.pool import close_pools
 from sandbox_provisioner.runtimes import runtime_classes
 
 pytest_plugins = ["cluster_fixtures"]
 
-RUNTIMES = ["bubblewrap", "gvisor"]
+#: Runtimes the kernel suites run under; "-pooled" takes kernels from a local warm pool.
+RUNTIMES = ["bubblewrap", "gvisor", "bubblewrap-pooled"]
+POOLED = "-pooled"
+
+
+def runtime_name(param: str) -> str:
+    """The runtime of a RUNTIMES entry ("bubblewrap-pooled" -> "bubblewrap")."""
+    return param.removesuffix(POOLED)
 
 
 def require_runtime(name: str) -> None:
+    name = runtime_name(name)
     found = runtime_classes()[name]().availability()
     if found.available:
         return
@@ -39,6 +48,13 @@ def require_runtime(name: str) -> None:
 
 @pytest.fixture(params=RUNTIMES)
 def runtime(request: pytest.FixtureRequest) -> str:
+    require_runtime(request.param)
+    return request.param
+
+
+@pytest.fixture(params=[r for r in RUNTIMES if not r.endswith(POOLED)])
+def cold_runtime(request: pytest.FixtureRequest) -> str:
+    """Each runtime, started cold only (tests that build their own kernel managers)."""
     require_runtime(request.param)
     return request.param
 
@@ -131,6 +147,9 @@ async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
     async def start(runtime: str, *, cwd: Path | None = None, autorestart: bool = False,
                     app_config: Config | None = None, **config: Any) -> Kernel:  # fmt: skip
         """``config`` goes to the kernelspec; ``app_config`` is server-wide traitlets config."""
+        if runtime.endswith(POOLED):
+            runtime = runtime_name(runtime)
+            config = {"pool_size": 1, "pool_root": str(notebook_dir.parent.parent), **config}
         ksm = RuntimeKernelSpecManager()
         ksm.overrides = {f"sandboxed-{runtime}": config}
         km = AsyncIOLoopKernelManager(
@@ -151,6 +170,7 @@ async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
             await kernel.stop()
         except Exception as exc:  # a test that already shut it down
             print(f"cleanup: {exc}")
+    await close_pools()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10, step: float = 0.05) -> bool:
@@ -174,4 +194,5 @@ async def async_wait_until(predicate: Callable[[], Any], timeout: float = 10) ->
     return False
 
 
-__all__ = ["RUNTIMES", "Kernel", "Result", "async_wait_until", "queue", "require_runtime"]
+__all__ = ["RUNTIMES", "Kernel", "Result", "async_wait_until", "queue", "require_runtime",
+           "runtime_name"]  # fmt: skip

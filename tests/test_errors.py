@@ -105,7 +105,8 @@ class _FailingSpecs(RuntimeKernelSpecManager):
         return spec
 
 
-async def test_kernel_dying_at_start_reports_its_output(runtime, tmp_path):
+async def test_kernel_dying_at_start_reports_its_output(cold_runtime, tmp_path):
+    runtime = cold_runtime
     before = state_dirs()
     km = AsyncKernelManager(kernel_name=f"failing-{runtime}", kernel_spec_manager=_FailingSpecs())
     with pytest.raises(SandboxStartError) as error:
@@ -115,7 +116,8 @@ async def test_kernel_dying_at_start_reports_its_output(runtime, tmp_path):
     assert state_dirs() == before
 
 
-async def test_filesystem_root_is_refused_as_workspace(runtime):
+async def test_filesystem_root_is_refused_as_workspace(cold_runtime):
+    runtime = cold_runtime
     km = manager(runtime)
     with pytest.raises(SandboxStartError, match="whole filesystem"):
         await km.start_kernel(cwd="/")

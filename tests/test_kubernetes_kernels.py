@@ -178,16 +178,16 @@ async def test_impostors_are_refused(k8s, namespace, pool, start_kernel, tmp_pat
     ip = member["status"]["podIPs"][0]
     stranger = load_or_create_signing_key(tmp_path / "stranger.pem")
     with pytest.raises(Refused, match="not signed by a controller key"):
-        await _retry_refused(lambda: AgentClient.claim(ip, 8900, stranger))
+        await _retry_refused(lambda: AgentClient.claim((ip, 8900), stranger))
 
     kernel = await start(start_kernel, pool)
     sandbox = kernel.provisioner()._sandbox
     own_key = load_or_create_signing_key(pool["controller_key_file"])
     # Even the right key cannot take a claimed sandbox over, nor can a made-up session.
     with pytest.raises(Refused, match="already claimed"):
-        await AgentClient.claim(sandbox.ip, 8900, own_key)
+        await AgentClient.claim((sandbox.ip, 8900), own_key)
     with pytest.raises(Refused, match="not this sandbox's controller"):
-        await AgentClient.resume(sandbox.ip, 8900, b"\0" * 32)
+        await AgentClient.resume((sandbox.ip, 8900), b"\0" * 32)
     # Garbage and forged frames are dropped; the kernel is untouched.
     reader, writer = await asyncio.open_connection(sandbox.ip, 8900)
     await reader.readline()
@@ -195,7 +195,7 @@ async def test_impostors_are_refused(k8s, namespace, pool, start_kernel, tmp_pat
     await writer.drain()
     assert b"refused" in await reader.readline()
     writer.close()
-    client = await AgentClient.resume(sandbox.ip, 8900, sandbox.session)
+    client = await AgentClient.resume((sandbox.ip, 8900), sandbox.session)
     client._channel._key = b"\1" * 32  # frames MACed with the wrong key
     with pytest.raises((ProtocolError, ConnectionError)):
         await client.request("signal", signum=int(signal.SIGKILL))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from conftest import async_wait_until
+from conftest import POOLED, async_wait_until, runtime_name
 
 from sandbox_provisioner.limits import CGROUP_PARENT, CGROUP_ROOT
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
@@ -21,13 +21,17 @@ async def test_execute_in_notebook_dir(runtime, start_kernel, notebook_dir: Path
     result = await kernel.run("import os; print(os.getcwd(), 6 * 7)")
     assert result.ok, result
     assert result.stdout.split() == [str(notebook_dir), "42"]
-    assert await kernel.value("os.environ['JUPYTER_SANDBOX_RUNTIME']") == runtime
+    assert await kernel.value("os.environ['JUPYTER_SANDBOX_RUNTIME']") == runtime_name(runtime)
 
 
 async def test_banner_names_the_sandbox(runtime, start_kernel):
     kernel = await start_kernel(runtime)
     reply = await kernel.kc.kernel_info(reply=True, timeout=30)
-    assert f"Sandboxed kernel: {runtime} (cold start)" in reply["content"]["banner"]
+    if runtime.endswith(POOLED):  # the pool was just made: the first kernel waited for it
+        expected = f"Sandboxed kernel: {runtime_name(runtime)}, pooled ("
+    else:
+        expected = f"Sandboxed kernel: {runtime} (cold start)"
+    assert expected in reply["content"]["banner"]
 
 
 async def test_interrupt_reaches_kernel(runtime, start_kernel):
@@ -44,15 +48,24 @@ async def test_interrupt_reaches_kernel(runtime, start_kernel):
 async def test_restart_gives_fresh_kernel(runtime, start_kernel, notebook_dir: Path):
     kernel = await start_kernel(runtime)
     assert (await kernel.run("x = 41")).ok
+    assert (await kernel.run("import subprocess; p = subprocess.Popen(['sleep', '600'])")).ok
     old_pids = {p: process_start_time(p) for p in kernel.provisioner()._sandbox.host_pids()}
     await kernel.km.restart_kernel()
     await kernel.ready()
     result = await kernel.run("print(x)")
     assert result.error.get("ename") == "NameError"
     assert (await kernel.run("x = 1; print(x + 1)")).stdout.strip() == "2"
-    # Restart keeps the kernel's directory and connection file, not the old sandbox.
+    # Restart keeps the kernel's directory and connection file, not the old kernel.
     assert kernel.provisioner().kernel_dir.is_dir()
-    assert await async_wait_until(lambda: not _alive(old_pids), timeout=10)
+    if runtime.endswith(POOLED):
+        # In place: the sandbox (bwrap, its init, the agent) stays; the old kernel and its
+        # child do not.
+        sandbox = set(kernel.provisioner()._sandbox.host_pids())
+        old_kernel = {p: t for p, t in old_pids.items() if p not in sandbox}
+        assert len(old_kernel) >= 2, (old_pids, sandbox)
+        assert await async_wait_until(lambda: not _alive(old_kernel), timeout=10)
+    else:
+        assert await async_wait_until(lambda: not _alive(old_pids), timeout=10)
 
 
 async def test_shutdown_leaves_nothing(runtime, start_kernel):
@@ -94,7 +107,8 @@ async def test_reconnect_from_provisioner_info(runtime, start_kernel):
     info = await kernel.provisioner().get_provisioner_info()
     # What this provisioner adds is JSON (jupyter_client's connection_info holds a bytes key).
     info = {**info, "sandbox": json.loads(json.dumps(info["sandbox"]))}
-    assert info["sandbox_runtime"] == runtime and info["sandbox"]["pid"]
+    assert info["sandbox_runtime"] == runtime_name(runtime)
+    assert (info["sandbox"].get("sandbox") or info["sandbox"])["pid"]
 
     other = SandboxProvisioner(kernel_id=info["kernel_id"], kernel_spec=kernel.km.kernel_spec)
     await other.load_provisioner_info(info)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import POOLED, runtime_name
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
+from sandbox_provisioner.pool import close_pools
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "notebooks"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
@@ -30,13 +32,20 @@ async def test_example_notebook_runs_sandboxed(runtime: str, path: Path, tmp_pat
     workdir.mkdir()
     shutil.copy(path, workdir)
     nb = nbformat.read(path, as_version=4)
-    km = AsyncKernelManager(
-        kernel_name=f"sandboxed-{runtime}", kernel_spec_manager=RuntimeKernelSpecManager()
-    )
+    ksm = RuntimeKernelSpecManager()
+    if runtime.endswith(POOLED):
+        ksm.overrides = {
+            f"sandboxed-{runtime_name(runtime)}": {"pool_size": 1, "pool_root": str(tmp_path)}
+        }
+    km = AsyncKernelManager(kernel_name=f"sandboxed-{runtime_name(runtime)}",
+                            kernel_spec_manager=ksm)  # fmt: skip
     client = NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(workdir)}})
-    await client.async_execute()  # raises CellExecutionError on any error output
+    try:
+        await client.async_execute()  # raises CellExecutionError on any error output
+    finally:
+        await close_pools()
 
-    assert f"sandbox runtime: {runtime}" in stdout(nb) or path.stem != "data-analysis"
+    assert f"sandbox runtime: {runtime_name(runtime)}" in stdout(nb) or path.stem != "data-analysis"
     if path.stem == "data-analysis":
         assert any("image/png" in o["data"] for o in outputs(nb, "display_data"))
         assert any("text/html" in o["data"] for o in outputs(nb, "execute_result"))

@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get(CONTROLLER_KEYS_ENV, ""),
         help=f"pinned controller keys (default ${CONTROLLER_KEYS_ENV})",
     )
+    serve_p.add_argument("--unix", help="listen on this Unix socket instead (local pools)")
+    serve_p.add_argument("--stage", help="directory the workspaces are bound from (local pools)")
+    serve_p.add_argument(
+        "--confine",
+        action="store_true",
+        help="pooled local sandbox: bind the workspace, kernels drop privileges",
+    )
     serve_p.add_argument("--preload", default="", help="modules to import ahead (comma-separated)")
     serve_p.add_argument("--workdir", default=os.getcwd(), help="the kernel's directory")
     key_p = sub.add_parser("public-key", help="print a controller key's public half")
@@ -64,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     if threading.active_count() > 1:  # the agent forks kernels: threads would not follow
         log.warning("a preloaded module started a thread: forked kernels may hang")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, keys, workdir=args.workdir))
+        asyncio.run(serve(args.host, args.port, keys, workdir=args.workdir, unix=args.unix,
+                          stage=args.stage, confine=args.confine))  # fmt: skip
 
 
 if __name__ == "__main__":

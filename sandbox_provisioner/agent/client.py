@@ -22,6 +22,9 @@ from .protocol import (
     write_frame,
 )
 
+#: Where an agent listens: (host, port), or a Unix socket's path.
+Address = tuple[str, int] | str
+
 
 class AgentError(RuntimeError):
     """The agent answered a request with an error."""
@@ -39,8 +42,8 @@ class AgentClient:
     later from a new connection or a new process.
     """
 
-    def __init__(self, host: str, port: int, channel: Channel, session: bytes, greeting: dict):
-        self.host, self.port = host, port
+    def __init__(self, address: Address, channel: Channel, session: bytes, greeting: dict):
+        self.address = address
         self.session = session
         self._channel = channel
         self._lock = asyncio.Lock()
@@ -53,33 +56,33 @@ class AgentClient:
 
     @classmethod
     async def claim(
-        cls, host: str, port: int, signing_key: Ed25519PrivateKey, timeout: float = 10.0
+        cls, address: Address, signing_key: Ed25519PrivateKey, timeout: float = 10.0
     ) -> AgentClient:
-        return await cls._connect(host, port, timeout, signing_key=signing_key)
+        """Become the controller of the agent at ``address`` ((host, port) or a Unix path)."""
+        return await cls._connect(address, timeout, signing_key=signing_key)
 
     @classmethod
-    async def resume(
-        cls, host: str, port: int, session: bytes, timeout: float = 10.0
-    ) -> AgentClient:
-        return await cls._connect(host, port, timeout, session=session)
+    async def resume(cls, address: Address, session: bytes, timeout: float = 10.0) -> AgentClient:
+        return await cls._connect(address, timeout, session=session)
 
     @classmethod
     async def _connect(
         cls,
-        host: str,
-        port: int,
+        address: Address,
         timeout: float,
         *,
         signing_key: Ed25519PrivateKey | None = None,
         session: bytes | None = None,
     ) -> AgentClient:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=MAX_FRAME), timeout
-        )
+        if isinstance(address, str):
+            opening = asyncio.open_unix_connection(address, limit=MAX_FRAME)
+        else:
+            opening = asyncio.open_connection(*address, limit=MAX_FRAME)
+        reader, writer = await asyncio.wait_for(opening, timeout)
         try:
             greeting = await asyncio.wait_for(read_frame(reader), timeout)
             if not greeting or greeting.get("agent") != AGENT_NAME:
-                raise ProtocolError(f"{host}:{port} is not a kernel agent")
+                raise ProtocolError(f"{address} is not a kernel agent")
             nonce = unb64(greeting.get("nonce"))
             if signing_key is not None:
                 frame, session = make_claim(greeting, signing_key)
@@ -97,7 +100,7 @@ class AgentClient:
             body = channel.verify(first)
             if not body.get("ok"):
                 raise ProtocolError("the agent did not confirm the session")
-            return cls(host, port, channel, session, body)
+            return cls(address, channel, session, body)
         except BaseException:
             writer.close()
             raise

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -116,6 +117,8 @@ class KernelLaunch:
     env: dict[str, str]
     cwd: str
     log_path: str
+    #: Run first in the child, before the kernel's code (a pooled sandbox drops privileges).
+    prepare: Callable[[], None] | None = None
 
     def write_connection_file(self, info: dict[str, Any]) -> None:
         fd = os.open(self.connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -142,6 +145,8 @@ def _child(launch: KernelLaunch, ready_w: int, log_fd: int) -> NoReturn:
     try:
         os.setsid()  # own process group: signals reach the kernel and its children only
         _detach(ready_w, log_fd)
+        if launch.prepare is not None:
+            launch.prepare()
         os.environ.clear()
         os.environ.update(launch.env)
         os.chdir(launch.cwd)

@@ -12,6 +12,12 @@ that claims it with a pinned key (:mod:`.protocol`). Requests:
            ``start`` (a restart in place) begins from a clean sandbox;
 ``log``    the tail of the kernel's output.
 
+In a pooled local sandbox (``--confine``) the first ``start`` also carries
+the kernel's mount plan: the agent binds the workspace from its stage and
+seals the sandbox (:mod:`.confine`), and each kernel drops every privilege
+before it runs. There the agent listens on a Unix socket in a directory only
+the server can reach, and the kernel uses IPC sockets next to it.
+
 The kernel keeps its ports and message key across restarts in place, so
 clients that reconnect by port keep working.
 """
@@ -70,11 +76,16 @@ class KernelAgent:
     state_dir: Path
     workdir: str
     base_env: dict[str, str] = field(default_factory=dict)
+    #: Pooled local sandbox: the stage to bind workspaces from, and kernels drop privileges.
+    stage: str | None = None
+    confine: bool = False
     session: bytes | None = None
     kernel: RunningKernel | None = None
     ports: dict[str, int] | None = None
     starts: int = 0
+    sealed: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _seccomp: Any = None
 
     # -- connections ------------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -135,6 +146,8 @@ class KernelAgent:
             return {"ok": False, "error": f"unknown request {op!r}"}
         except (KeyError, TypeError, ValueError) as exc:
             return {"ok": False, "error": f"bad {op} request: {exc}"}
+        except OSError as exc:  # a mount of the plan, a fork: the sandbox cannot serve
+            return {"ok": False, "error": f"{op} failed: {exc}"}
 
     # -- the kernel -------------------------------------------------------------------------
     async def _start(self, body: dict[str, Any], local: Any) -> dict[str, Any]:
@@ -142,23 +155,21 @@ class KernelAgent:
             return {"ok": False, "error": "a kernel is already running in this sandbox"}
         args = [str(a) for a in body.get("args", [])]
         env = {**self.base_env, **{str(k): str(v) for k, v in body.get("env", {}).items()}}
-        ip = local[0] if isinstance(local, tuple) else "127.0.0.1"
-        if self.ports is None:
-            self.ports = _free_ports(ip, len(PORT_NAMES))
+        if self.confine and not self.sealed:
+            from .confine import apply_plan
+
+            apply_plan(list(body.get("mounts", [])), self.stage, self._empty_file())
+            self.sealed = True
         assert self.session is not None
-        info = {
-            "transport": "tcp",
-            "ip": ip,
-            **self.ports,
-            "key": kernel_key(self.session),
-            "signature_scheme": "hmac-sha256",
-        }
+        info = {**self._endpoint(body, local), "key": kernel_key(self.session),
+                "signature_scheme": "hmac-sha256"}  # fmt: skip
         launch = kernel_process.KernelLaunch(
             connection_file=str(self.state_dir / "kernel.json"),
             args=args,
             env=env,
             cwd=str(body.get("cwd") or self.workdir),
             log_path=str(self.state_dir / "kernel.log"),
+            prepare=self._drop_privileges if self.confine else None,
         )
         launch.write_connection_file(info)
         pid, ready = kernel_process.fork_kernel(launch)
@@ -174,6 +185,28 @@ class KernelAgent:
                     "log": self._log_tail()}  # fmt: skip
         info.pop("key")
         return {"ok": True, "pid": pid, "connection": info, "starts": self.starts}
+
+    def _endpoint(self, body: dict[str, Any], local: Any) -> dict[str, Any]:
+        """Where the kernel listens: the IPC path the controller gave (local pools), else
+        TCP on the address the controller reached the agent at (the pod IP)."""
+        wanted = body.get("connection") or {}
+        if wanted.get("transport") == "ipc":
+            ports = {name: int(wanted[name]) for name in PORT_NAMES}
+            return {"transport": "ipc", "ip": str(wanted["ip"]), **ports}
+        ip = local[0] if isinstance(local, tuple) else "127.0.0.1"
+        if self.ports is None:
+            self.ports = _free_ports(ip, len(PORT_NAMES))
+        return {"transport": "tcp", "ip": ip, **self.ports}
+
+    def _empty_file(self) -> str:
+        path = self.state_dir / "empty"
+        path.touch(mode=0o444, exist_ok=True)
+        return str(path)
+
+    def _drop_privileges(self) -> None:
+        from .confine import drop_privileges
+
+        drop_privileges(self._seccomp)
 
     async def _wait_ready(self, ready: int, timeout: float) -> bool:
         os.set_blocking(ready, False)
@@ -295,25 +328,39 @@ async def serve(
     keys: list[Ed25519PublicKey],
     *,
     workdir: str,
-    ready: asyncio.Future[tuple[str, int]] | None = None,
+    unix: str | None = None,
+    stage: str | None = None,
+    confine: bool = False,
 ) -> None:
-    """Run the agent until cancelled (or SIGTERM)."""
+    """Run the agent until cancelled (or SIGTERM): on ``unix`` if given, else TCP."""
     become_subreaper()
     with contextlib.suppress(OSError):
         os.makedirs(workdir, exist_ok=True)
     state_dir = Path(tempfile.mkdtemp(prefix="jupyter-sandbox-agent-"))
     base_env = {k: v for k, v in os.environ.items() if k != CONTROLLER_KEYS_ENV}
-    agent = KernelAgent(keys, state_dir, workdir, base_env)
+    agent = KernelAgent(keys, state_dir, workdir, base_env, stage=stage, confine=confine)
+    if confine:
+        from ..seccomp import build_filter
+
+        agent._seccomp = build_filter()  # built once, loaded by each kernel
     # Our own socket: asyncio would resolve a host name on an executor thread, and the
     # agent forks, so it must never have started a thread.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = await asyncio.start_server(agent.handle, sock=sock, limit=256 * 1024)
-    bound = sock.getsockname()[:2]
-    log.info("kernel agent listening on %s:%s", *bound)
-    if ready is not None:
-        ready.set_result(bound)
+    if unix:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(unix)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(unix)
+        where = unix
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        where = "{}:{}".format(*sock.getsockname()[:2])
+    if unix:
+        server = await asyncio.start_unix_server(agent.handle, sock=sock, limit=256 * 1024)
+    else:
+        server = await asyncio.start_server(agent.handle, sock=sock, limit=256 * 1024)
+    log.info("kernel agent listening on %s", where)
     loop = asyncio.get_running_loop()
     stopped = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, stopped.cancel)

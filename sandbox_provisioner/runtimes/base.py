@@ -116,6 +116,9 @@ class SandboxRuntime(LoggingConfigurable, metaclass=_Meta):
     #: directory). Remote ones (a cluster) get everything through their kernel agent and
     #: give their own connection info; ``auto`` never picks them.
     local: ClassVar[bool] = True
+    #: Whether a started sandbox can still take its workspace (bound by its kernel agent),
+    #: which local warm pools need.
+    pooling: ClassVar[bool] = False
 
     @abc.abstractmethod
     def availability(self) -> Availability:

@@ -76,6 +76,7 @@ class BubblewrapRuntime(SandboxRuntime):
     name = "bubblewrap"
     description = "Linux namespaces + seccomp (bubblewrap); no root needed"
     strength = 10
+    pooling = True
 
     bwrap_path = Unicode(
         "",
@@ -126,13 +127,18 @@ class BubblewrapRuntime(SandboxRuntime):
         return Availability(True, f"{version} at {bwrap}")
 
     def command(self, spec: SandboxSpec, bwrap: str, seccomp_fd: int | None) -> list[str]:
+        # A pooled sandbox's agent is uid 0 *in the sandbox's user namespace* (mapped to the
+        # server's uid like SANDBOX_UID otherwise) with CAP_SYS_ADMIN there, to bind the
+        # workspace later; its kernels drop both (see SandboxSpec.agent).
+        uid = "0" if spec.agent else str(SANDBOX_UID)
+        caps = ["--cap-add", "CAP_SYS_ADMIN"] if spec.agent else ["--cap-drop", "ALL"]
         argv = [
             bwrap,
             "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try",
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--uid", uid, "--gid", uid,
             "--hostname", spec.hostname,
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--die-with-parent", "--new-session", *caps,
             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
         ]  # fmt: skip
         if spec.network is NetworkMode.NONE:
@@ -148,8 +154,10 @@ class BubblewrapRuntime(SandboxRuntime):
             elif mount.kind is MountKind.HIDE_FILE:
                 empty.touch(mode=0o444, exist_ok=True)
                 argv += ["--ro-bind", str(empty), mount.target]
-        argv += ["--remount-ro", "/", "--chdir", spec.cwd]
-        if seccomp_fd is not None:
+        if not spec.agent:  # the agent makes the root read-only once the workspace is bound
+            argv += ["--remount-ro", "/"]
+        argv += ["--chdir", spec.cwd]
+        if seccomp_fd is not None and not spec.agent:
             argv += ["--seccomp", str(seccomp_fd)]
         return [*argv, "--", *spec.argv]
 

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
-import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from jupyter_core.paths import jupyter_data_dir
 from traitlets import Float, Int, Unicode, default
@@ -34,7 +32,8 @@ from traitlets import Float, Int, Unicode, default
 from agent_sandbox import api
 
 from ..spec import SandboxSpec
-from .base import Availability, Sandbox, SandboxRuntime, banner_arguments
+from .agent_driven import AgentDrivenSandbox
+from .base import Availability, Sandbox, SandboxRuntime
 
 if TYPE_CHECKING:
     from agent_sandbox.kube import Kube
@@ -135,6 +134,7 @@ class KubernetesRuntime(SandboxRuntime):
             sandbox.ip = status["podIPs"][0]
             sandbox.warm = sandbox.sandbox_name != sandbox.claim
             sandbox.agent = await self._claim_agent(sandbox.ip, key)
+            sandbox.session = sandbox.agent.session
             await sandbox.start_kernel(spec)
         except BaseException:
             await sandbox.cleanup()
@@ -205,7 +205,7 @@ class KubernetesRuntime(SandboxRuntime):
         deadline = loop.time() + self.ready_timeout
         while True:
             try:
-                return await AgentClient.claim(ip, self.agent_port, key)
+                return await AgentClient.claim((ip, self.agent_port), key)
             except (ConnectionError, OSError, TimeoutError):
                 if loop.time() > deadline:
                     raise ClaimFailed(
@@ -225,21 +225,15 @@ class KubernetesRuntime(SandboxRuntime):
         return sandbox
 
 
-class ClaimedSandbox(Sandbox):
+class ClaimedSandbox(AgentDrivenSandbox):
     """A kernel in a claimed Sandbox, driven through its agent."""
 
-    restarts_in_place: ClassVar[bool] = True
-
     def __init__(self, runtime: KubernetesRuntime, namespace: str):
+        super().__init__(runtime.log)
         self.runtime, self.namespace = runtime, namespace
         self.agent_port = runtime.agent_port
         self.claim: str | None = None
         self.sandbox_name = self.ip = ""
-        self.warm = False
-        self.agent: AgentClient | None = None
-        self.session: bytes | None = None
-        self.connection: dict[str, Any] | None = None
-        self.starts = 0
         self._kube: Kube | None = None
 
     async def kube(self) -> Kube:
@@ -249,92 +243,18 @@ class ClaimedSandbox(Sandbox):
             self._kube = await Kube.connect(self.runtime.kubeconfig or None)
         return self._kube
 
-    async def _agent(self) -> AgentClient:
-        if self.agent is None:
-            from ..agent.client import AgentClient
+    async def connect(self) -> AgentClient:
+        from ..agent.client import AgentClient
 
-            assert self.session is not None
-            self.agent = await AgentClient.resume(self.ip, self.agent_port, self.session)
-        return self.agent
+        assert self.session is not None
+        return await AgentClient.resume((self.ip, self.agent_port), self.session)
 
-    async def _request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """A request, reconnecting once if the connection broke."""
-        for attempt in (1, 2):
-            try:
-                return await (await self._agent()).request(op, **fields)
-            except (ConnectionError, OSError, asyncio.IncompleteReadError):
-                self._drop_agent()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _drop_agent(self) -> None:
-        if self.agent is not None:
-            self.agent.close()
-            self.agent = None
-
-    async def start_kernel(self, spec: SandboxSpec) -> None:
-        agent = await self._agent()
-        self.session = agent.session
-        how = "restarted in place" if self.starts else f"{'warm' if self.warm else 'cold'} start"
-        label = f"kubernetes, pool {self.runtime.warm_pool} ({how})"
-        reply = await self._request(
-            "start",
-            args=_kernel_args(spec.argv) + banner_arguments(spec.argv, label),
-            env=spec.env,
-            timeout=60,
-        )
-        self.starts += 1
-        self.connection = dict(reply["connection"])
-
-    async def restart_kernel(self, spec: SandboxSpec) -> None:
-        await self._request("stop", grace=0)
-        await self.start_kernel(spec)
-
-    def connection_info(self) -> dict[str, Any] | None:
-        if self.connection is None or self.session is None:
-            return None
-        from ..agent.protocol import kernel_key
-
-        # bytes, as jupyter_client's own connection info has it
-        return {**self.connection, "key": kernel_key(self.session).encode()}
-
-    async def poll(self) -> int | None:
-        try:
-            return (await self._request("poll"))["exit_code"]
-        except (ConnectionError, OSError, TimeoutError) as exc:
-            self.runtime.log.warning("kernel agent in sandbox %s unreachable: %s",
-                                     self.sandbox_name, exc)  # fmt: skip
-            return -1
-
-    async def wait(self) -> int | None:
-        while (code := await self.poll()) is None:
-            await asyncio.sleep(0.1)
-        return code
-
-    async def send_signal(self, signum: int) -> None:
-        from ..agent.client import AgentError
-
-        with contextlib.suppress(AgentError):  # no kernel running: nothing to signal
-            await self._request("signal", signum=signum)
-
-    async def terminate(self) -> None:
-        await self.send_signal(signal.SIGTERM)
-
-    async def kill(self) -> None:
-        """End the kernel now; the sandbox stays until cleanup (a restart reuses it)."""
-        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-            await self._request("stop", grace=0)
-
-    async def output_tail(self) -> str:
-        try:
-            return str((await self._request("log"))["log"])
-        except Exception:
-            return "(the kernel agent is unreachable)"
+    def describe(self) -> str:
+        return f"kubernetes, pool {self.runtime.warm_pool}"
 
     async def cleanup(self) -> None:
         """Delete the claim: the controller deletes the Sandbox and its pod with it."""
-        self._drop_agent()
+        self.drop_agent()
         try:
             if self.claim is not None:
                 _LIVE_CLAIMS.discard(self.claim)
@@ -396,16 +316,6 @@ async def sweep(kube: Kube, namespace: str, server_id: str, log: Any) -> list[st
         if await kube.delete(_claims(), namespace, meta["name"]):
             deleted.append(meta["name"])
     return deleted
-
-
-def _kernel_args(argv: list[str]) -> list[str]:
-    """The arguments after ``-f {connection_file}``: the agent runs ipykernel itself."""
-    if "-f" not in argv or not any("ipykernel" in a for a in argv[:3]):
-        raise ClaimFailed(
-            "the kubernetes runtime runs IPython kernels: the kernelspec's argv must be "
-            f"[python, -m, ipykernel_launcher, -f, {{connection_file}}, ...], not {argv}"
-        )
-    return argv[argv.index("-f") + 2 :]
 
 
 def _user() -> str:

@@ -1,0 +1,326 @@
+"""Local warm pools: sandboxes started ahead of time, each with a kernel agent waiting in it.
+
+A member is a sandbox of the kernelspec's runtime whose main process is the
+kernel agent (:mod:`sandbox_provisioner.agent`), with ipykernel and the
+configured modules imported, no kernel socket open and no workspace bound.
+It sees the *stage* (``pool_root``, the directory all its possible workspaces
+lie under) at :data:`STAGE_TARGET`, which only the agent uses. Taking a member
+hands its agent the kernel's mount plan (the workspace at its host path, dot
+files hidden, ``.git`` read-only: what a cold sandbox would have), its
+environment and an IPC endpoint in the member's private directory; the agent
+binds the workspace, unmounts the stage, seals the root and forks the kernel,
+which drops every privilege first (:mod:`sandbox_provisioner.agent.confine`).
+
+The server claims each member's agent with a key made for the pool and
+known to no one else, over a Unix socket in a directory only the server
+reaches. Members that die while waiting are replaced, never handed out; the
+pool refills in the background and ends with the server (``close_pools``, and
+an exit handler for the members' directories).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import contextlib
+import logging
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .agent.client import AgentClient
+from .agent.protocol import CONTROLLER_KEYS_ENV, Refused, public_key_text
+from .runtimes import Sandbox, SandboxRuntime
+from .runtimes.agent_driven import AgentDrivenSandbox
+from .spec import Mount, MountKind, SandboxSpec
+
+#: Where a member sees its stage (pool_root); unmounted once a kernel is assigned.
+STAGE_TARGET = "/run/jupyter-sandbox/stage"
+#: The agent's socket, beside the kernel's IPC sockets in the member's ipc/ directory.
+AGENT_SOCKET = "ipc/agent.sock"
+MEMBER_START_TIMEOUT = 120.0
+
+log = logging.getLogger(__name__)
+
+
+class PoolFailing(RuntimeError):
+    """Members keep failing to start; the message has the last reason."""
+
+
+class PoolMember(AgentDrivenSandbox):
+    """One pooled sandbox: its local sandbox, its private directory, its agent."""
+
+    def __init__(self, runtime: SandboxRuntime, slot: Path, sandbox: Sandbox, log: Any):
+        super().__init__(log)
+        self.runtime, self.slot, self.sandbox = runtime, slot, sandbox
+        #: The kernel's mount plan (set when the member is taken).
+        self.plan: list[dict[str, Any]] = []
+
+    @property
+    def socket(self) -> str:
+        return str(self.slot / AGENT_SOCKET)
+
+    async def connect(self) -> AgentClient:
+        assert self.session is not None
+        return await AgentClient.resume(self.socket, self.session)
+
+    def describe(self) -> str:
+        return f"{self.runtime.name}, pooled"
+
+    def start_fields(self, spec: SandboxSpec) -> dict[str, Any]:
+        ports = dict(zip(("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"),
+                         range(1, 6), strict=True))  # fmt: skip
+        endpoint = {"transport": "ipc", "ip": str(self.slot / "ipc" / "k"), **ports}
+        return {"mounts": self.plan, "connection": endpoint, "cwd": spec.cwd}
+
+    async def cleanup(self) -> None:
+        self.drop_agent()
+        await self.sandbox.cleanup()
+        shutil.rmtree(self.slot, ignore_errors=True)
+        _SLOTS.discard(self.slot)
+
+    def host_pids(self) -> list[int]:
+        return self.sandbox.host_pids()
+
+    def oom_killed(self) -> bool:
+        return bool(getattr(self.sandbox, "oom_killed", bool)())
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pooled": True,
+            "sandbox": self.sandbox.info(),
+            "slot": str(self.slot),
+            "session": base64.b64encode(self.session or b"").decode(),
+            "connection": self.connection,
+        }
+
+    @classmethod
+    def reattach(cls, runtime: SandboxRuntime, info: dict[str, Any], log: Any) -> PoolMember:
+        """The member a kernel of another server process ran in (from its provisioner info)."""
+        member = cls(runtime, Path(info["slot"]), runtime.reattach(info["sandbox"]), log)
+        member.session = base64.b64decode(info["session"])
+        member.connection = info.get("connection")
+        member.starts = 1
+        return member
+
+
+class LocalPool:
+    """``size`` members of one kernelspec configuration, kept started."""
+
+    def __init__(
+        self,
+        runtime: SandboxRuntime,
+        member_spec: Callable[[Path, str], SandboxSpec],
+        *,
+        size: int,
+        state_dir: Path,
+        log: Any = log,
+    ):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.runtime, self.member_spec, self.size = runtime, member_spec, size
+        self.state_dir, self.log = state_dir / f"p-{uuid.uuid4().hex[:8]}", log
+        self._key = Ed25519PrivateKey.generate()  # this pool's controller key, never stored
+        self._ready: list[PoolMember] = []
+        self._starting: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self.failures = 0
+        self.last_error = ""
+
+    # -- taking -----------------------------------------------------------------------------
+    async def take(self, timeout: float) -> PoolMember:
+        """A live member (warm if one was waiting); the pool refills in the background."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waited = False
+        while True:
+            self.fill()
+            while self._ready:
+                member = self._ready.pop(0)
+                if await member.sandbox.poll() is None and await self._answers(member):
+                    member.warm = not waited
+                    self.fill()
+                    return member
+                self.log.warning("Pooled sandbox %s died while waiting; replacing it",
+                                 member.slot.name)  # fmt: skip
+                await member.cleanup()
+            if self.failures >= 3 and not self._starting:
+                self.failures = 0  # the next take tries again
+                raise PoolFailing(f"pooled {self.runtime.name} sandboxes fail to start: "
+                                  f"{self.last_error}")  # fmt: skip
+            self.fill()
+            self._arrived.clear()
+            waited = True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no pooled {self.runtime.name} sandbox within {timeout:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    @staticmethod
+    async def _answers(member: PoolMember) -> bool:
+        try:
+            await member._request("poll")
+            return True
+        except (ConnectionError, TimeoutError):
+            return False
+
+    # -- filling ----------------------------------------------------------------------------
+    def fill(self) -> None:
+        """Start members until ``size`` are ready or starting."""
+        if self._closed:
+            return
+        while len(self._ready) + len(self._starting) < self.size:
+            task = asyncio.get_running_loop().create_task(self._start_member())
+            self._starting.add(task)
+            task.add_done_callback(self._started)
+
+    def _started(self, task: asyncio.Task[None]) -> None:
+        self._starting.discard(task)
+        if 0 < self.failures < 3:
+            self.fill()  # try again; after three failures in a row, kernels start cold
+        self._arrived.set()
+
+    async def _start_member(self) -> None:
+        slot = self.state_dir / f"m-{uuid.uuid4().hex[:12]}"
+        self.state_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        (slot / "ipc").mkdir(parents=True, mode=0o700)
+        _SLOTS.add(slot)
+        spec = self.member_spec(slot, public_key_text(self._key))
+        try:
+            sandbox = await self.runtime.launch(spec)
+        except Exception as exc:
+            self._failed(slot, f"cannot start: {exc}")
+            return
+        member = PoolMember(self.runtime, slot, sandbox, self.log)
+        try:
+            member.agent = await self._claim(member)
+            member.session = member.agent.session
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                exc.add_note(spec.log_path.read_text(errors="replace")[-2000:])
+            await member.cleanup()
+            self._failed(slot, f"its agent did not start: {exc} {getattr(exc, '__notes__', '')}")
+            return
+        if self._closed:
+            await member.cleanup()
+            return
+        self.failures = 0
+        self._ready.append(member)
+        self._arrived.set()
+        self._watch(member)
+
+    def _watch(self, member: PoolMember) -> None:
+        """Replace a waiting member as soon as it dies (the take-time check stays)."""
+
+        async def watch() -> None:
+            await member.sandbox.wait()
+            if member in self._ready:
+                self._ready.remove(member)
+                self.log.warning("Pooled sandbox %s died while waiting; replacing it",
+                                 member.slot.name)  # fmt: skip
+                await member.cleanup()
+                self.fill()
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _claim(self, member: PoolMember) -> AgentClient:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MEMBER_START_TIMEOUT
+        while True:
+            if await member.sandbox.poll() is not None:
+                raise RuntimeError("the sandbox exited")
+            try:
+                return await AgentClient.claim(member.socket, self._key)
+            except (ConnectionError, FileNotFoundError, OSError) as exc:
+                if isinstance(exc, Refused) or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+
+    def _failed(self, slot: Path, why: str) -> None:
+        shutil.rmtree(slot, ignore_errors=True)
+        _SLOTS.discard(slot)
+        self.failures += 1
+        self.last_error = why
+        self.log.warning("Pooled %s sandbox failed (%d in a row): %s", self.runtime.name,
+                         self.failures, why)  # fmt: skip
+
+    # -- the end ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [*self._starting, *self._watchers]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        members, self._ready = self._ready, []
+        await asyncio.gather(*(m.cleanup() for m in members), return_exceptions=True)
+        with contextlib.suppress(OSError):
+            self.state_dir.rmdir()  # members still running a kernel keep theirs until it ends
+
+
+#: Pools of this process, by the configuration their members share.
+_POOLS: dict[str, LocalPool] = {}
+#: Members' private directories, removed at exit whatever happened.
+_SLOTS: set[Path] = set()
+
+
+def pool_for(key: str, make: Callable[[], LocalPool]) -> LocalPool:
+    pool = _POOLS.get(key)
+    if pool is None or pool._closed:
+        pool = _POOLS[key] = make()
+    return pool
+
+
+async def close_pools() -> None:
+    """End every pool of this process and its members (the server's shutdown)."""
+    pools = list(_POOLS.values())
+    _POOLS.clear()
+    await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+
+
+@atexit.register
+def _remove_slots() -> None:
+    # Members die with the server (their monitors have a parent-death signal); their
+    # directories would not.
+    for slot in list(_SLOTS):
+        shutil.rmtree(slot, ignore_errors=True)
+
+
+def stage_plan(mounts: list[Mount], member: list[Mount], pool_root: str) -> list[dict] | None:
+    """The agent's plan to turn a member's filesystem (``member``) into a kernel's
+    (``mounts``): unmount what the kernel must not have, then mount what it lacks, with
+    sources on the stage. None when a source is outside ``pool_root``."""
+    import os
+
+    have, wanted = set(member), set(mounts)
+    # What the member has and the kernel must not (its scratch directory), deepest first.
+    plan: list[dict] = [{"kind": "unmount", "target": m.target}
+                        for m in reversed(member) if m not in wanted]  # fmt: skip
+    for m in mounts:
+        if m in have:
+            continue
+        source = m.source
+        if m.kind is MountKind.BIND:
+            assert source is not None
+            rel = os.path.relpath(source, pool_root)
+            if rel == ".." or rel.startswith("../"):
+                return None
+            source = os.path.normpath(os.path.join(STAGE_TARGET, rel))
+        plan.append({"kind": m.kind.value, "target": m.target, "source": source,
+                     "writable": m.writable})  # fmt: skip
+    return plan
+
+
+__all__ = ["CONTROLLER_KEYS_ENV", "STAGE_TARGET", "LocalPool", "PoolMember", "close_pools",
+           "pool_for", "stage_plan"]  # fmt: skip

@@ -1,0 +1,137 @@
+"""Local warm pools: kernels from sandboxes started before their notebook was known.
+
+The lifecycle, isolation and notebook suites already run pooled kernels
+("bubblewrap-pooled"); these tests are about the pool itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import async_wait_until, require_runtime
+
+from sandbox_provisioner import pool
+from sandbox_provisioner.runtimes.process import is_running, process_start_time
+
+
+@pytest.fixture(autouse=True)
+def _bubblewrap() -> None:
+    require_runtime("bubblewrap")
+
+
+def only_pool() -> pool.LocalPool:
+    (found,) = pool._POOLS.values()
+    return found
+
+
+async def test_two_notebooks_see_only_their_own_directory(start_kernel, tmp_path: Path):
+    root = tmp_path / "server-root"
+    a, b = root / "alice" / "nb", root / "bob" / "nb"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "mine.txt").write_text(d.parent.name)
+    config = {"pool_size": 2, "pool_root": str(root)}
+    first = await start_kernel("bubblewrap", cwd=a, **config)
+    await async_wait_until(lambda: only_pool().ready == 2, timeout=60)
+    second = await start_kernel("bubblewrap", cwd=b, **config)
+    for kernel, own, other in ((first, a, b), (second, b, a)):
+        assert await kernel.value("os.getcwd()") == str(own)
+        assert await kernel.value("open('mine.txt').read()") == own.parent.name
+        assert not await kernel.value(f"os.path.exists({str(other)!r})")
+        assert await kernel.value(f"os.listdir({str(root)!r})") == [own.parent.name]
+        # The stage the pool started with is gone from the kernel's view.
+        assert not await kernel.value(f"os.path.exists({pool.STAGE_TARGET!r})")
+        assert (await kernel.run("open('written.txt', 'w').write('x')")).ok
+        assert (own / "written.txt").exists()
+    reply = await second.kc.kernel_info(reply=True, timeout=30)
+    assert "Sandboxed kernel: bubblewrap, pooled (warm start)" in reply["content"]["banner"]
+
+
+async def test_a_member_that_died_is_replaced_not_handed_out(start_kernel, notebook_dir: Path):
+    config = {"pool_size": 1, "pool_root": str(notebook_dir.parent.parent)}
+    first = await start_kernel("bubblewrap", **config)
+    member_pool = only_pool()
+    assert await async_wait_until(lambda: member_pool.ready == 1, timeout=60)
+    waiting = member_pool._ready[0]
+    doomed = waiting.sandbox.host_pids()
+    os.kill(doomed[0], signal.SIGKILL)  # its bwrap monitor: the whole sandbox dies
+    assert await async_wait_until(lambda: waiting.sandbox.poll(), timeout=10)
+    second = await start_kernel("bubblewrap", **config)
+    assert second.provisioner()._sandbox is not waiting
+    assert not waiting.slot.exists()  # the dead one was cleaned up
+    assert (await second.run("print('alive')")).stdout.strip() == "alive"
+    assert (await first.run("print('still here')")).stdout.strip() == "still here"
+
+
+async def test_closing_the_pool_leaves_nothing(start_kernel, notebook_dir: Path):
+    config = {"pool_size": 2, "pool_root": str(notebook_dir.parent.parent)}
+    kernel = await start_kernel("bubblewrap", **config)
+    member_pool = only_pool()
+    assert await async_wait_until(lambda: member_pool.ready == 2, timeout=60)
+    waiting = list(member_pool._ready)
+    pids = {p: process_start_time(p) for m in waiting for p in m.sandbox.host_pids()}
+    slots = [m.slot for m in waiting]
+    assert pids and all(s.is_dir() for s in slots)
+    await kernel.stop()
+    await pool.close_pools()
+    assert not [p for p, t in pids.items() if is_running(p, t)]
+    assert not [s for s in slots if s.exists()]
+    assert not list((member_pool.state_dir).glob("m-*"))
+
+
+async def test_workspace_outside_the_pool_root_starts_cold(start_kernel, tmp_path: Path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kernel = await start_kernel("bubblewrap", cwd=elsewhere, pool_size=1,
+                                pool_root=str(tmp_path / "root"))  # fmt: skip
+    reply = await kernel.kc.kernel_info(reply=True, timeout=30)
+    assert "Sandboxed kernel: bubblewrap (cold start)" in reply["content"]["banner"]
+    assert await kernel.value("os.getcwd()") == str(elsewhere)
+
+
+async def test_gvisor_ignores_pool_size_and_starts_cold(start_kernel):
+    require_runtime("gvisor")
+    kernel = await start_kernel("gvisor", pool_size=1)
+    reply = await kernel.kc.kernel_info(reply=True, timeout=30)
+    assert "Sandboxed kernel: gvisor (cold start)" in reply["content"]["banner"]
+    assert not pool._POOLS
+
+
+async def test_invalid_pool_size_is_refused():
+    from traitlets import TraitError
+
+    from sandbox_provisioner import SandboxProvisioner
+
+    with pytest.raises(TraitError, match="invalid pool_size -1"):
+        SandboxProvisioner(kernel_id="k", kernel_spec=None, pool_size=-1)
+    await asyncio.sleep(0)
+
+
+async def test_kernel_failing_in_a_pooled_sandbox_reports_its_output(notebook_dir: Path):
+    from jupyter_client.manager import AsyncKernelManager
+
+    from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager, spec_for_runtime
+    from sandbox_provisioner.provisioner import SandboxStartError
+
+    class Failing(RuntimeKernelSpecManager):
+        def get_kernel_spec(self, kernel_name: str):
+            spec = spec_for_runtime("bubblewrap", pool_size=1,
+                                    pool_root=str(notebook_dir.parent))  # fmt: skip
+            spec.argv = [*spec.argv, "--IPKernelApp.kernel_class=no_such_module.Kernel"]
+            return spec
+
+    km = AsyncKernelManager(kernel_name="failing", kernel_spec_manager=Failing())
+    try:
+        with pytest.raises(SandboxStartError, match="no_such_module") as error:
+            await km.start_kernel(cwd=str(notebook_dir))
+        assert "bubblewrap, pooled" in str(error.value)
+        member_pool = only_pool()
+        # The failed member is gone; the pool goes on with fresh ones.
+        assert await async_wait_until(lambda: member_pool.ready == 1, timeout=60)
+        assert len(list(member_pool.state_dir.glob("m-*"))) == 1
+    finally:
+        await pool.close_pools()
