@@ -125,6 +125,10 @@ async def main() -> int:
         for _ in range(args.runs):
             for mode in modes:
                 samples[mode].append(await launch_to_first_reply(mode, cwd))
+        for member_pool in pool._POOLS.values():  # refilled, and settled
+            while member_pool.ready < member_pool.size:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2)
         idle = {p.runtime.name: rss_bytes(p._ready[0].host_pids())
                 for p in pool._POOLS.values() if p.ready}  # fmt: skip
         await pool.close_pools()
