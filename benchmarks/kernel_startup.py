@@ -8,9 +8,11 @@ own local-provisioner (a plain, unsandboxed ipykernel):
 
 Modes: ``local``; each local runtime started cold (``bubblewrap``, ``gvisor``);
 ``<runtime>-pooled`` for runtimes with a local warm pool (one member, refilled
-between runs: the steady state of a pool sized for its load). The clock starts
-just before ``start_kernel`` and stops at the first execute_reply, as a notebook
-user waits: start, connect, kernel_info until ready, execute. Also printed: the
+between runs: the steady state of a pool sized for its load); ``gvisor-template``,
+restored from a template (built after the warm-up run, as after a first cold
+start). The clock starts just before ``start_kernel`` and stops at the first
+execute_reply, as a notebook user waits: start, connect, kernel_info until
+ready, execute. Also printed: the
 memory an idle pooled sandbox holds (RSS summed over its processes).
 """
 
@@ -28,7 +30,7 @@ from pathlib import Path
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from sandbox_provisioner import pool
+from sandbox_provisioner import pool, templates
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
 from sandbox_provisioner.runtimes import runtime_classes
 
@@ -75,9 +77,22 @@ async def time_to_first_reply(km: AsyncKernelManager, cwd: str | None = None) ->
 POOLED = "-pooled"
 
 
+TEMPLATE = "-template"
+
+
 async def launch_to_first_reply(mode: str, cwd: str) -> float:
+    if mode.endswith(TEMPLATE):
+        runtime = mode.removesuffix(TEMPLATE)
+        specs = RuntimeKernelSpecManager()
+        specs.overrides = {f"sandboxed-{runtime}": {"snapshot_templates": True}}
+        for template in list(templates._TEMPLATES.values()):  # built after the warm-up
+            while not (template.ready or template.failed):
+                await asyncio.sleep(0.05)
+        return await time_to_first_reply(kernel_manager(runtime, specs), cwd)
     if not mode.endswith(POOLED):
-        return await time_to_first_reply(kernel_manager(mode), cwd)
+        specs = RuntimeKernelSpecManager()  # cold means cold: no gVisor template
+        specs.overrides = {f"sandboxed-{mode}": {"snapshot_templates": False}}
+        return await time_to_first_reply(kernel_manager(mode, specs), cwd)
     runtime = mode.removesuffix(POOLED)
     specs = RuntimeKernelSpecManager()
     specs.overrides = {f"sandboxed-{runtime}": {"pool_size": 1, "pool_root": cwd}}
@@ -102,7 +117,8 @@ def rss_bytes(pids: list[int]) -> int:
 
 def default_modes() -> list[str]:
     local = [cls for cls in reversed(runtime_classes().values()) if cls.local]
-    return [LOCAL, *(c.name for c in local), *(c.name + POOLED for c in local if c.pooling)]
+    return [LOCAL, *(c.name for c in local), *(c.name + POOLED for c in local if c.pooling),
+            *(c.name + TEMPLATE for c in local if hasattr(c, "restore"))]  # fmt: skip
 
 
 async def main() -> int:
@@ -113,7 +129,7 @@ async def main() -> int:
     args = parser.parse_args()
     modes = []
     for mode in args.modes.split(","):
-        runtime = mode.removesuffix(POOLED)
+        runtime = mode.removesuffix(POOLED).removesuffix(TEMPLATE)
         if mode != LOCAL and not runtime_classes()[runtime]().availability().available:
             print(f"{mode}: unavailable here, left out")
         else:
@@ -132,6 +148,7 @@ async def main() -> int:
         idle = {p.runtime.name: rss_bytes(p._ready[0].host_pids())
                 for p in pool._POOLS.values() if p.ready}  # fmt: skip
         await pool.close_pools()
+        await templates.forget_templates()
     base = statistics.median(samples[LOCAL]) if LOCAL in samples else None
     print(f"launch -> first execute_reply, {args.runs} runs per mode after 1 warm-up (seconds)")
     print(f"{'mode':<20}{'median':>9}{'min':>9}{'max':>9}{'ratio':>9}")

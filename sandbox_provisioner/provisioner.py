@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import os
@@ -35,6 +36,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir, jupyter_runtime_dir
 from traitlets import (
+    Bool,
     CaselessStrEnum,
     Float,
     Int,
@@ -46,7 +48,7 @@ from traitlets import (
     validate,
 )
 
-from . import filesystem, pool, pyenv
+from . import filesystem, pool, pyenv, templates
 from .agent.client import AgentError
 from .limits import parse_size
 from .runtimes import (
@@ -67,8 +69,13 @@ DEFAULT_ENV_ALLOWLIST = ("LANG", "LANGUAGE", "LC_*", "TZ", "JPY_SESSION_NAME")
 RUNTIME_ENV = "JUPYTER_SANDBOX_RUNTIME"
 
 _LOG_TAIL = 2000
+TEMPLATE_MODULE = "sandbox_provisioner.agent.template"
 #: Runtimes whose kernels were told once that they do not pool.
 _NO_POOL_WARNED: set[str] = set()
+
+
+async def _alive(sandbox: Sandbox) -> bool:
+    return await sandbox.poll() is None
 
 
 def _normalized(cmd: list[str]) -> list[str]:
@@ -162,6 +169,12 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="Pooled sandboxes can serve workspaces under this directory (default: the "
         "server's root directory, else the current one); others start cold.",
+    )
+    snapshot_templates = Bool(
+        True,
+        config=True,
+        help="gVisor: restore kernels from a checkpoint of a template sandbox that imported "
+        "ipykernel already, one per filesystem layout (built after the first cold start).",
     )
     state_root = Unicode(
         config=True,
@@ -307,17 +320,24 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 return await self._launch_pooled(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
             except pool.PoolFailing as exc:
                 self.log.warning("%s; kernel %s starts cold", exc, self.kernel_id)
-        spec = self._sandbox_spec(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
         for path in self._socket_paths():  # a previous run's sockets
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        self.log.info(
-            "Starting kernel %s in a %s sandbox (workspace %s)",
-            self.kernel_id,
-            self.runtime_instance.name,
-            self._workspace_host or "scratch",
-        )
-        self._sandbox = await self.runtime_instance.launch(spec)
+        runtime = self.runtime_instance
+        restore = getattr(runtime, "restore", None) if self.snapshot_templates else None
+        spec = self._sandbox_spec(cmd, kwargs.get("env", {}), kwargs.get("cwd"),
+                                  ctl=restore is not None)  # fmt: skip
+        template = self._template(spec, cmd) if restore is not None else None
+        how = "from a template" if template else "cold"
+        self.log.info("Starting kernel %s in a %s sandbox (%s, workspace %s)", self.kernel_id,
+                      runtime.name, how, self._workspace_host or "scratch")  # fmt: skip
+        if restore is not None:
+            self._write_ctl(spec)
+        if template is not None and restore is not None:
+            self._sandbox = await restore(spec, template.image)
+            (self.kernel_dir / "ipc" / "go").touch()
+        else:
+            self._sandbox = await runtime.launch(spec)
         self._exited = False
         try:
             await self._wait_for_sockets()
@@ -386,21 +406,10 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         key = json.dumps([self.runtime_instance.name, cmd[0], kernel_env, config, root],
                          sort_keys=True, default=str)  # fmt: skip
 
-        python_paths = pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))
-        package_root = pyenv.own_package_root(python_paths)
-
         def member_spec(slot: Path, controller_key: str) -> SandboxSpec:
-            extra = [filesystem.ExtraMount(root, pool.STAGE_TARGET, True)]
-            start = ["-m", "sandbox_provisioner.agent"]
-            if package_root:  # a development checkout: the agent imports the package from it
-                package = os.path.join(package_root, "sandbox_provisioner")
-                extra.append(filesystem.ExtraMount(package, package, False))
-                code = (
-                    f"import sys, runpy; sys.path.insert(0, {package_root!r}); "
-                    "runpy.run_module('sandbox_provisioner.agent', run_name='__main__')"
-                )
-                start = ["-c", code]
-            argv = [cmd[0], *start, "serve",
+            start, extra = self._own_module(cmd, kernel_env, "sandbox_provisioner.agent")
+            extra.append(filesystem.ExtraMount(root, pool.STAGE_TARGET, True))
+            argv = [*start, "serve",
                     "--unix", str(slot / pool.AGENT_SOCKET), "--stage", pool.STAGE_TARGET,
                     "--confine", "--workdir", filesystem.SCRATCH_TARGET,
                     "--preload", ",".join(self.pool_preload)]  # fmt: skip
@@ -428,6 +437,20 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         self._make_kernel_dir()  # state_root exists, with the right owner and mode
         return pool.pool_for(key, make)
+
+    def _own_module(
+        self, cmd: list[str], kernel_env: dict[str, str], module: str
+    ) -> tuple[list[str], list[filesystem.ExtraMount]]:
+        """The command that runs ``module`` of this package with the kernel's Python in a
+        sandbox, and the mounts it needs (a development checkout outside that Python)."""
+        paths = pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))
+        package_root = pyenv.own_package_root(paths)
+        if not package_root:
+            return [cmd[0], "-m", module], []
+        package = os.path.join(package_root, "sandbox_provisioner")
+        code = (f"import sys, runpy; sys.path.insert(0, {package_root!r}); "
+                f"runpy.run_module({module!r}, run_name='__main__')")  # fmt: skip
+        return [cmd[0], "-c", code], [filesystem.ExtraMount(package, package, False)]
 
     async def _launch_pooled(
         self, cmd: list[str], env: dict[str, str], cwd: str | None
@@ -484,7 +507,73 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.connection_info = {**info, "kernel_name": self.parent.kernel_name}
         return self.connection_info
 
-    def _sandbox_spec(self, cmd: list[str], env: dict[str, str], cwd: str | None) -> SandboxSpec:
+    # -- gVisor templates (templates.py) ----------------------------------------------------
+    def _template(self, spec: SandboxSpec, cmd: list[str]) -> templates.Template | None:
+        """The ready template for this kernel's layout; else None, and one is built."""
+        key = templates.layout_key(spec, self.kernel_dir)
+        found = templates.ready_template(key)
+        if found is not None:
+            return found
+        runtime = self.runtime_instance
+        workspace, writable, scratch = self._layout
+        runner, _ = self._own_module(cmd, spec.env, TEMPLATE_MODULE)
+
+        async def build(template: templates.Template) -> None:
+            tdir = template.directory / "sandbox"
+            (tdir / "ipc").mkdir(parents=True, mode=0o700)
+            if scratch:
+                (tdir / "scratch").mkdir()
+            template_spec = dataclasses.replace(
+                spec,
+                kernel_id=f"template-{template.key}",
+                argv=[*runner, templates.CTL_TARGET],
+                mounts=self._mounts(
+                    cmd,
+                    spec.env,
+                    workspace,
+                    writable,
+                    tdir / "scratch" if scratch else None,
+                    tdir,
+                    0,
+                    ctl=True,
+                ),
+                state_dir=tdir,
+                log_path=tdir / "template.log",
+            )
+            sandbox = await runtime.launch(template_spec)
+            try:
+                await templates.wait_for_file(tdir / "ipc" / "ready",
+                                              lambda: _alive(sandbox), 120)  # fmt: skip
+                await runtime.checkpoint(sandbox, template.image)
+            finally:
+                await sandbox.cleanup()
+                shutil.rmtree(tdir, ignore_errors=True)
+
+        templates.ensure_template(key, Path(self.state_root) / "templates", build, self.log)
+        return None
+
+    def _write_ctl(self, spec: SandboxSpec) -> None:
+        """The connection file (and, for a restore, the rest of what the template needs to
+        become this kernel) in the kernel's control directory."""
+        ctl = self.kernel_dir / "ipc"
+        info = {**self.parent.get_connection_info(session=False)}
+        info.update(ip=f"{templates.CTL_TARGET}/k", key=self.parent.session.key.decode())
+        args = spec.argv[spec.argv.index("-f") + 2 :] if "-f" in spec.argv else []
+        args = [a for a in args if not a.startswith("--InteractiveShell.banner2=")]
+        args += banner_arguments(spec.argv, f"{self.runtime_instance.name} (from a template)")
+        for name, data in (
+            ("kernel.json", info),
+            ("start.json", {"env": spec.env, "args": args, "cwd": spec.cwd}),
+        ):
+            fd = os.open(ctl / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+
+    def _sandbox_spec(
+        self, cmd: list[str], env: dict[str, str], cwd: str | None, ctl: bool = False
+    ) -> SandboxSpec:
+        """The cold sandbox; with ``ctl`` laid out as a template's (see _mounts), to be
+        booted or restored alike, its connection file in the control directory."""
         kdir = self.kernel_dir
         cmd = _normalized(cmd)
         kernel_env = self._kernel_env(env, cmd)
@@ -494,9 +583,16 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             scratch = kdir / "scratch"
             scratch.mkdir(exist_ok=True)
         self._workspace_host = workspace
-        uid = 65534 if self.runtime_instance.name == "bubblewrap" else 0
-        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, uid,
-                              connection_file=self.parent.connection_file)  # fmt: skip
+        self._layout = (workspace, writable, scratch is not None)
+        if ctl:
+            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, 0, ctl=True)
+            if "-f" in cmd:
+                at = cmd.index("-f") + 1
+                cmd = [*cmd[:at], f"{templates.CTL_TARGET}/kernel.json", *cmd[at + 1 :]]
+        else:
+            uid = 65534 if self.runtime_instance.name == "bubblewrap" else 0
+            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, uid,
+                                  connection_file=self.parent.connection_file)  # fmt: skip
         return SandboxSpec(
             kernel_id=str(self.kernel_id),
             argv=cmd,
@@ -520,8 +616,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         uid: int,
         connection_file: str | None = None,
         extra: tuple[filesystem.ExtraMount, ...] = (),
+        ctl: bool = False,
     ) -> tuple[Mount, ...]:
-        """The sandbox's filesystem; ``state_dir`` holds its ipc/ and etc/ directories."""
+        """The sandbox's filesystem; ``state_dir`` holds its ipc/ and etc/ directories.
+
+        With ``ctl``, laid out as a gVisor template's: nothing at a per-kernel destination
+        (the ipc directory at CTL_TARGET, no connection file) and the template runner."""
+        ipc = not ctl
+        if ctl:
+            _, runner_mounts = self._own_module(cmd, kernel_env, TEMPLATE_MODULE)
+            ctl_dir = filesystem.ExtraMount(str(state_dir / "ipc"), templates.CTL_TARGET, True)
+            extra, connection_file = (*extra, *runner_mounts, ctl_dir), None
         hidden = (*self.hidden_paths, jupyter_runtime_dir(), jupyter_data_dir(),
                   jupyter_config_dir())  # fmt: skip
         return filesystem.build_mounts(
@@ -529,7 +634,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             workspace=workspace,
             workspace_writable=writable,
             scratch_dir=str(scratch) if scratch else None,
-            ipc_dir=str(state_dir / "ipc"),
+            ipc_dir=str(state_dir / "ipc") if ipc else None,
             connection_file=connection_file,
             etc_mounts=filesystem.synthetic_etc(state_dir / "etc", "sandbox", uid, uid),
             extra=[*(filesystem.ExtraMount.parse(m) for m in self.extra_mounts), *extra],

@@ -22,6 +22,7 @@ from traitlets.config import Config
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
 from sandbox_provisioner.pool import close_pools
 from sandbox_provisioner.runtimes import runtime_classes
+from sandbox_provisioner.templates import forget_templates
 
 pytest_plugins = ["cluster_fixtures"]
 
@@ -150,6 +151,8 @@ async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
         if runtime.endswith(POOLED):
             runtime = runtime_name(runtime)
             config = {"pool_size": 1, "pool_root": str(notebook_dir.parent.parent), **config}
+        elif runtime == "gvisor":  # truly cold unless a test asks for templates
+            config = {"snapshot_templates": False, **config}
         ksm = RuntimeKernelSpecManager()
         ksm.overrides = {f"sandboxed-{runtime}": config}
         km = AsyncIOLoopKernelManager(
@@ -171,6 +174,13 @@ async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
         except Exception as exc:  # a test that already shut it down
             print(f"cleanup: {exc}")
     await close_pools()
+
+
+@pytest.fixture(autouse=True)
+async def _no_template_outlives_its_test() -> AsyncIterator[None]:
+    """gVisor templates build in the background on the test's event loop: end them with it."""
+    yield
+    await forget_templates()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10, step: float = 0.05) -> bool:

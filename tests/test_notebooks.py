@@ -37,6 +37,8 @@ async def test_example_notebook_runs_sandboxed(runtime: str, path: Path, tmp_pat
         ksm.overrides = {
             f"sandboxed-{runtime_name(runtime)}": {"pool_size": 1, "pool_root": str(tmp_path)}
         }
+    else:  # cold: no gVisor template built on the side
+        ksm.overrides = {f"sandboxed-{runtime}": {"snapshot_templates": False}}
     km = AsyncKernelManager(kernel_name=f"sandboxed-{runtime_name(runtime)}",
                             kernel_spec_manager=ksm)  # fmt: skip
     client = NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(workdir)}})

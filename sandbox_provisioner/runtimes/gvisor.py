@@ -221,6 +221,30 @@ class GVisorRuntime(SandboxRuntime):
                 "options": ["rbind", mode]}  # fmt: skip
 
     async def launch(self, spec: SandboxSpec) -> Sandbox:
+        return self._start(spec, "run")
+
+    async def restore(self, spec: SandboxSpec, image: Path) -> Sandbox:
+        """A sandbox restored from the checkpoint ``image`` of a template whose mounts had
+        the same destinations as ``spec``'s (the sources may differ)."""
+        return self._start(spec, "restore", "--image-path", str(image))
+
+    async def checkpoint(self, sandbox: GVisorSandbox, image: Path) -> None:
+        """Save ``sandbox`` (which then exits) as a restorable image."""
+        image.mkdir(parents=True, exist_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            sandbox.runsc, "--root", str(sandbox.state_root), *self._global_flags(),
+            "checkpoint", "--image-path", str(image), sandbox.container_id,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"runsc checkpoint failed: {err.decode(errors='replace')[-500:]}")
+
+    def _global_flags(self, network: str = "none") -> list[str]:
+        return [f"--network={network}", "--host-uds=create",
+                f"--platform={self.resolved_platform()}", *self.extra_flags]  # fmt: skip
+
+    def _start(self, spec: SandboxSpec, *command: str) -> GVisorSandbox:
         self.require()
         runsc = self.find_runsc()
         assert runsc is not None
@@ -239,12 +263,11 @@ class GVisorRuntime(SandboxRuntime):
         argv = [
             # The sandbox dies with runsc's monitor, and the monitor with the server.
             "setpriv", "--pdeathsig", "KILL", "--",
-            runsc, "--root", str(state_root), f"--network={network}", "--host-uds=create",
-            f"--platform={self.resolved_platform()}", *self.extra_flags,
+            runsc, "--root", str(state_root), *self._global_flags(network),
         ]  # fmt: skip
         if not cgroups:
             argv.append("--ignore-cgroups")
-        argv += ["run", "--bundle", str(bundle_dir), cid]
+        argv += [*command, "--bundle", str(bundle_dir), cid]
         process = spawn(argv, spec, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         return GVisorSandbox(
             pid=process.pid,

@@ -1,0 +1,47 @@
+"""A gVisor template: a sandbox that imported a kernel's modules, checkpointed before it
+opened anything, and restored once per kernel.
+
+``python -m sandbox_provisioner.agent.template CTL`` imports ipykernel and what a
+kernel imports while it starts, writes ``CTL/ready`` and polls for ``CTL/go``.
+The provisioner checkpoints it at that point (no socket is open yet, which
+runsc requires). Each restore gets a fresh bundle whose ``CTL`` is that
+kernel's own directory, holding ``kernel.json`` (its connection file, IPC
+sockets next to it) and ``start.json`` (environment, arguments, directory);
+``go`` lets the restored process become that kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    ctl = (argv if argv is not None else sys.argv[1:])[0]
+    from .kernel import learn_kernel_imports, preload
+
+    preload([])
+    learned = learn_kernel_imports()
+    with open(os.path.join(ctl, "ready"), "w") as f:
+        f.write(str(learned))
+    go = os.path.join(ctl, "go")
+    while not os.path.exists(go):  # the checkpoint is taken here
+        time.sleep(0.002)
+    with open(os.path.join(ctl, "start.json")) as f:
+        start = json.load(f)
+    os.environ.clear()
+    os.environ.update(start["env"])
+    os.chdir(start["cwd"])
+    from ipykernel.kernelapp import IPKernelApp
+
+    args = ["-f", os.path.join(ctl, "kernel.json"), *start["args"]]
+    sys.argv = [sys.executable, *args]
+    app = IPKernelApp.instance()
+    app.initialize(args)
+    app.start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""gVisor kernels restored from a checkpointed template instead of booted.
+
+The first kernel of a filesystem layout starts cold and a template is built in
+the background; later kernels of that layout (the same notebook directory and
+options) are restored from it, each with its own control directory, sockets and
+workspace binding. Real runsc checkpoint/restore throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import require_runtime
+
+from sandbox_provisioner import templates
+
+
+@pytest.fixture(autouse=True)
+def _gvisor() -> None:
+    require_runtime("gvisor")
+
+
+async def template_ready(timeout: float = 120) -> templates.Template:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        ready = [t for t in templates._TEMPLATES.values() if t.ready]
+        failed = [t.failed for t in templates._TEMPLATES.values() if t.failed]
+        assert not failed, failed
+        if ready:
+            return ready[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError("no template became ready")
+
+
+async def banner(kernel) -> str:
+    reply = await kernel.kc.kernel_info(reply=True, timeout=30)
+    return reply["content"]["banner"]
+
+
+async def test_restored_kernel_is_a_full_sandboxed_kernel(start_kernel, notebook_dir: Path,
+                                                          monkeypatch):  # fmt: skip
+    first = await start_kernel("gvisor", snapshot_templates=True)
+    assert "Sandboxed kernel: gvisor (cold start)" in await banner(first)
+    template = await template_ready()
+    assert (template.image).is_dir()
+    await first.stop()
+
+    secret = f"secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", secret)
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    kernel = await start_kernel("gvisor", snapshot_templates=True)
+    assert "Sandboxed kernel: gvisor (from a template)" in await banner(kernel)
+    # Its own workspace, at its host path; the rest of the host as a cold kernel sees it.
+    assert await kernel.value("os.getcwd()") == str(notebook_dir)
+    assert await kernel.value("os.listdir('..')") == [notebook_dir.name]
+    assert (await kernel.run("open('made.txt', 'w').write('x')")).ok
+    assert (notebook_dir / "made.txt").exists()
+    # This kernel's environment, not the template's; the allowlist still holds.
+    env = await kernel.value("dict(os.environ)")
+    assert env["LANG"] == "C.UTF-8" and "JUPYTERHUB_API_TOKEN" not in env
+    assert secret not in repr(env)
+    status = await kernel.value("open('/proc/self/status').read()")
+    assert "CapEff:\t0000000000000000" in status
+    # Restart: restored again, fresh state.
+    assert (await kernel.run("x = 1")).ok
+    await kernel.km.restart_kernel()
+    await kernel.ready()
+    assert (await kernel.run("print(x)")).error.get("ename") == "NameError"
+    assert "(from a template)" in await banner(kernel)
+
+
+async def test_two_kernels_restored_at_once_are_separate(start_kernel, notebook_dir: Path):
+    first = await start_kernel("gvisor", snapshot_templates=True)
+    await template_ready()
+    await first.stop()
+    a, b = await asyncio.gather(
+        start_kernel("gvisor", snapshot_templates=True),
+        start_kernel("gvisor", snapshot_templates=True),
+    )
+    assert (await a.run("x = 'a'")).ok and (await b.run("x = 'b'")).ok
+    assert await a.value("x") == "a" and await b.value("x") == "b"
+    assert a.km.connection_file != b.km.connection_file
+
+
+async def test_another_layout_gets_its_own_template(start_kernel, tmp_path: Path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    k1 = await start_kernel("gvisor", cwd=one, snapshot_templates=True)
+    await template_ready()
+    await k1.stop()
+    k2 = await start_kernel("gvisor", cwd=two, snapshot_templates=True)
+    # A directory without a template yet starts cold, and sees only itself.
+    assert "(cold start)" in await banner(k2)
+    assert await k2.value("os.listdir('..')") == ["two"]
+    assert len(templates._TEMPLATES) == 2
+
+
+async def test_templates_are_removed_with_the_server(start_kernel):
+    kernel = await start_kernel("gvisor", snapshot_templates=True)
+    template = await template_ready()
+    await kernel.stop()
+    await templates.forget_templates()
+    assert not template.directory.exists()
