@@ -10,21 +10,21 @@ Launch, in jupyter_client's order:
   cannot run here), makes the kernel's private directory and writes the
   connection file for ZMQ IPC sockets inside it.
 * ``launch_kernel`` builds the :class:`~sandbox_provisioner.spec.SandboxSpec`
-  (command, filtered environment, mounts, limits), starts the sandbox and
-  waits, up to ``launch_timeout``, until the kernel has opened its sockets; a
-  sandbox that dies or hangs on the way gives an error with the kernel's
-  last output and leaves nothing behind.
+  (command, filtered environment, mounts, limits) and gets the kernel a
+  sandbox one of four ways (``launch/``): a local warm pool's, a gVisor
+  template's restore, a claimed Sandbox on a cluster, or a cold boot here; it
+  waits, up to ``launch_timeout``, until the kernel has opened its sockets. A
+  sandbox that dies or hangs on the way gives an error with the kernel's last
+  output and leaves nothing behind.
 * ``poll``/``wait``/``send_signal``/``terminate``/``kill``/``cleanup`` act on
   the sandbox through the runtime interface, which is all this module knows.
+  Sandboxes driven by a kernel agent (pooled, claimed) restart in place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import fnmatch
-import json
 import os
 import shutil
 import stat
@@ -34,7 +34,6 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
-from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir, jupyter_runtime_dir
 from traitlets import (
     Bool,
     CaselessStrEnum,
@@ -48,8 +47,11 @@ from traitlets import (
     validate,
 )
 
-from . import filesystem, pool, pyenv, templates
-from .agent.client import AgentError
+from . import filesystem, pool, pyenv
+from .launch.plan import SandboxPlan, SandboxStartError
+from .launch.pooled import PooledLaunch
+from .launch.remote import RemoteLaunch
+from .launch.template import TemplateLaunch
 from .limits import parse_size
 from .runtimes import (
     AUTO,
@@ -60,35 +62,17 @@ from .runtimes import (
     known_names,
     runtime_classes,
 )
-from .spec import Mount, NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMode
+from .spec import NetworkMode, WorkspaceMode
 
 #: Environment variables a kernel gets from the server's environment by default.
 DEFAULT_ENV_ALLOWLIST = ("LANG", "LANGUAGE", "LC_*", "TZ", "JPY_SESSION_NAME")
 
-#: Set by the provisioner in every sandbox, so code can tell where it runs.
-RUNTIME_ENV = "JUPYTER_SANDBOX_RUNTIME"
-
 _LOG_TAIL = 2000
-TEMPLATE_MODULE = "sandbox_provisioner.agent.template"
-#: Runtimes whose kernels were told once that they do not pool.
-_NO_POOL_WARNED: set[str] = set()
 
 
-async def _alive(sandbox: Sandbox) -> bool:
-    return await sandbox.poll() is None
-
-
-def _normalized(cmd: list[str]) -> list[str]:
-    """``cmd`` with an absolute interpreter path normalized: ".." through a directory the
-    sandbox lacks cannot resolve."""
-    return [os.path.normpath(cmd[0]), *cmd[1:]] if os.path.isabs(cmd[0]) else cmd
-
-
-class SandboxStartError(RuntimeError):
-    """The sandboxed kernel did not come up; the message carries its last output."""
-
-
-class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class SandboxProvisioner(  # type: ignore[misc]
+    SandboxPlan, PooledLaunch, TemplateLaunch, RemoteLaunch, KernelProvisionerBase
+):
     """Runs each kernel in a sandbox of the configured runtime."""
 
     runtime = Unicode(
@@ -345,356 +329,6 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._discard_failed_start()
             raise
         return self.connection_info
-
-    async def _launch_remote(self, cmd: list[str], env: dict[str, str]) -> KernelConnectionInfo:
-        """A kernel in a sandbox elsewhere: restart in the same sandbox when there is one."""
-        spec = SandboxSpec(
-            kernel_id=str(self.kernel_id),
-            argv=cmd,
-            env=self._kernel_env(env, cmd, remote=True),
-            cwd="",
-            mounts=(),
-        )
-        runtime = self.runtime_instance
-        kept = self._sandbox
-        if kept is not None:
-            try:
-                self.log.info("Restarting kernel %s in place", self.kernel_id)
-                await kept.restart_kernel(spec)
-            except Exception as exc:
-                self.log.warning("Kernel %s cannot restart in its sandbox (%s); starting a "
-                                 "new one", self.kernel_id, exc)  # fmt: skip
-                await kept.cleanup()
-                self._sandbox = None
-        if self._sandbox is None:
-            self.log.info("Starting kernel %s in a %s sandbox", self.kernel_id, runtime.name)
-            try:
-                self._sandbox = await asyncio.wait_for(runtime.launch(spec), self.launch_timeout)
-            except TimeoutError:
-                raise SandboxStartError(
-                    f"the {runtime.name} sandbox did not start within "
-                    f"launch_timeout={self.launch_timeout:g}s"
-                ) from None
-        self._exited = False
-        return self._agent_connection()
-
-    # -- pooled sandboxes (pool.py) ---------------------------------------------------------
-    def _pool_root(self) -> str:
-        root = self.pool_root or getattr(getattr(self.parent, "parent", None), "root_dir", None)
-        return os.path.realpath(root or os.getcwd())
-
-    def _poolable(self, cwd: str | None) -> bool:
-        if not self.pool_size:
-            return False
-        name = self.runtime_instance.name
-        if not self.runtime_instance.pooling:
-            if name not in _NO_POOL_WARNED:
-                _NO_POOL_WARNED.add(name)
-                self.log.warning("pool_size is ignored for %s sandboxes: they cannot take "
-                                 "a workspace after they start", name)  # fmt: skip
-            return False
-        workspace = self._workspace(cwd)[0]
-        return workspace is None or pyenv.is_within(workspace, self._pool_root())
-
-    def _pool(self, cmd: list[str], env: dict[str, str]) -> pool.LocalPool:
-        """This configuration's pool (members are interchangeable when all this matches)."""
-        cmd = _normalized(cmd)
-        kernel_env = self._kernel_env(env, cmd)
-        root = self._pool_root()
-        config = {name: getattr(self, name) for name in self.trait_names(config=True)
-                  if name not in ("launch_timeout", "workspace")}  # fmt: skip
-        key = json.dumps([self.runtime_instance.name, cmd[0], kernel_env, config, root],
-                         sort_keys=True, default=str)  # fmt: skip
-
-        def member_spec(slot: Path, controller_key: str) -> SandboxSpec:
-            start, extra = self._own_module(cmd, kernel_env, "sandbox_provisioner.agent")
-            extra.append(filesystem.ExtraMount(root, pool.STAGE_TARGET, True))
-            argv = [*start, "serve",
-                    "--unix", str(slot / pool.AGENT_SOCKET), "--stage", pool.STAGE_TARGET,
-                    "--confine", "--workdir", filesystem.SCRATCH_TARGET,
-                    "--preload", ",".join(self.pool_preload)]  # fmt: skip
-            (slot / "scratch").mkdir(exist_ok=True)
-            return SandboxSpec(
-                kernel_id=f"pool-{slot.name}",
-                argv=argv,
-                env={**kernel_env, pool.CONTROLLER_KEYS_ENV: controller_key},
-                cwd=filesystem.SCRATCH_TARGET,
-                mounts=self._mounts(
-                    cmd, kernel_env, None, True, slot / "scratch", slot, 0, extra=tuple(extra)
-                ),
-                network=NetworkMode(self.network),
-                limits=self._limits(),
-                state_dir=slot,
-                log_path=slot / "agent.log",
-                agent=True,
-            )
-
-        def make() -> pool.LocalPool:
-            return pool.LocalPool(
-                self.runtime_instance, member_spec, size=self.pool_size,
-                state_dir=Path(self.state_root) / "pool", log=self.log,
-            )  # fmt: skip
-
-        self._make_kernel_dir()  # state_root exists, with the right owner and mode
-        return pool.pool_for(key, make)
-
-    def _own_module(
-        self, cmd: list[str], kernel_env: dict[str, str], module: str
-    ) -> tuple[list[str], list[filesystem.ExtraMount]]:
-        """The command that runs ``module`` of this package with the kernel's Python in a
-        sandbox, and the mounts it needs (a development checkout outside that Python)."""
-        paths = pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))
-        package_root = pyenv.own_package_root(paths)
-        if not package_root:
-            return [cmd[0], "-m", module], []
-        package = os.path.join(package_root, "sandbox_provisioner")
-        code = (f"import sys, runpy; sys.path.insert(0, {package_root!r}); "
-                f"runpy.run_module({module!r}, run_name='__main__')")  # fmt: skip
-        return [cmd[0], "-c", code], [filesystem.ExtraMount(package, package, False)]
-
-    async def _launch_pooled(
-        self, cmd: list[str], env: dict[str, str], cwd: str | None
-    ) -> KernelConnectionInfo:
-        cmd = _normalized(cmd)
-        member_pool = self._pool(cmd, env)
-        member = await member_pool.take(self.launch_timeout)
-        kernel_env = self._kernel_env(env, cmd)
-        workspace, writable, kernel_cwd = self._workspace(cwd)
-        self._workspace_host = workspace
-        scratch = member.slot / "scratch" if workspace is None else None
-        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot, 0)
-        base = self._mounts(cmd, kernel_env, None, True, member.slot / "scratch", member.slot, 0)
-        plan = pool.stage_plan(list(mounts), list(base), self._pool_root())
-        assert plan is not None, "_poolable checked that the workspace is on the stage"
-        member.plan = plan
-        self.log.info("Starting kernel %s in a pooled %s sandbox (%s, workspace %s)",
-                      self.kernel_id, self.runtime_instance.name,
-                      "warm" if member.warm else "waited for", workspace or "scratch")  # fmt: skip
-        self._sandbox, self._exited = member, False
-        try:
-            await member.start_kernel(self._agent_spec(cmd, kernel_env, kernel_cwd))
-        except AgentError as exc:
-            await self._discard_failed_start()
-            raise SandboxStartError(
-                f"the sandboxed kernel ({member.describe()}) did not start: {exc}. "
-                f"Its output:\n{exc.log.strip() or '(no output)'}"
-            ) from None
-        except BaseException:
-            await self._discard_failed_start()
-            raise
-        return self._agent_connection()
-
-    async def _restart_pooled(
-        self, cmd: list[str], env: dict[str, str], cwd: str | None
-    ) -> KernelConnectionInfo:
-        assert self._sandbox is not None
-        cmd = _normalized(cmd)
-        kernel_cwd = self._workspace(cwd)[2]
-        self.log.info("Restarting kernel %s in place", self.kernel_id)
-        await self._sandbox.restart_kernel(self._agent_spec(cmd, self._kernel_env(env, cmd),
-                                                            kernel_cwd))  # fmt: skip
-        self._exited = False
-        return self._agent_connection()
-
-    def _agent_spec(self, cmd: list[str], kernel_env: dict[str, str], cwd: str) -> SandboxSpec:
-        return SandboxSpec(kernel_id=str(self.kernel_id), argv=cmd, env=kernel_env, cwd=cwd,
-                           mounts=())  # fmt: skip
-
-    def _agent_connection(self) -> KernelConnectionInfo:
-        assert self._sandbox is not None
-        info = self._sandbox.connection_info()
-        assert info is not None
-        self.connection_info = {**info, "kernel_name": self.parent.kernel_name}
-        return self.connection_info
-
-    # -- gVisor templates (templates.py) ----------------------------------------------------
-    def _template(self, spec: SandboxSpec, cmd: list[str]) -> templates.Template | None:
-        """The ready template for this kernel's layout; else None, and one is built."""
-        key = templates.layout_key(spec, self.kernel_dir)
-        found = templates.ready_template(key)
-        if found is not None:
-            return found
-        runtime = self.runtime_instance
-        workspace, writable, scratch = self._layout
-        runner, _ = self._own_module(cmd, spec.env, TEMPLATE_MODULE)
-
-        async def build(template: templates.Template) -> None:
-            tdir = template.directory / "sandbox"
-            (tdir / "ipc").mkdir(parents=True, mode=0o700)
-            if scratch:
-                (tdir / "scratch").mkdir()
-            template_spec = dataclasses.replace(
-                spec,
-                kernel_id=f"template-{template.key}",
-                argv=[*runner, templates.CTL_TARGET],
-                mounts=self._mounts(
-                    cmd,
-                    spec.env,
-                    workspace,
-                    writable,
-                    tdir / "scratch" if scratch else None,
-                    tdir,
-                    0,
-                    ctl=True,
-                ),
-                state_dir=tdir,
-                log_path=tdir / "template.log",
-            )
-            sandbox = await runtime.launch(template_spec)
-            try:
-                await templates.wait_for_file(tdir / "ipc" / "ready",
-                                              lambda: _alive(sandbox), 120)  # fmt: skip
-                await runtime.checkpoint(sandbox, template.image)
-            finally:
-                await sandbox.cleanup()
-                shutil.rmtree(tdir, ignore_errors=True)
-
-        templates.ensure_template(key, Path(self.state_root) / "templates", build, self.log)
-        return None
-
-    def _write_ctl(self, spec: SandboxSpec) -> None:
-        """The connection file (and, for a restore, the rest of what the template needs to
-        become this kernel) in the kernel's control directory."""
-        ctl = self.kernel_dir / "ipc"
-        info = {**self.parent.get_connection_info(session=False)}
-        info.update(ip=f"{templates.CTL_TARGET}/k", key=self.parent.session.key.decode())
-        args = spec.argv[spec.argv.index("-f") + 2 :] if "-f" in spec.argv else []
-        args = [a for a in args if not a.startswith("--InteractiveShell.banner2=")]
-        args += banner_arguments(spec.argv, f"{self.runtime_instance.name} (from a template)")
-        for name, data in (
-            ("kernel.json", info),
-            ("start.json", {"env": spec.env, "args": args, "cwd": spec.cwd}),
-        ):
-            fd = os.open(ctl / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-
-    def _sandbox_spec(
-        self, cmd: list[str], env: dict[str, str], cwd: str | None, ctl: bool = False
-    ) -> SandboxSpec:
-        """The cold sandbox; with ``ctl`` laid out as a template's (see _mounts), to be
-        booted or restored alike, its connection file in the control directory."""
-        kdir = self.kernel_dir
-        cmd = _normalized(cmd)
-        kernel_env = self._kernel_env(env, cmd)
-        workspace, writable, kernel_cwd = self._workspace(cwd)
-        scratch = None
-        if workspace is None:
-            scratch = kdir / "scratch"
-            scratch.mkdir(exist_ok=True)
-        self._workspace_host = workspace
-        self._layout = (workspace, writable, scratch is not None)
-        if ctl:
-            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, 0, ctl=True)
-            if "-f" in cmd:
-                at = cmd.index("-f") + 1
-                cmd = [*cmd[:at], f"{templates.CTL_TARGET}/kernel.json", *cmd[at + 1 :]]
-        else:
-            uid = 65534 if self.runtime_instance.name == "bubblewrap" else 0
-            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, uid,
-                                  connection_file=self.parent.connection_file)  # fmt: skip
-        return SandboxSpec(
-            kernel_id=str(self.kernel_id),
-            argv=cmd,
-            env=kernel_env,
-            cwd=kernel_cwd,
-            mounts=mounts,
-            network=NetworkMode(self.network),
-            limits=self._limits(),
-            state_dir=kdir,
-            log_path=kdir / "kernel.log",
-        )
-
-    def _mounts(
-        self,
-        cmd: list[str],
-        kernel_env: dict[str, str],
-        workspace: str | None,
-        writable: bool,
-        scratch: Path | None,
-        state_dir: Path,
-        uid: int,
-        connection_file: str | None = None,
-        extra: tuple[filesystem.ExtraMount, ...] = (),
-        ctl: bool = False,
-    ) -> tuple[Mount, ...]:
-        """The sandbox's filesystem; ``state_dir`` holds its ipc/ and etc/ directories.
-
-        With ``ctl``, laid out as a gVisor template's: nothing at a per-kernel destination
-        (the ipc directory at CTL_TARGET, no connection file) and the template runner."""
-        ipc = not ctl
-        if ctl:
-            _, runner_mounts = self._own_module(cmd, kernel_env, TEMPLATE_MODULE)
-            ctl_dir = filesystem.ExtraMount(str(state_dir / "ipc"), templates.CTL_TARGET, True)
-            extra, connection_file = (*extra, *runner_mounts, ctl_dir), None
-        hidden = (*self.hidden_paths, jupyter_runtime_dir(), jupyter_data_dir(),
-                  jupyter_config_dir())  # fmt: skip
-        return filesystem.build_mounts(
-            python_paths=list(pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))),
-            workspace=workspace,
-            workspace_writable=writable,
-            scratch_dir=str(scratch) if scratch else None,
-            ipc_dir=str(state_dir / "ipc") if ipc else None,
-            connection_file=connection_file,
-            etc_mounts=filesystem.synthetic_etc(state_dir / "etc", "sandbox", uid, uid),
-            extra=[*(filesystem.ExtraMount.parse(m) for m in self.extra_mounts), *extra],
-            etc_allowlist=tuple(self.etc_allowlist),
-            hidden_paths=hidden,
-            workspace_readonly=tuple(self.workspace_readonly),
-        )
-
-    def _limits(self) -> ResourceLimits:
-        return ResourceLimits(
-            memory_bytes=parse_size(self.memory_limit, "memory_limit"),
-            cpus=self.cpu_limit or None,
-            pids=self.pids_limit or None,
-        )
-
-    def _kernel_env(
-        self, env: dict[str, str], cmd: list[str], remote: bool = False
-    ) -> dict[str, str]:
-        """The allowlisted part of ``env`` plus the kernelspec's own env; nothing else.
-
-        A remote sandbox keeps its image's PATH and HOME; it only gets the rest."""
-        allowed = {
-            k: v
-            for k, v in env.items()
-            if any(fnmatch.fnmatchcase(k, p) for p in self.env_allowlist)
-        }
-        spec_env = self.kernel_spec.env if self.kernel_spec else {}
-        allowed.update({k: env[k] for k in spec_env if k in env})
-        if remote:
-            return {**allowed, RUNTIME_ENV: self.runtime_instance.name}
-        bindir = os.path.dirname(cmd[0]) if os.path.isabs(cmd[0]) else ""
-        path = ":".join(p for p in (bindir, "/usr/local/bin", "/usr/bin", "/bin") if p)
-        return {
-            "PATH": path,
-            "HOME": "/tmp",
-            "TMPDIR": "/tmp",
-            **allowed,
-            RUNTIME_ENV: self.runtime_instance.name,
-        }
-
-    def _workspace(self, cwd: str | None) -> tuple[str | None, bool, str]:
-        """(host directory to bind or None for scratch, writable, the kernel's cwd)."""
-        mode = WorkspaceMode(self.workspace)
-        if mode is WorkspaceMode.SCRATCH:
-            return None, True, filesystem.SCRATCH_TARGET
-        notebook_dir = os.path.realpath(cwd or os.getcwd())
-        if not os.path.isdir(notebook_dir):
-            raise SandboxStartError(f"the kernel's directory {notebook_dir} does not exist")
-        directory = notebook_dir
-        if mode is WorkspaceMode.ROOT:
-            root_dir = getattr(getattr(self.parent, "parent", None), "root_dir", None)
-            directory = os.path.realpath(root_dir or notebook_dir)
-            if not pyenv.is_within(notebook_dir, directory):
-                notebook_dir = directory
-        if directory == "/":
-            raise SandboxStartError(
-                "refusing to give a sandboxed kernel the whole filesystem as its workspace; "
-                "start the server in a project directory or use workspace='scratch'"
-            )
-        return directory, mode is not WorkspaceMode.NOTEBOOK_READONLY, notebook_dir
 
     def _socket_paths(self) -> list[str]:
         info = self.connection_info

@@ -1,0 +1,151 @@
+"""Kernels from a local warm pool (a mixin; the pool itself is :mod:`..pool`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+
+from .. import filesystem, pool, pyenv
+from ..agent.client import AgentError
+from ..spec import NetworkMode, SandboxSpec
+from .plan import SandboxStartError, normalized
+
+#: Runtimes whose kernels were told once that they do not pool.
+_NO_POOL_WARNED: set[str] = set()
+
+
+class PooledLaunch:
+    """Mixin: take a pooled sandbox, hand its agent the kernel's plan, restart in place."""
+
+    parent: Any
+    kernel_id: Any
+    log: Any
+    pool_size: int
+    pool_preload: list[str]
+    pool_root: str
+    state_root: str
+    launch_timeout: float
+    network: str
+    runtime_instance: Any
+    connection_info: Any
+    _sandbox: Any
+    _exited: bool
+    _workspace_host: str | None
+
+    def _pool_root(self) -> str:
+        root = self.pool_root or getattr(getattr(self.parent, "parent", None), "root_dir", None)
+        return os.path.realpath(root or os.getcwd())
+
+    def _poolable(self, cwd: str | None) -> bool:
+        if not self.pool_size:
+            return False
+        name = self.runtime_instance.name
+        if not self.runtime_instance.pooling:
+            if name not in _NO_POOL_WARNED:
+                _NO_POOL_WARNED.add(name)
+                self.log.warning("pool_size is ignored for %s sandboxes: they cannot take "
+                                 "a workspace after they start", name)  # fmt: skip
+            return False
+        workspace = self._workspace(cwd)[0]
+        return workspace is None or pyenv.is_within(workspace, self._pool_root())
+
+    def _pool(self, cmd: list[str], env: dict[str, str]) -> pool.LocalPool:
+        """This configuration's pool (members are interchangeable when all this matches)."""
+        cmd = normalized(cmd)
+        kernel_env = self._kernel_env(env, cmd)
+        root = self._pool_root()
+        config = {name: getattr(self, name) for name in self.trait_names(config=True)
+                  if name not in ("launch_timeout", "workspace")}  # fmt: skip
+        key = json.dumps([self.runtime_instance.name, cmd[0], kernel_env, config, root],
+                         sort_keys=True, default=str)  # fmt: skip
+
+        def member_spec(slot: Path, controller_key: str) -> SandboxSpec:
+            start, extra = self._own_module(cmd, kernel_env, "sandbox_provisioner.agent")
+            extra.append(filesystem.ExtraMount(root, pool.STAGE_TARGET, True))
+            argv = [*start, "serve",
+                    "--unix", str(slot / pool.AGENT_SOCKET), "--stage", pool.STAGE_TARGET,
+                    "--confine", "--workdir", filesystem.SCRATCH_TARGET,
+                    "--preload", ",".join(self.pool_preload)]  # fmt: skip
+            (slot / "scratch").mkdir(exist_ok=True)
+            return SandboxSpec(
+                kernel_id=f"pool-{slot.name}",
+                argv=argv,
+                env={**kernel_env, pool.CONTROLLER_KEYS_ENV: controller_key},
+                cwd=filesystem.SCRATCH_TARGET,
+                mounts=self._mounts(
+                    cmd, kernel_env, None, True, slot / "scratch", slot, 0, extra=tuple(extra)
+                ),
+                network=NetworkMode(self.network),
+                limits=self._limits(),
+                state_dir=slot,
+                log_path=slot / "agent.log",
+                agent=True,
+            )
+
+        def make() -> pool.LocalPool:
+            return pool.LocalPool(
+                self.runtime_instance, member_spec, size=self.pool_size,
+                state_dir=Path(self.state_root) / "pool", log=self.log,
+            )  # fmt: skip
+
+        self._make_kernel_dir()  # state_root exists, with the right owner and mode
+        return pool.pool_for(key, make)
+
+    async def _launch_pooled(
+        self, cmd: list[str], env: dict[str, str], cwd: str | None
+    ) -> KernelConnectionInfo:
+        cmd = normalized(cmd)
+        member_pool = self._pool(cmd, env)
+        member = await member_pool.take(self.launch_timeout)
+        kernel_env = self._kernel_env(env, cmd)
+        workspace, writable, kernel_cwd = self._workspace(cwd)
+        self._workspace_host = workspace
+        scratch = member.slot / "scratch" if workspace is None else None
+        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot, 0)
+        base = self._mounts(cmd, kernel_env, None, True, member.slot / "scratch", member.slot, 0)
+        plan = pool.stage_plan(list(mounts), list(base), self._pool_root())
+        assert plan is not None, "_poolable checked that the workspace is on the stage"
+        member.plan = plan
+        self.log.info("Starting kernel %s in a pooled %s sandbox (%s, workspace %s)",
+                      self.kernel_id, self.runtime_instance.name,
+                      "warm" if member.warm else "waited for", workspace or "scratch")  # fmt: skip
+        self._sandbox, self._exited = member, False
+        try:
+            await member.start_kernel(self._agent_spec(cmd, kernel_env, kernel_cwd))
+        except AgentError as exc:
+            await self._discard_failed_start()
+            raise SandboxStartError(
+                f"the sandboxed kernel ({member.describe()}) did not start: {exc}. "
+                f"Its output:\n{exc.log.strip() or '(no output)'}"
+            ) from None
+        except BaseException:
+            await self._discard_failed_start()
+            raise
+        return self._agent_connection()
+
+    async def _restart_pooled(
+        self, cmd: list[str], env: dict[str, str], cwd: str | None
+    ) -> KernelConnectionInfo:
+        assert self._sandbox is not None
+        cmd = normalized(cmd)
+        kernel_cwd = self._workspace(cwd)[2]
+        self.log.info("Restarting kernel %s in place", self.kernel_id)
+        await self._sandbox.restart_kernel(self._agent_spec(cmd, self._kernel_env(env, cmd),
+                                                            kernel_cwd))  # fmt: skip
+        self._exited = False
+        return self._agent_connection()
+
+    def _agent_spec(self, cmd: list[str], kernel_env: dict[str, str], cwd: str) -> SandboxSpec:
+        return SandboxSpec(kernel_id=str(self.kernel_id), argv=cmd, env=kernel_env, cwd=cwd,
+                           mounts=())  # fmt: skip
+
+    def _agent_connection(self) -> KernelConnectionInfo:
+        assert self._sandbox is not None
+        info = self._sandbox.connection_info()
+        assert info is not None
+        self.connection_info = {**info, "kernel_name": self.parent.kernel_name}
+        return self.connection_info
