@@ -16,6 +16,8 @@ c.KernelSpecManager.allowed_kernelspecs = {
     "sandboxed-python-gvisor",
     "sandboxed-python-bubblewrap",
 }
+# Pools end with the server; claims a crashed run left on a cluster are deleted at start.
+c.ServerApp.jpserver_extensions = {"sandbox_provisioner": True}
 # A terminal is an unsandboxed shell on the host: off unless you trust every user.
 c.ServerApp.terminals_enabled = False
 

@@ -201,6 +201,9 @@ class LocalPool:
         try:
             member.agent = await self._claim(member)
             member.session = member.agent.session
+        except asyncio.CancelledError:  # the pool closes while this one starts
+            await asyncio.shield(member.cleanup())
+            raise
         except Exception as exc:
             with contextlib.suppress(OSError):
                 exc.add_note(spec.log_path.read_text(errors="replace")[-2000:])

@@ -106,6 +106,9 @@ async def test_kernel_from_warm_pool(k8s, namespace, pool, start_kernel):
     assert claim["status"]["sandbox"]["name"] == sandbox.sandbox_name
     labels = claim["metadata"]["labels"]
     assert labels[api.LABEL_KERNEL_SERVER] == f"test-{namespace}"
+    notes = claim["metadata"]["annotations"]
+    assert notes[api.LABEL_KERNEL_SERVER] == f"test-{namespace}"
+    assert notes[api.LABEL_KERNEL_USER] and claim["metadata"]["name"].startswith("kernel-")
     assert labels[api.LABEL_KERNEL_USER]
     pod = k8s.get(PODS, namespace, sandbox.sandbox_name)
     assert pod["metadata"]["labels"][api.POD_LABEL_KERNEL_ID] == kernel.km.kernel_id

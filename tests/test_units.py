@@ -118,3 +118,14 @@ def test_seccomp_filter_compiles():
 )  # fmt: skip
 def test_runsc_release_date(version, date):
     assert _release_date(version) == date
+
+
+def test_claim_names_and_labels_from_any_user_name():
+    from agent_sandbox import api
+    from sandbox_provisioner.runtimes.kubernetes import _name_part
+
+    assert _name_part("Alice_Smith@Example.org") == "alice-smith-example"
+    assert _name_part("___") == "user"
+    assert api.label_value("Ünïcode user/with slash" * 5).isascii()
+    assert len(api.label_value("x" * 100)) == 63
+    assert api.label_value("-.edge.-") == "edge"

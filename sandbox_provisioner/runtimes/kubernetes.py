@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -153,8 +154,13 @@ class KubernetesRuntime(SandboxRuntime):
             "apiVersion": api.SANDBOX_CLAIM.api_version,
             "kind": api.SANDBOX_CLAIM.kind,
             "metadata": {
-                "generateName": f"kernel-{api.label_value(user)[:20]}-".replace("--", "-"),
+                "generateName": f"kernel-{_name_part(user)}-",
                 "labels": labels,
+                # Labels are cut to 63 safe characters; the annotations keep the whole value.
+                "annotations": {
+                    api.LABEL_KERNEL_USER: user,
+                    api.LABEL_KERNEL_SERVER: self.server_id,
+                },
             },
             "spec": {
                 "warmPoolRef": {"name": self.warm_pool},
@@ -316,6 +322,12 @@ async def sweep(kube: Kube, namespace: str, server_id: str, log: Any) -> list[st
         if await kube.delete(_claims(), namespace, meta["name"]):
             deleted.append(meta["name"])
     return deleted
+
+
+def _name_part(text: str) -> str:
+    """``text`` as part of an object name (lowercase RFC 1123), at most 20 characters."""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:20].strip("-")
+    return cleaned or "user"
 
 
 def _user() -> str:

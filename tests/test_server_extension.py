@@ -1,0 +1,144 @@
+"""The jupyter_server extension, in a real server: pools end with it, orphaned claims go."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cluster_fixtures import wait_for
+from test_pool_controller import make_pool, make_template
+from test_server import CONFIG, _free_port
+
+from agent_sandbox import api
+from agent_sandbox.kube import CLAIMS
+from sandbox_provisioner.limits import CGROUP_PARENT, CGROUP_ROOT, cgroups_available
+from sandbox_provisioner.runtimes.process import descendants, is_running, process_start_time
+
+
+def start_server(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, Path]:
+    port = _free_port()
+    log = root / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", f"--config={CONFIG}", "--no-browser",
+             f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
+             "--IdentityProvider.token=t", f"--ServerApp.root_dir={root}", "--allow-root"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        )  # fmt: skip
+    return proc, port, log
+
+
+def api_call(port: int, method: str, path: str, body: object = None) -> object:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": "token t", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        data = response.read()
+    return json.loads(data) if data else None
+
+
+def wait_up(proc: subprocess.Popen, port: int, log: Path) -> None:
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            api_call(port, "GET", "/api/status")
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, 60, "the server", step=0.2)
+
+
+def test_pools_end_with_the_server(tmp_path: Path):
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    proc, port, log = start_server(tmp_path, {})
+    try:
+        wait_up(proc, port, log)
+        kernel = api_call(port, "POST", "/api/kernels",
+                          {"name": "sandboxed-python-bubblewrap", "path": ""})  # fmt: skip
+        assert kernel["id"]
+        running = wait_for(lambda: _pool_members(proc.pid), 60, "a pooled sandbox")
+        members = {pid: process_start_time(pid) for pid in running}
+        assert all(members.values())
+        # What only a clean stop removes: the members' cgroups (processes would die anyway).
+        groups = []
+        if cgroups_available():  # as root; else the sandboxes have rlimits
+            slots = {
+                m.group(0)
+                for pid in running
+                for m in re.finditer(rb"m-[0-9a-f]{12}", Path(f"/proc/{pid}/cmdline").read_bytes())
+            }
+            groups = [
+                g
+                for slot in slots
+                for g in CGROUP_ROOT.glob(f"*/{CGROUP_PARENT}/pool-{slot.decode()}")
+            ]
+            assert groups, slots  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert not [p for p, t in members.items() if is_running(p, t)]
+    assert not [g for g in groups if g.exists()]
+
+
+def _pool_members(server: int) -> list[int]:
+    """The server's processes running a pooled sandbox's kernel agent."""
+    found = []
+    for pid in descendants(server):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"sandbox_provisioner.agent" in cmdline and b"serve --unix" in cmdline:
+            found.append(pid)
+    return found
+
+
+@pytest.mark.usefixtures("controller")
+def test_claims_left_by_a_crashed_run_are_deleted_at_start(k8s, namespace, cluster, tmp_path):
+    make_template(k8s, namespace, "t")
+    make_pool(k8s, namespace, "p", replicas=0, template="t")
+    ours, theirs = f"srv-{namespace}", f"other-{namespace}"
+    for name, server in (("left-behind", ours), ("someone-elses", theirs)):
+        k8s.create(CLAIMS, namespace, {
+            "metadata": {"name": name, "labels": {api.LABEL_KERNEL_SERVER: server,
+                                                  api.LABEL_KERNEL_ID: "k"}},
+            "spec": {"warmPoolRef": {"name": "p"}},
+        })  # fmt: skip
+    time.sleep(1.5)  # the claims predate the server
+    # Named as an allowed kernelspec of the example configuration (JUPYTER_PATH comes first).
+    kernels = tmp_path / "data" / "kernels" / "sandboxed-python-gvisor"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps({
+        "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "cluster", "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "sandbox-provisioner", "config": {
+            "runtime": "kubernetes", "warm_pool": "p", "namespace": namespace,
+            "kubeconfig": str(cluster.kubeconfig), "server_id": ours}}},
+    }))  # fmt: skip
+    root = tmp_path / "root"
+    root.mkdir()
+    proc, port, log = start_server(root, {"JUPYTER_PATH": str(tmp_path / "data")})
+    try:
+        wait_up(proc, port, log)
+        wait_for(lambda: k8s.get(CLAIMS, namespace, "left-behind") is None, 60,
+                 "the orphaned claim to be deleted")  # fmt: skip
+        assert k8s.get(CLAIMS, namespace, "someone-elses") is not None
+        assert api_call(port, "GET", "/api/kernels") == []  # no kernel was needed for it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert "left behind by an earlier run" in log.read_text()
