@@ -48,7 +48,7 @@ from traitlets import (
 )
 
 from . import filesystem, pool, pyenv
-from .launch.plan import SandboxPlan, SandboxStartError
+from .launch.plan import SandboxPlan, SandboxStartError, normalized
 from .launch.pooled import PooledLaunch
 from .launch.remote import RemoteLaunch
 from .launch.template import TemplateLaunch
@@ -295,10 +295,12 @@ class SandboxProvisioner(  # type: ignore[misc]
         return await super().pre_launch(cmd=cmd + banner, **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        if self._sandbox is not None:  # kept by cleanup(restart=True)
+            info = await self._restart_in_place(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
+            if info is not None:
+                return info
         if not self.runtime_instance.local:
             return await self._launch_remote(cmd, kwargs.get("env", {}))
-        if self._sandbox is not None:  # a pooled sandbox kept for a restart in place
-            return await self._restart_pooled(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
         if self._poolable(kwargs.get("cwd")):
             try:
                 return await self._launch_pooled(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
@@ -329,6 +331,34 @@ class SandboxProvisioner(  # type: ignore[misc]
             await self._discard_failed_start()
             raise
         return self.connection_info
+
+    async def _restart_in_place(
+        self, cmd: list[str], env: dict[str, str], cwd: str | None
+    ) -> KernelConnectionInfo | None:
+        """A new kernel in the sandbox the last one ran in (pooled or claimed). None when
+        that sandbox cannot serve any more (it died): it is cleaned up, and a claimed kernel
+        starts in a new Sandbox, a pooled one in a new member."""
+        sandbox, remote = self._sandbox, not self.runtime_instance.local
+        assert sandbox is not None
+        cmd = normalized(cmd)
+        kernel_cwd = "" if remote else self._workspace(cwd)[2]
+        spec = self._agent_spec(cmd, self._kernel_env(env, cmd, remote=remote), kernel_cwd)
+        try:
+            self.log.info("Restarting kernel %s in place", self.kernel_id)
+            await sandbox.restart_kernel(spec)
+        except Exception as exc:
+            self.log.warning("Kernel %s cannot restart in its sandbox (%s); it gets a new one",
+                             self.kernel_id, exc)  # fmt: skip
+            await sandbox.cleanup()
+            self._sandbox = None
+            if remote:
+                return None
+            if not self._poolable(cwd):  # its connection was the pooled sandbox's
+                raise SandboxStartError(f"the sandbox of kernel {self.kernel_id} is gone and "
+                                        "no pooled sandbox can replace it") from exc  # fmt: skip
+            return await self._launch_pooled(cmd, env, cwd)
+        self._exited = False
+        return self._agent_connection()
 
     def _socket_paths(self) -> list[str]:
         info = self.connection_info

@@ -135,3 +135,22 @@ async def test_kernel_failing_in_a_pooled_sandbox_reports_its_output(notebook_di
         assert len(list(member_pool.state_dir.glob("m-*"))) == 1
     finally:
         await pool.close_pools()
+
+
+async def test_restart_after_the_sandbox_died_takes_a_new_member(start_kernel, notebook_dir: Path):
+    kernel = await start_kernel("bubblewrap", pool_size=1,
+                                pool_root=str(notebook_dir.parent.parent))  # fmt: skip
+    dead = kernel.provisioner()._sandbox
+    assert await async_wait_until(lambda: only_pool().ready == 1, timeout=60)
+    os.kill(dead.sandbox.pid, signal.SIGKILL)  # the whole sandbox, agent included
+    await kernel.km.restart_kernel(now=True)
+    # A new sandbox is a new endpoint (its IPC directory): clients reconnect, as after a
+    # restart with new ports.
+    kernel.kc.stop_channels()
+    kernel.kc = kernel.km.client()
+    kernel.kc.start_channels()
+    await kernel.ready()
+    assert kernel.provisioner()._sandbox is not dead
+    assert not dead.slot.exists()
+    assert await kernel.value("os.getcwd()") == str(notebook_dir)
+    assert "pooled (warm start)" in (await kernel.kc.kernel_info(reply=True))["content"]["banner"]

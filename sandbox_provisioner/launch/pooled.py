@@ -127,18 +127,6 @@ class PooledLaunch:
             raise
         return self._agent_connection()
 
-    async def _restart_pooled(
-        self, cmd: list[str], env: dict[str, str], cwd: str | None
-    ) -> KernelConnectionInfo:
-        assert self._sandbox is not None
-        cmd = normalized(cmd)
-        kernel_cwd = self._workspace(cwd)[2]
-        self.log.info("Restarting kernel %s in place", self.kernel_id)
-        await self._sandbox.restart_kernel(self._agent_spec(cmd, self._kernel_env(env, cmd),
-                                                            kernel_cwd))  # fmt: skip
-        self._exited = False
-        return self._agent_connection()
-
     def _agent_spec(self, cmd: list[str], kernel_env: dict[str, str], cwd: str) -> SandboxSpec:
         return SandboxSpec(kernel_id=str(self.kernel_id), argv=cmd, env=kernel_env, cwd=cwd,
                            mounts=())  # fmt: skip

@@ -22,7 +22,7 @@ class RemoteLaunch:
     _exited: bool
 
     async def _launch_remote(self, cmd: list[str], env: dict[str, str]) -> KernelConnectionInfo:
-        """A kernel in a sandbox elsewhere: restart in the same sandbox when there is one."""
+        """A kernel in a new sandbox elsewhere (restarts in place are the provisioner's)."""
         spec = SandboxSpec(
             kernel_id=str(self.kernel_id),
             argv=cmd,
@@ -31,24 +31,13 @@ class RemoteLaunch:
             mounts=(),
         )
         runtime = self.runtime_instance
-        kept = self._sandbox
-        if kept is not None:
-            try:
-                self.log.info("Restarting kernel %s in place", self.kernel_id)
-                await kept.restart_kernel(spec)
-            except Exception as exc:
-                self.log.warning("Kernel %s cannot restart in its sandbox (%s); starting a "
-                                 "new one", self.kernel_id, exc)  # fmt: skip
-                await kept.cleanup()
-                self._sandbox = None
-        if self._sandbox is None:
-            self.log.info("Starting kernel %s in a %s sandbox", self.kernel_id, runtime.name)
-            try:
-                self._sandbox = await asyncio.wait_for(runtime.launch(spec), self.launch_timeout)
-            except TimeoutError:
-                raise SandboxStartError(
-                    f"the {runtime.name} sandbox did not start within "
-                    f"launch_timeout={self.launch_timeout:g}s"
-                ) from None
+        self.log.info("Starting kernel %s in a %s sandbox", self.kernel_id, runtime.name)
+        try:
+            self._sandbox = await asyncio.wait_for(runtime.launch(spec), self.launch_timeout)
+        except TimeoutError:
+            raise SandboxStartError(
+                f"the {runtime.name} sandbox did not start within "
+                f"launch_timeout={self.launch_timeout:g}s"
+            ) from None
         self._exited = False
         return self._agent_connection()

@@ -114,7 +114,8 @@ class AgentDrivenSandbox(Sandbox):
     async def send_signal(self, signum: int) -> None:
         from ..agent.client import AgentError
 
-        with contextlib.suppress(AgentError):  # no kernel running: nothing to signal
+        # No kernel running, or the sandbox is gone: nothing to signal (poll says which).
+        with contextlib.suppress(AgentError, ConnectionError, TimeoutError):
             await self._request("signal", signum=signum)
 
     async def terminate(self) -> None:
