@@ -56,6 +56,9 @@ class PoolMember(AgentDrivenSandbox):
     def __init__(self, runtime: SandboxRuntime, slot: Path, sandbox: Sandbox, log: Any):
         super().__init__(log)
         self.runtime, self.slot, self.sandbox = runtime, slot, sandbox
+        #: The filesystem a kernel would inherit from this member, before its plan (the
+        #: member's own mounts for its agent, such as the stage, left out).
+        self.inherited: tuple[Mount, ...] = ()
         #: The kernel's mount plan (set when the member is taken).
         self.plan: list[dict[str, Any]] = []
 
@@ -108,12 +111,15 @@ class PoolMember(AgentDrivenSandbox):
 
 
 class LocalPool:
-    """``size`` members of one kernelspec configuration, kept started."""
+    """``size`` members of one kernelspec configuration, kept started.
+
+    ``member_spec(slot, controller_key)`` gives a member's spec and the filesystem a
+    kernel inherits from it (what :func:`stage_plan` starts from)."""
 
     def __init__(
         self,
         runtime: SandboxRuntime,
-        member_spec: Callable[[Path, str], SandboxSpec],
+        member_spec: Callable[[Path, str], tuple[SandboxSpec, tuple[Mount, ...]]],
         *,
         size: int,
         state_dir: Path,
@@ -191,13 +197,14 @@ class LocalPool:
         self.state_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
         (slot / "ipc").mkdir(parents=True, mode=0o700)
         _SLOTS.add(slot)
-        spec = self.member_spec(slot, public_key_text(self._key))
+        spec, inherited = self.member_spec(slot, public_key_text(self._key))
         try:
             sandbox = await self.runtime.launch(spec)
         except Exception as exc:
             self._failed(slot, f"cannot start: {exc}")
             return
         member = PoolMember(self.runtime, slot, sandbox, self.log)
+        member.inherited = inherited
         try:
             member.agent = await self._claim(member)
             member.session = member.agent.session

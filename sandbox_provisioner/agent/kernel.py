@@ -121,9 +121,14 @@ class KernelLaunch:
     prepare: Callable[[], None] | None = None
 
     def write_connection_file(self, info: dict[str, Any]) -> None:
-        fd = os.open(self.connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(info, out)
+        write_private_json(self.connection_file, info)
+
+
+def write_private_json(path: str | os.PathLike[str], data: Any) -> None:
+    """``data`` as JSON in ``path``, readable by its owner only (it holds keys)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out)
 
 
 def fork_kernel(launch: KernelLaunch) -> tuple[int, int]:

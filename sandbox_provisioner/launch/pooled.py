@@ -11,7 +11,7 @@ from jupyter_client.connect import KernelConnectionInfo
 
 from .. import filesystem, pool, pyenv
 from ..agent.client import AgentError
-from ..spec import NetworkMode, SandboxSpec
+from ..spec import Mount, NetworkMode, SandboxSpec
 from .plan import SandboxStartError, normalized
 
 #: Runtimes whose kernels were told once that they do not pool.
@@ -63,7 +63,7 @@ class PooledLaunch:
         key = json.dumps([self.runtime_instance.name, cmd[0], kernel_env, config, root],
                          sort_keys=True, default=str)  # fmt: skip
 
-        def member_spec(slot: Path, controller_key: str) -> SandboxSpec:
+        def member_spec(slot: Path, controller_key: str) -> tuple[SandboxSpec, tuple[Mount, ...]]:
             start, extra = self._own_module(cmd, kernel_env, "sandbox_provisioner.agent")
             extra.append(filesystem.ExtraMount(root, pool.STAGE_TARGET, True))
             argv = [*start, "serve",
@@ -71,6 +71,7 @@ class PooledLaunch:
                     "--confine", "--workdir", filesystem.SCRATCH_TARGET,
                     "--preload", ",".join(self.pool_preload)]  # fmt: skip
             (slot / "scratch").mkdir(exist_ok=True)
+            inherited = self._mounts(cmd, kernel_env, None, True, slot / "scratch", slot, 0)
             return SandboxSpec(
                 kernel_id=f"pool-{slot.name}",
                 argv=argv,
@@ -84,7 +85,7 @@ class PooledLaunch:
                 state_dir=slot,
                 log_path=slot / "agent.log",
                 agent=True,
-            )
+            ), inherited
 
         def make() -> pool.LocalPool:
             return pool.LocalPool(
@@ -106,8 +107,7 @@ class PooledLaunch:
         self._workspace_host = workspace
         scratch = member.slot / "scratch" if workspace is None else None
         mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot, 0)
-        base = self._mounts(cmd, kernel_env, None, True, member.slot / "scratch", member.slot, 0)
-        plan = pool.stage_plan(list(mounts), list(base), self._pool_root())
+        plan = pool.stage_plan(list(mounts), list(member.inherited), self._pool_root())
         assert plan is not None, "_poolable checked that the workspace is on the stage"
         member.plan = plan
         self.log.info("Starting kernel %s in a pooled %s sandbox (%s, workspace %s)",

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import templates
+from ..agent.kernel import write_private_json
 from ..runtimes import Sandbox, banner_arguments
 from ..spec import SandboxSpec
 from .plan import TEMPLATE_MODULE
@@ -83,10 +82,5 @@ class TemplateLaunch:
         args = spec.argv[spec.argv.index("-f") + 2 :] if "-f" in spec.argv else []
         args = [a for a in args if not a.startswith("--InteractiveShell.banner2=")]
         args += banner_arguments(spec.argv, f"{self.runtime_instance.name} (from a template)")
-        for name, data in (
-            ("kernel.json", info),
-            ("start.json", {"env": spec.env, "args": args, "cwd": spec.cwd}),
-        ):
-            fd = os.open(ctl / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
+        write_private_json(ctl / "kernel.json", info)
+        write_private_json(ctl / "start.json", {"env": spec.env, "args": args, "cwd": spec.cwd})
