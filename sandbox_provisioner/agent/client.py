@@ -42,13 +42,11 @@ class AgentClient:
     later from a new connection or a new process.
     """
 
-    def __init__(self, address: Address, channel: Channel, session: bytes, greeting: dict):
+    def __init__(self, address: Address, channel: Channel, session: bytes):
         self.address = address
         self.session = session
         self._channel = channel
         self._lock = asyncio.Lock()
-        #: Kernel starts the agent had done when this connection was made.
-        self.starts_before = int(greeting.get("starts", 0))
 
     @property
     def kernel_key(self) -> str:
@@ -100,7 +98,7 @@ class AgentClient:
             body = channel.verify(first)
             if not body.get("ok"):
                 raise ProtocolError("the agent did not confirm the session")
-            return cls(address, channel, session, body)
+            return cls(address, channel, session)
         except BaseException:
             writer.close()
             raise

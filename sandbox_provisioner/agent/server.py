@@ -82,7 +82,6 @@ class KernelAgent:
     session: bytes | None = None
     kernel: RunningKernel | None = None
     ports: dict[str, int] | None = None
-    starts: int = 0
     sealed: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _seccomp: Any = None
@@ -99,7 +98,7 @@ class KernelAgent:
             self._authenticate(frame, handshake)
             assert self.session is not None
             channel = Channel(reader, writer, self.session, handshake.nonce, is_agent=True)
-            await channel.send({"ok": True, "starts": self.starts})
+            await channel.send({"ok": True})
             local = writer.get_extra_info("sockname")
             while (body := await channel.recv()) is not None:
                 await channel.send(await self._dispatch(body, local))
@@ -174,7 +173,6 @@ class KernelAgent:
         launch.write_connection_file(info)
         pid, ready = kernel_process.fork_kernel(launch)
         self.kernel = RunningKernel(pid, launch.log_path)
-        self.starts += 1
         try:
             started = await self._wait_ready(ready, float(body.get("timeout", 60)))
         finally:
@@ -184,7 +182,7 @@ class KernelAgent:
             return {"ok": False, "error": f"the kernel exited with code {code} while starting",
                     "log": self._log_tail()}  # fmt: skip
         info.pop("key")
-        return {"ok": True, "pid": pid, "connection": info, "starts": self.starts}
+        return {"ok": True, "pid": pid, "connection": info}
 
     def _endpoint(self, body: dict[str, Any], local: Any) -> dict[str, Any]:
         """Where the kernel listens: the IPC path the controller gave (local pools), else
