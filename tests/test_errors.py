@@ -91,7 +91,8 @@ async def test_launch_timeout_ends_in_clear_error(tmp_path):
 
     require_runtime("gvisor")  # takes seconds to boot: a short timeout always fires
     before = state_dirs()
-    km = manager("gvisor", launch_timeout=0.2)
+    # Cold: a template build in the background would add the shared templates directory.
+    km = manager("gvisor", launch_timeout=0.2, snapshot_templates=False)
     with pytest.raises(SandboxStartError, match=r"within launch_timeout=0.2s"):
         await km.start_kernel(cwd=str(tmp_path))
     assert state_dirs() == before
