@@ -1,10 +1,11 @@
 """The conversion webhook the CRDs call for v1alpha1: an HTTPS endpoint of the controller.
 
 The API server only calls webhooks over TLS with a CA it is given in the CRD
-(``caBundle``). The controller makes a private CA and a serving certificate at
-start (nothing to provision beforehand) and writes the CA and its own address
-into the CRDs' ``spec.conversion``; another replica doing the same later simply
-takes over.
+(``caBundle``). The controller's replicas share one private CA, kept in a
+Secret that the first of them creates (nothing to provision beforehand); each
+replica signs its own serving certificate with it. The leader writes the CA and
+its address into the CRDs' ``spec.conversion``: whichever replica a Service
+routes a call to, the API server trusts it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,35 @@ from .conversion import review_response
 PATH = "/convert"
 
 
+@dataclass(frozen=True)
+class Authority:
+    """The CA every replica's serving certificate is signed by."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def new(cls, days: int = 3650) -> Authority:
+        now = datetime.datetime.now(datetime.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-sandbox-webhook-ca")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+        return cls(
+            cert.public_bytes(pem), key.private_bytes(pem, pkcs8, serialization.NoEncryption())
+        )
+
+
 @dataclass
 class Certificates:
     ca_pem: bytes
@@ -44,22 +74,16 @@ class Certificates:
         return ctx
 
 
-def make_certificates(hosts: list[str], days: int = 365) -> Certificates:
-    """A fresh CA and a certificate for ``hosts`` (DNS names or IP addresses) signed by it."""
+def make_certificates(
+    hosts: list[str], authority: Authority | None = None, days: int = 365
+) -> Certificates:
+    """A certificate for ``hosts`` (DNS names or IP addresses) signed by ``authority`` (a
+    fresh CA if None)."""
+    authority = authority or Authority.new()
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-sandbox-webhook-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = x509.load_pem_x509_certificate(authority.cert_pem)
+    ca_key = serialization.load_pem_private_key(authority.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -70,7 +94,7 @@ def make_certificates(hosts: list[str], days: int = 365) -> Certificates:
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
+        .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -80,7 +104,7 @@ def make_certificates(hosts: list[str], days: int = 365) -> Certificates:
     )
     pem = serialization.Encoding.PEM
     return Certificates(
-        ca_pem=ca.public_bytes(pem),
+        ca_pem=authority.cert_pem,
         cert_pem=cert.public_bytes(pem),
         key_pem=key.private_bytes(
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import signal
+import ssl
 import time
 import urllib.request
 
@@ -82,3 +85,34 @@ def test_claim_startup_latency_metric(k8s, namespace, controller):
     assert wait_for(lambda: warm_count() >= 1, 10, "the warm claim observed")
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     assert 'agent_sandbox_reconcile_total{kind="SandboxClaim"}' in text
+
+
+def test_every_replica_serves_the_webhook_the_crds_trust(k8s, controller):
+    """A Service may route the API server's conversion call to any replica: each one's
+    certificate must chain to the CA in the CRDs (one CA, shared through a Secret)."""
+    standby = controller_process(k8s.cluster, "controller-webhook-standby").start()
+    try:
+        path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/sandboxes.agents.x-k8s.io"
+        _, crd = k8s.cluster.request("GET", path)
+        ca = base64.b64decode(crd["spec"]["conversion"]["webhook"]["clientConfig"]["caBundle"])
+        trusted = ssl.create_default_context(cadata=ca.decode())
+        review = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+                  "request": {"uid": "u1", "desiredAPIVersion": "agents.x-k8s.io/v1beta1",
+                              "objects": []}}  # fmt: skip
+
+        def converts(port: int) -> bool:
+            request = urllib.request.Request(
+                f"https://127.0.0.1:{port}/convert", data=json.dumps(review).encode(),
+                headers={"Content-Type": "application/json"},
+            )  # fmt: skip
+            try:
+                answer = json.loads(urllib.request.urlopen(request, context=trusted, timeout=5)
+                                    .read())  # fmt: skip
+            except OSError:
+                return False
+            return answer["response"]["uid"] == "u1"
+
+        assert wait_for(lambda: converts(standby.webhook_port), 30, "the standby's webhook")
+        assert converts(controller.webhook_port)
+    finally:
+        standby.stop()

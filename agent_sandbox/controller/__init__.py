@@ -17,15 +17,17 @@ point converges when it starts again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import kopf
+from kubernetes_asyncio.client.rest import ApiException
 
 from .. import api, crds, webhook
-from ..kube import CRDS, Kube, controller_of, load_config
+from ..kube import CRDS, SECRETS, Kube, controller_of, is_status, load_config
 from . import claim, sandbox, template, warmpool
 from .context import Context, Options
 from .leader import LeaderElector
@@ -111,6 +113,31 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
     return registry
 
 
+#: The Secret holding the webhook CA all replicas share (in the lease namespace).
+WEBHOOK_CA_SECRET = "agent-sandbox-webhook-ca"
+
+
+async def shared_authority(kube: Kube, namespace: str) -> webhook.Authority:
+    """The webhook CA of every replica: read from its Secret, made by the first replica."""
+    for _ in range(5):
+        found = await kube.get(SECRETS, namespace, WEBHOOK_CA_SECRET)
+        if found is not None:
+            data = found.get("data") or {}
+            return webhook.Authority(base64.b64decode(data["ca.crt"]),
+                                     base64.b64decode(data["ca.key"]))  # fmt: skip
+        authority = webhook.Authority.new()
+        data = {"ca.crt": _b64(authority.cert_pem), "ca.key": _b64(authority.key_pem)}
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": data,
+                "metadata": {"name": WEBHOOK_CA_SECRET, "namespace": namespace}}  # fmt: skip
+        try:
+            await kube.create(SECRETS, namespace, body)
+            return authority
+        except ApiException as exc:
+            if not is_status(exc, 409):  # another replica made it first: read theirs
+                raise
+    raise RuntimeError(f"cannot read or create the Secret {namespace}/{WEBHOOK_CA_SECRET}")
+
+
 async def install_conversion(kube: Kube, client_config: dict[str, Any]) -> None:
     """Point every CRD's conversion at this controller's webhook (with its CA)."""
     for crd in crds.all_crds(client_config):
@@ -158,7 +185,8 @@ async def run(
             if webhook_service:
                 ns, name, _ = webhook_service
                 hosts += [f"{name}.{ns}.svc", f"{name}.{ns}.svc.{ctx.options.cluster_domain}"]
-            certs = webhook.make_certificates(hosts)
+            authority = await shared_authority(kube, lease_namespace)
+            certs = webhook.make_certificates(hosts, authority)
             runner = await webhook.serve(webhook_host, webhook_port, certs)
             client_config = {"caBundle": _b64(certs.ca_pem)}
             if webhook_service:
@@ -262,6 +290,4 @@ async def _operate(
 
 
 def _b64(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(data).decode()
