@@ -16,6 +16,7 @@ from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 
+from . import identity
 from .kernelspecs import RuntimeKernelSpecManager
 from .limits import cgroups_available
 from .runtimes import runtime_classes
@@ -92,8 +93,14 @@ async def diagnose(full: bool = True, parent: Any = None) -> list[RuntimeReport]
 
 def host_facts() -> list[str]:
     root = os.geteuid() == 0
+    who = identity.resolve()
+    kernels = (
+        f"kernels run as uid {who.uid} (never root; files they create are that uid's)"
+        if who.separate
+        else "kernels run as this user, in user namespaces of their own"
+    )
     return [
-        f"running as {'root' if root else f'uid {os.geteuid()}'}",
+        f"running as {'root' if root else f'uid {os.geteuid()}'}; {kernels}",
         "limits: cgroup v1 (memory, cpu, pids)"
         if cgroups_available()
         else "limits: rlimits only (address space, processes); no CPU limit without root",

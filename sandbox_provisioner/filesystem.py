@@ -7,19 +7,19 @@ the system (``/usr`` and its usual links, read-only), a short allowlist of
 workspace. Host paths are bound at the same path inside the sandbox, so
 paths a user sees in the notebook server mean the same thing in the kernel.
 
-Inside a workspace that holds a home directory, the home's dot files
-(credentials, shell start-up files, Jupyter's own runtime files with
-server tokens) are hidden, and version-control metadata is read-only:
-otherwise a sandboxed kernel could plant code that the host runs later.
+What the host runs later stays out of the kernel's reach wherever a bind
+exposes it (a home's dot files and top level, Jupyter's and IPython's
+directories, the server's Python, every repository): :mod:`.protected`.
 """
 
 from __future__ import annotations
 
-import glob
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import protected
 from .pyenv import is_within, minimal_cover
 from .spec import Mount, MountKind
 
@@ -43,10 +43,14 @@ DEFAULT_ETC_ALLOWLIST = (
     "/etc/timezone",
 )
 
+#: Inside the /etc allowlist, but never shown: private keys (0710 root:ssl-cert on Debian).
+ETC_HIDDEN = ("/etc/ssl/private",)
+
 #: Hidden inside any bound directory: credentials, start-up files, Jupyter's state.
 DEFAULT_HIDDEN_PATHS = ("~/.*",)
 
-#: Bound read-only inside a writable workspace (relative to the workspace).
+#: Read-only inside a writable workspace: names at any depth (repositories), or paths
+#: relative to the workspace (with a slash).
 DEFAULT_WORKSPACE_READONLY = (".git", ".hg", ".svn")
 
 #: Where the workspace appears when it is a private scratch directory.
@@ -88,6 +92,8 @@ def system_mounts(etc_allowlist: tuple[str, ...] = DEFAULT_ETC_ALLOWLIST) -> lis
         elif os.path.isdir(path):
             mounts.append(Mount(path, source=path))
     mounts += [Mount(p, source=p) for p in etc_allowlist if os.path.exists(p)]
+    mounts += [Mount(p, MountKind.TMPFS) for p in ETC_HIDDEN
+               if os.path.isdir(p) and any(is_within(p, e) for e in etc_allowlist)]  # fmt: skip
     mounts.append(Mount("/tmp", MountKind.TMPFS, writable=True))
     return mounts
 
@@ -123,11 +129,17 @@ def build_mounts(
     connection_file: str | None,
     etc_mounts: list[Mount],
     extra: list[ExtraMount] = (),  # type: ignore[assignment]
+    agent_only: list[ExtraMount] = (),  # type: ignore[assignment]
     etc_allowlist: tuple[str, ...] = DEFAULT_ETC_ALLOWLIST,
     hidden_paths: tuple[str, ...] = DEFAULT_HIDDEN_PATHS,
     workspace_readonly: tuple[str, ...] = DEFAULT_WORKSPACE_READONLY,
+    jupyter_dirs: tuple[str, ...] = (),
+    log: object = None,
 ) -> tuple[Mount, ...]:
-    """The sandbox's mounts, parents before children, later entries on top."""
+    """The sandbox's mounts, parents before children, later entries on top.
+
+    ``jupyter_dirs`` (Jupyter's and IPython's) are hidden wherever a bind shows them;
+    ``agent_only`` binds (a pooled sandbox's stage) get no hidden or read-only paths."""
     mounts = system_mounts(etc_allowlist) + etc_mounts
     python_binds = [p for p in minimal_cover(python_paths) if not is_within(p, "/usr")]
     user_binds: list[Mount] = []
@@ -138,34 +150,29 @@ def build_mounts(
     user_binds += [Mount(e.target, source=e.source, writable=e.writable) for e in extra]
 
     mounts += user_binds
-    mounts += _hidden(user_binds, hidden_paths, python_binds)
-    if workspace is not None and workspace_writable:
-        for rel in workspace_readonly:
-            path = os.path.join(workspace, rel)
-            if os.path.exists(path):
-                mounts.append(Mount(path, source=path))
+    names = tuple(n for n in workspace_readonly if "/" not in n)
+    paths = [os.path.join(workspace, p) for p in workspace_readonly
+             if "/" in p and workspace is not None]  # fmt: skip
+    mounts += protected.mounts(
+        user_binds,
+        hidden_patterns=hidden_paths,
+        jupyter_dirs=jupyter_dirs,
+        readonly_dirs=[*paths, sys.prefix, sys.base_prefix],  # and the server's Python
+        repository_names=names,
+        python_binds=python_binds,
+        log=log,
+    )
+    # A pooled sandbox's stage, seen by its agent only: what it binds from it must be the
+    # real files (the kernel's own hidden and read-only mounts are made at their targets).
+    mounts += [Mount(e.target, source=e.source, writable=e.writable) for e in agent_only]
     mounts += [Mount(p, source=p) for p in python_binds]
     if ipc_dir is not None:
         mounts.append(Mount(ipc_dir, source=ipc_dir, writable=True))
     if connection_file is not None:
         mounts.append(Mount(connection_file, source=connection_file))
+    # A mount hides any earlier one at the same target: keep the last (runsc restores
+    # mounts by destination, and wants one per destination).
+    last = {m.target: i for i, m in enumerate(mounts)}
+    mounts = [m for i, m in enumerate(mounts) if last[m.target] == i]
     # Stable sort: a mount is applied after every mount of a shallower target.
     return tuple(sorted(mounts, key=lambda m: m.depth))
-
-
-def _hidden(binds: list[Mount], patterns: tuple[str, ...], python_binds: list[str]) -> list[Mount]:
-    """Mounts that hide host paths matching ``patterns`` wherever a bind exposes them."""
-    hidden: list[Mount] = []
-    for pattern in patterns:
-        for match in glob.glob(os.path.expanduser(pattern)):
-            host = os.path.realpath(match)
-            # A Python environment under a hidden path stays visible, read-only.
-            if any(is_within(host, p) for p in python_binds):
-                continue
-            for bind in binds:
-                if bind.source is None or not is_within(host, bind.source) or host == bind.source:
-                    continue
-                target = bind.target + host[len(bind.source) :]
-                kind = MountKind.TMPFS if os.path.isdir(host) else MountKind.HIDE_FILE
-                hidden.append(Mount(target, kind, writable=kind is MountKind.TMPFS))
-    return hidden

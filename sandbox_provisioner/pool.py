@@ -26,6 +26,7 @@ import base64
 import contextlib
 import logging
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +40,9 @@ from .spec import Mount, MountKind, SandboxSpec
 
 #: Where a member sees its stage (pool_root); unmounted once a kernel is assigned.
 STAGE_TARGET = "/run/jupyter-sandbox/stage"
-#: The agent's socket, beside the kernel's IPC sockets in the member's ipc/ directory.
-AGENT_SOCKET = "ipc/agent.sock"
+#: The agent's socket, in the member's directory on the host. The agent inherits it
+#: listening: it is in no directory the sandbox sees, so no kernel can reach or replace it.
+AGENT_SOCKET = "agent.sock"
 MEMBER_START_TIMEOUT = 120.0
 
 log = logging.getLogger(__name__)
@@ -113,13 +115,13 @@ class PoolMember(AgentDrivenSandbox):
 class LocalPool:
     """``size`` members of one kernelspec configuration, kept started.
 
-    ``member_spec(slot, controller_key)`` gives a member's spec and the filesystem a
-    kernel inherits from it (what :func:`stage_plan` starts from)."""
+    ``member_spec(slot, controller_key, listen_fd)`` gives a member's spec and the
+    filesystem a kernel inherits from it (what :func:`stage_plan` starts from)."""
 
     def __init__(
         self,
         runtime: SandboxRuntime,
-        member_spec: Callable[[Path, str], tuple[SandboxSpec, tuple[Mount, ...]]],
+        member_spec: Callable[[Path, str, int], tuple[SandboxSpec, tuple[Mount, ...]]],
         *,
         size: int,
         state_dir: Path,
@@ -194,15 +196,25 @@ class LocalPool:
 
     async def _start_member(self) -> None:
         slot = self.state_dir / f"m-{uuid.uuid4().hex[:12]}"
-        self.state_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
-        (slot / "ipc").mkdir(parents=True, mode=0o700)
+        # Traversable, not listable: a root server's sandboxes bind from here as the sandbox
+        # uid (see sandbox_provisioner.identity); the names are random.
+        for directory in (self.state_dir.parent, self.state_dir, slot):
+            directory.mkdir(mode=0o711, exist_ok=True)
+            directory.chmod(0o711)
+        (slot / "ipc").mkdir(mode=0o700)
         _SLOTS.add(slot)
-        spec, inherited = self.member_spec(slot, public_key_text(self._key))
+        listener = socket.socket(socket.AF_UNIX)
         try:
+            listener.bind(str(slot / AGENT_SOCKET))
+            listener.listen(16)
+            spec, inherited = self.member_spec(slot, public_key_text(self._key),
+                                               listener.fileno())  # fmt: skip
             sandbox = await self.runtime.launch(spec)
         except Exception as exc:
             self._failed(slot, f"cannot start: {exc}")
             return
+        finally:
+            listener.close()  # the agent holds it now
         member = PoolMember(self.runtime, slot, sandbox, self.log)
         member.inherited = inherited
         try:
@@ -320,15 +332,17 @@ def stage_plan(mounts: list[Mount], member: list[Mount], pool_root: str) -> list
     for m in mounts:
         if m in have:
             continue
-        source = m.source
+        source, expect = m.source, None
         if m.kind is MountKind.BIND:
             assert source is not None
             rel = os.path.relpath(source, pool_root)
             if rel == ".." or rel.startswith("../"):
                 return None
-            source = os.path.normpath(os.path.join(STAGE_TARGET, rel))
+            st = os.stat(source)  # the agent binds exactly this, or refuses
+            source, expect = os.path.normpath(os.path.join(STAGE_TARGET, rel)), [st.st_dev,
+                                                                                  st.st_ino]
         plan.append({"kind": m.kind.value, "target": m.target, "source": source,
-                     "writable": m.writable})  # fmt: skip
+                     "writable": m.writable, "expect": expect})  # fmt: skip
     return plan
 
 

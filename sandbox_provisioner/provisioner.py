@@ -47,7 +47,7 @@ from traitlets import (
     validate,
 )
 
-from . import filesystem, pool, pyenv
+from . import filesystem, identity, pool, pyenv
 from .launch.plan import SandboxPlan, SandboxStartError, normalized
 from .launch.pooled import PooledLaunch
 from .launch.remote import RemoteLaunch
@@ -132,6 +132,13 @@ class SandboxProvisioner(  # type: ignore[misc]
         help="Memory limit of the whole sandbox, bytes or '512M'/'2G'; 0 = none.",
     )
     cpu_limit = Float(0.0, config=True, help="CPU limit in cores (0.5 = half a core); 0 = none.")
+    sandbox_user = Unicode(
+        "auto",
+        config=True,
+        help="With the server as root: the unprivileged account (name or uid) kernels run as "
+        "and that owns the files they create. 'auto': the jupyter-sandbox account, else uid "
+        f"{identity.FALLBACK_UID}. An unprivileged server's kernels always run as itself.",
+    )
     pids_limit = Int(512, config=True, help="Maximum processes and threads; 0 = none.")
     launch_timeout = Float(
         60.0,
@@ -201,6 +208,14 @@ class SandboxProvisioner(  # type: ignore[misc]
             )
         return name
 
+    @validate("sandbox_user")
+    def _check_sandbox_user(self, proposal: Any) -> str:
+        try:
+            identity.resolve(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+        return proposal["value"]
+
     @validate("memory_limit")
     def _check_memory(self, proposal: Any) -> int | str:
         try:
@@ -252,16 +267,24 @@ class SandboxProvisioner(  # type: ignore[misc]
         return Path(self.state_root) / str(self.kernel_id)
 
     def _make_kernel_dir(self) -> Path:
+        """The kernel's private directory, in ``state_root``: traversable (0711) so that a
+        root server's sandboxes, which set up as the sandbox uid, reach their own
+        directory by its unguessable name; listable by no one else."""
         root = Path(self.state_root)
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)
         st = os.lstat(root)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o066:
             raise SandboxStartError(
-                f"{root} must be a directory owned by uid {os.getuid()} with mode 0700; "
-                "remove it or set SandboxProvisioner.state_root"
+                f"{root} must be a directory owned by uid {os.getuid()} that only its owner "
+                "can list or write (mode 0711 or 0700); remove it or set "
+                "SandboxProvisioner.state_root"
             )
+        if st.st_mode & 0o777 != 0o711:
+            root.chmod(0o711)
         kdir = self.kernel_dir
-        (kdir / "ipc").mkdir(mode=0o700, parents=True, exist_ok=True)
+        kdir.mkdir(mode=0o711, exist_ok=True)
+        kdir.chmod(0o711)
+        (kdir / "ipc").mkdir(mode=0o700, exist_ok=True)
         return kdir
 
     @property
@@ -319,11 +342,17 @@ class SandboxProvisioner(  # type: ignore[misc]
                       runtime.name, how, self._workspace_host or "scratch")  # fmt: skip
         if restore is not None:
             self._write_ctl(spec)
-        if template is not None and restore is not None:
-            self._sandbox = await restore(spec, template.image)
-            (self.kernel_dir / "ipc" / "go").touch()
-        else:
-            self._sandbox = await runtime.launch(spec)
+        try:
+            if template is not None and restore is not None:
+                self._sandbox = await restore(spec, template.image)
+                (self.kernel_dir / "ipc" / "go").touch()
+            else:
+                self._sandbox = await runtime.launch(spec)
+        except OSError as exc:  # a bind refused (a path swapped after the plan), a fork failed
+            await self._discard_failed_start()
+            raise SandboxStartError(
+                f"the {runtime.name} sandbox could not be prepared: {exc}"
+            ) from None
         self._exited = False
         try:
             await self._wait_for_sockets()

@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .identity import SandboxIdentity
+
 
 class NetworkMode(enum.StrEnum):
     """How the sandbox reaches the network."""
@@ -97,6 +99,11 @@ class SandboxSpec:
     log_path: Path = Path()
     #: The hostname the kernel sees.
     hostname: str = "sandbox"
+    #: Who the kernel is on the host (a dedicated uid when the server is root); None: the
+    #: server's own uid, in a user namespace of the sandbox.
+    identity: SandboxIdentity | None = None
+    #: Descriptors the sandbox's main process inherits (a pooled agent's listening socket).
+    keep_fds: tuple[int, ...] = ()
     #: The main process is the kernel agent of a pooled sandbox, started before its kernel
     #: is known: it keeps CAP_SYS_ADMIN inside the sandbox (never outside) to bind the
     #: kernel's workspace when one is assigned, and each kernel it forks drops every

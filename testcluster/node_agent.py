@@ -8,7 +8,8 @@ the pod's runtimeClassName says so, else bubblewrap):
 * each pod gets its own IP from 127.0.0.0/8 and the host network, so a process
   that binds its pod IP is reachable from the other pods by that IP;
 * PVC volumes are per-claim host directories that outlive the pod; emptyDir
-  volumes die with it;
+  volumes die with it; both belong to the uid pods run as (the sandbox uid, as
+  a kubelet gives volumes to a pod's fsGroup);
 * status is written the way the kubelet writes it (phase, conditions,
   containerStatuses, podIP/podIPs, hostIP, startTime), restarts follow
   restartPolicy; a tcpSocket readiness probe holds Ready back until its port
@@ -29,6 +30,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -40,7 +42,7 @@ from kubernetes_asyncio import client, watch
 
 import sandbox_provisioner
 from agent_sandbox.kube import NODES, PODS, Kube, is_status, timestamp
-from sandbox_provisioner import filesystem, pyenv
+from sandbox_provisioner import filesystem, identity, pyenv
 from sandbox_provisioner.runtimes import Sandbox, create_runtime
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
@@ -210,7 +212,7 @@ class NodeAgent:
             src = sources.get(vm["name"])
             if src is None:
                 continue
-            src.mkdir(parents=True, exist_ok=True)
+            _owned_by_pods(src)
             mounts.append(
                 filesystem.ExtraMount(str(src), vm["mountPath"], not vm.get("readOnly", False))
             )
@@ -256,7 +258,7 @@ class NodeAgent:
             extra=self._volumes(pod),
             hidden_paths=(),
         )
-        Path(self.root / "pods" / meta["uid"] / "scratch").mkdir(parents=True, exist_ok=True)
+        _owned_by_pods(self.root / "pods" / meta["uid"] / "scratch")
         runtime_name = "gvisor" if spec.get("runtimeClassName") == "gvisor" else "bubblewrap"
         runtime = create_runtime(runtime_name)
         return await runtime.launch(
@@ -427,6 +429,14 @@ async def main_async(kubeconfig: str, root: Path) -> None:
         await task
     await agent.close()
     await kube.close()
+
+
+def _owned_by_pods(directory: Path) -> None:
+    """A volume directory, writable by the uid pods run as."""
+    directory.mkdir(parents=True, exist_ok=True)
+    who = identity.resolve()
+    if who.separate and directory.stat().st_uid != who.uid:
+        os.chown(directory, who.uid, who.gid)
 
 
 def main() -> None:

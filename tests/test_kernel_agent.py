@@ -124,6 +124,46 @@ async def test_garbage_is_dropped_and_the_agent_lives_on(agent):
     assert (await ctl.request("poll"))["exit_code"] == 0
 
 
+async def test_a_deeply_nested_frame_is_dropped(agent):
+    """Before authentication, a frame nested past Python's recursion limit."""
+    reader, writer = await asyncio.open_connection(*agent["address"])
+    await reader.readline()
+    writer.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    await writer.drain()
+    assert await reader.read() == b""  # dropped
+    assert b"RecursionError" not in _agent_output(agent)
+    ctl = await AgentClient.claim(agent["address"], agent["key"])
+    assert (await ctl.request("poll"))["exit_code"] == 0
+
+
+async def test_unauthenticated_connections_are_bounded(agent):
+    """Idle connections that never authenticate cannot pile up in the agent."""
+    from sandbox_provisioner.agent.server import MAX_PENDING
+
+    pid = agent["proc"].pid
+    base = len(os.listdir(f"/proc/{pid}/fd"))
+    idle = [await asyncio.open_connection(*agent["address"]) for _ in range(4 * MAX_PENDING)]
+    await asyncio.sleep(0.5)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= base + MAX_PENDING + 2
+    for _, writer in idle:
+        writer.close()
+    ctl = None
+    for _ in range(100):  # the slots free up as the idle ones go
+        try:
+            ctl = await AgentClient.claim(agent["address"], agent["key"])
+            break
+        except (ConnectionError, OSError):
+            await asyncio.sleep(0.1)
+    assert ctl is not None and (await ctl.request("poll"))["exit_code"] == 0
+
+
+def _agent_output(agent: dict) -> bytes:
+    """What the agent has logged so far (without waiting for more)."""
+    out = agent["proc"].stdout
+    os.set_blocking(out.fileno(), False)
+    return out.read() or b""
+
+
 def test_controller_keys_are_checked():
     with pytest.raises(ValueError, match="does not start with ed25519:"):
         parse_public_keys("rsa:AAAA")

@@ -102,7 +102,7 @@ def _pool_members(server: int) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"sandbox_provisioner.agent" in cmdline and b"serve --unix" in cmdline:
+        if b"sandbox_provisioner.agent" in cmdline and b"serve --listen-fd" in cmdline:
             found.append(pid)
     return found
 

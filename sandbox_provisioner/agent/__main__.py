@@ -4,17 +4,17 @@
     python -m sandbox_provisioner.agent public-key KEYFILE   # made on first use
 
 ``serve`` reads the pinned controller keys from ``$JUPYTER_SANDBOX_CONTROLLER_KEYS``
-(or ``--controller-keys``) and refuses to start without one.
+(or ``--controller-keys``) and refuses to start without one. It makes itself
+non-dumpable and forks the kernel factory (the zygote) before anything else,
+so no kernel is a copy of a process that held a secret.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import threading
 
 from .protocol import (
     CONTROLLER_KEYS_ENV,
@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get(CONTROLLER_KEYS_ENV, ""),
         help=f"pinned controller keys (default ${CONTROLLER_KEYS_ENV})",
     )
-    serve_p.add_argument("--unix", help="listen on this Unix socket instead (local pools)")
+    serve_p.add_argument(
+        "--listen-fd", type=int, help="an inherited listening socket to serve on (local pools)"
+    )
     serve_p.add_argument("--stage", help="directory the workspaces are bound from (local pools)")
     serve_p.add_argument(
         "--confine",
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         help="pooled local sandbox: bind the workspace, kernels drop privileges",
     )
     serve_p.add_argument("--preload", default="", help="modules to import ahead (comma-separated)")
+    serve_p.add_argument(
+        "--kernel-caps", default="", help="capabilities a pooled sandbox's kernels keep"
+    )
     serve_p.add_argument("--workdir", default=os.getcwd(), help="the kernel's directory")
     key_p = sub.add_parser("public-key", help="print a controller key's public half")
     key_p.add_argument("keyfile")
@@ -61,18 +66,29 @@ def main(argv: list[str] | None = None) -> None:
     if not keys:
         parser.error(f"no controller key: set ${CONTROLLER_KEYS_ENV} or --controller-keys "
                      "(the agent would obey no one)")  # fmt: skip
-    from .kernel import learn_kernel_imports, preload
-    from .server import serve
+    from .server import block_stop_signals, serve
+    from .zygote import Zygote, ZygoteDied, set_dumpable
 
-    preload([m.strip() for m in args.preload.split(",") if m.strip()])
-    learned = learn_kernel_imports()
-    log = logging.getLogger("jupyter-sandbox-agent")
-    log.info("preloaded %d kernel modules", learned)
-    if threading.active_count() > 1:  # the agent forks kernels: threads would not follow
-        log.warning("a preloaded module started a thread: forked kernels may hang")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, keys, workdir=args.workdir, unix=args.unix,
-                          stage=args.stage, confine=args.confine))  # fmt: skip
+    set_dumpable(False)  # no kernel reads or writes this process's memory
+    preloads = [m.strip() for m in args.preload.split(",") if m.strip()]
+    kernel_caps = [c.strip() for c in args.kernel_caps.split(",") if c.strip()]
+
+    def prepare() -> None:
+        if args.confine:  # kernels of a pooled sandbox: their capabilities, their filter
+            from ..seccomp import build_filter
+            from .confine import restrict
+
+            restrict(kernel_caps, build_filter())
+
+    try:
+        zygote = Zygote.fork(prepare, preloads, [args.listen_fd] if args.listen_fd else [],
+                             own_namespace=args.confine)  # fmt: skip
+    except ZygoteDied as exc:
+        parser.exit(1, f"kernel agent: {exc}\n")
+    block_stop_signals()
+    asyncio.run(serve(keys, zygote, workdir=args.workdir, host=args.host, port=args.port,
+                      listen_fd=args.listen_fd, stage=args.stage,
+                      confine=args.confine))  # fmt: skip
 
 
 if __name__ == "__main__":

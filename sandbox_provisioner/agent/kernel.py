@@ -1,15 +1,14 @@
-"""The kernel process: forked from the agent, with ipykernel already imported.
+"""The kernel process: forked, with ipykernel already imported.
 
-The agent imports ipykernel (and whatever else it was told to preload) once,
-while it waits for a controller; each kernel start is then a ``fork`` that
-only has to bind its sockets. :func:`run_kernel` is all the child runs: it
-detaches from everything the agent holds (descriptors, signal handlers, the
-event loop, the environment) before any user code can see it.
+The zygote (:mod:`.zygote`) imports ipykernel (and whatever else it was told
+to preload) once, while the agent waits for a controller; each kernel start is
+then a ``fork`` that only has to bind its sockets. :func:`run_kernel` is all
+the child runs: it leaves behind everything of its parent (descriptors, signal
+handlers and mask, the environment) before any user code can see it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import importlib
@@ -18,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -26,8 +24,6 @@ log = logging.getLogger("jupyter-sandbox-agent")
 
 #: What every agent preloads: the kernel itself.
 KERNEL_MODULES = ("ipykernel.kernelapp",)
-#: Objects the child must keep alive: the agent's loop and sockets, whose descriptors it closed.
-_KEEP: list[Any] = []
 
 
 def preload(modules: list[str]) -> list[str]:
@@ -51,7 +47,7 @@ def learn_kernel_imports(timeout: float = 120.0) -> int:
     (the shell, the debugger, comms: most of a kernel's start under gVisor).
     A throwaway child initializes a kernel on loopback ports and reports the
     modules it loaded; importing them here means every forked kernel has them.
-    Must run before the agent starts any thread (it forks).
+    Must run before this process starts any thread (it forks).
     """
     import tempfile
 
@@ -117,8 +113,6 @@ class KernelLaunch:
     env: dict[str, str]
     cwd: str
     log_path: str
-    #: Run first in the child, before the kernel's code (a pooled sandbox drops privileges).
-    prepare: Callable[[], None] | None = None
 
     def write_connection_file(self, info: dict[str, Any]) -> None:
         write_private_json(self.connection_file, info)
@@ -131,27 +125,13 @@ def write_private_json(path: str | os.PathLike[str], data: Any) -> None:
         json.dump(data, out)
 
 
-def fork_kernel(launch: KernelLaunch) -> tuple[int, int]:
-    """Fork the kernel; (pid, read end of a pipe that gets b"R" once its sockets are bound)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    ready_r, ready_w = os.pipe()
-    log_fd = os.open(launch.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    pid = os.fork()
-    if pid == 0:
-        _child(launch, ready_w, log_fd)
-    os.close(ready_w)
-    os.close(log_fd)
-    return pid, ready_r
-
-
-def _child(launch: KernelLaunch, ready_w: int, log_fd: int) -> NoReturn:
+def run_kernel(launch: KernelLaunch, ready_w: int, log_fd: int) -> NoReturn:
+    """Become the kernel (in a freshly forked child); writes b"R" to ``ready_w`` once its
+    sockets are bound, and never returns."""
     code = 1
     try:
         os.setsid()  # own process group: signals reach the kernel and its children only
         _detach(ready_w, log_fd)
-        if launch.prepare is not None:
-            launch.prepare()
         os.environ.clear()
         os.environ.update(launch.env)
         os.chdir(launch.cwd)
@@ -179,21 +159,18 @@ def _child(launch: KernelLaunch, ready_w: int, log_fd: int) -> NoReturn:
 
 
 def _detach(ready_w: int, log_fd: int) -> None:
-    """Leave the agent behind: its descriptors, signal handlers and event loop."""
-    loop = asyncio.get_event_loop_policy().get_event_loop()
-    _KEEP.append(loop)  # never collected: its descriptors are closed below
-    gc.freeze()
+    """Leave the parent behind: its descriptors, signal handlers and signal mask."""
+    gc.freeze()  # shared with the parent's pages, never written by the collector
     signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    asyncio.events._set_running_loop(None)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
-    # Nothing of the agent's (its listening socket, controller connections) reaches user code.
+    # Nothing of the parent's (its channel to the agent) reaches user code.
     keep = sorted({0, 1, 2, ready_w})
     for low, high in zip(keep, [*keep[1:], os.sysconf("SC_OPEN_MAX")], strict=True):
         os.closerange(low + 1, high)
-    asyncio.set_event_loop(asyncio.new_event_loop())

@@ -280,6 +280,8 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
         frame = json.loads(line)
     except ValueError:
         raise ProtocolError("frame is not JSON") from None
+    except RecursionError:  # a deeply nested frame, before anyone is authenticated
+        raise ProtocolError("frame is nested too deeply") from None
     if not isinstance(frame, dict):
         raise ProtocolError("frame is not a JSON object")
     return frame

@@ -1,22 +1,29 @@
 """The in-sandbox kernel agent: waits, warm, for its one controller, then runs its kernel.
 
 It is the sandbox's main process (``python -m sandbox_provisioner.agent serve``).
-It preloads ipykernel, listens on its port and obeys the first controller
-that claims it with a pinned key (:mod:`.protocol`). Requests:
+At boot, before it holds any secret, it forks the *zygote* (:mod:`.zygote`),
+which preloads ipykernel and forks every kernel (in a pooled sandbox, in a pid
+namespace of the zygote's own, where the agent has no pid); the agent itself
+is not dumpable (no kernel can read its memory). It listens on its port, or on a
+socket it inherited, and obeys the first controller that claims it with a
+pinned key (:mod:`.protocol`). Requests:
 
-``start``  fork a kernel with the given arguments, environment and directory,
-           reply with its connection info once its sockets are bound;
+``start``  have the zygote fork a kernel with the given arguments, environment
+           and directory; reply with its connection info once its sockets are bound;
 ``signal`` deliver a signal to the kernel's process group (interrupt);
 ``poll``   whether the kernel runs, else its exit code;
 ``stop``   end the kernel and every other process in the sandbox, so the next
            ``start`` (a restart in place) begins from a clean sandbox;
 ``log``    the tail of the kernel's output.
 
-In a pooled local sandbox (``--confine``) the first ``start`` also carries
-the kernel's mount plan: the agent binds the workspace from its stage and
-seals the sandbox (:mod:`.confine`), and each kernel drops every privilege
-before it runs. There the agent listens on a Unix socket in a directory only
-the server can reach, and the kernel uses IPC sockets next to it.
+In a pooled local sandbox (``--confine``) the agent is the sandbox's pid 1, and
+the first ``start`` also carries the kernel's mount plan: the agent binds the
+workspace from its stage, seals the sandbox (:mod:`.confine`), then gives up
+its capabilities and takes the kernel's seccomp filter. Its socket was made
+listening by the server, in a directory no sandbox sees, and handed over.
+
+Signals from inside the sandbox (a kernel's) do not stop the agent; a SIGTERM
+from outside it (the kubelet, the server) does.
 
 The kernel keeps its ports and message key across restarts in place, so
 clients that reconnect by port keep working.
@@ -33,6 +40,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +62,15 @@ from .protocol import (
     unb64,
     write_frame,
 )
+from .zygote import Zygote, ZygoteDied
 
 log = logging.getLogger("jupyter-sandbox-agent")
 HANDSHAKE_TIMEOUT = 10.0
+#: Connections not yet authenticated, at most (more are closed at once).
+MAX_PENDING = 16
 LOG_TAIL = 4000
 _PR_SET_CHILD_SUBREAPER = 36
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 @dataclass
@@ -75,8 +87,9 @@ class KernelAgent:
     keys: list[Ed25519PublicKey]
     state_dir: Path
     workdir: str
+    zygote: Zygote
     base_env: dict[str, str] = field(default_factory=dict)
-    #: Pooled local sandbox: the stage to bind workspaces from, and kernels drop privileges.
+    #: Pooled local sandbox: the stage to bind workspaces from; sealed once bound.
     stage: str | None = None
     confine: bool = False
     session: bytes | None = None
@@ -84,21 +97,19 @@ class KernelAgent:
     ports: dict[str, int] | None = None
     sealed: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _seccomp: Any = None
+    _pending: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_PENDING))
 
     # -- connections ------------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._pending.locked():
+            writer.close()  # too many connections still to authenticate: not this one
+            return
         peer = writer.get_extra_info("peername")
-        handshake = Handshake.new()
         try:
-            await write_frame(writer, handshake.greeting(self.session is not None))
-            frame = await asyncio.wait_for(read_frame(reader), HANDSHAKE_TIMEOUT)
-            if frame is None:
+            async with self._pending:
+                channel = await self._handshake(reader, writer)
+            if channel is None:
                 return
-            self._authenticate(frame, handshake)
-            assert self.session is not None
-            channel = Channel(reader, writer, self.session, handshake.nonce, is_agent=True)
-            await channel.send({"ok": True})
             local = writer.get_extra_info("sockname")
             while (body := await channel.recv()) is not None:
                 await channel.send(await self._dispatch(body, local))
@@ -108,8 +119,24 @@ class KernelAgent:
                 await write_frame(writer, {"refused": str(exc)})
         except (ProtocolError, TimeoutError, ConnectionError) as exc:
             log.warning("dropped a connection from %s: %s", peer, exc)
+        except Exception:  # nothing a peer sends may end the agent
+            log.exception("dropped a connection from %s", peer)
         finally:
             writer.close()
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Channel | None:
+        handshake = Handshake.new()
+        await write_frame(writer, handshake.greeting(self.session is not None))
+        frame = await asyncio.wait_for(read_frame(reader), HANDSHAKE_TIMEOUT)
+        if frame is None:
+            return None
+        self._authenticate(frame, handshake)
+        assert self.session is not None
+        channel = Channel(reader, writer, self.session, handshake.nonce, is_agent=True)
+        await channel.send({"ok": True})
+        return channel
 
     def _authenticate(self, frame: dict[str, Any], handshake: Handshake) -> None:
         op = frame.get("op")
@@ -147,6 +174,8 @@ class KernelAgent:
             return {"ok": False, "error": f"bad {op} request: {exc}"}
         except OSError as exc:  # a mount of the plan, a fork: the sandbox cannot serve
             return {"ok": False, "error": f"{op} failed: {exc}"}
+        except ZygoteDied as exc:
+            return {"ok": False, "error": str(exc)}
 
     # -- the kernel -------------------------------------------------------------------------
     async def _start(self, body: dict[str, Any], local: Any) -> dict[str, Any]:
@@ -155,10 +184,7 @@ class KernelAgent:
         args = [str(a) for a in body.get("args", [])]
         env = {**self.base_env, **{str(k): str(v) for k, v in body.get("env", {}).items()}}
         if self.confine and not self.sealed:
-            from .confine import apply_plan
-
-            apply_plan(list(body.get("mounts", [])), self.stage, self._empty_file())
-            self.sealed = True
+            self._seal(list(body.get("mounts", [])))
         assert self.session is not None
         info = {**self._endpoint(body, local), "key": kernel_key(self.session),
                 "signature_scheme": "hmac-sha256"}  # fmt: skip
@@ -168,21 +194,41 @@ class KernelAgent:
             env=env,
             cwd=str(body.get("cwd") or self.workdir),
             log_path=str(self.state_dir / "kernel.log"),
-            prepare=self._drop_privileges if self.confine else None,
         )
         launch.write_connection_file(info)
-        pid, ready = kernel_process.fork_kernel(launch)
+        ready_r, ready_w = os.pipe()
+        log_fd = os.open(launch.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            pid = await self.zygote.start(
+                {"connection_file": launch.connection_file, "args": launch.args,
+                 "env": launch.env, "cwd": launch.cwd}, ready_w, log_fd,
+            )  # fmt: skip
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+            os.close(log_fd)
         self.kernel = RunningKernel(pid, launch.log_path)
         try:
-            started = await self._wait_ready(ready, float(body.get("timeout", 60)))
+            started = await self._wait_ready(ready_r, float(body.get("timeout", 60)))
         finally:
-            os.close(ready)
+            os.close(ready_r)
         if not started:
             code = await self._stop(0)
             return {"ok": False, "error": f"the kernel exited with code {code} while starting",
                     "log": self._log_tail()}  # fmt: skip
         info.pop("key")
         return {"ok": True, "pid": pid, "connection": info}
+
+    def _seal(self, mounts: list[dict[str, Any]]) -> None:
+        """Bind the kernel's plan, then keep no capability and take the kernel's filter."""
+        from ..seccomp import build_filter
+        from .confine import apply_plan, restrict
+
+        apply_plan(mounts, self.stage, self._empty_file())
+        self.sealed = True
+        restrict((), build_filter())
 
     def _endpoint(self, body: dict[str, Any], local: Any) -> dict[str, Any]:
         """Where the kernel listens: the IPC path the controller gave (local pools), else
@@ -201,11 +247,6 @@ class KernelAgent:
         path.touch(mode=0o444, exist_ok=True)
         return str(path)
 
-    def _drop_privileges(self) -> None:
-        from .confine import drop_privileges
-
-        drop_privileges(self._seccomp)
-
     async def _wait_ready(self, ready: int, timeout: float) -> bool:
         os.set_blocking(ready, False)
         deadline = time.monotonic() + timeout
@@ -220,17 +261,25 @@ class KernelAgent:
             await asyncio.sleep(0.005)
         return False
 
+    def kernel_exited(self, pid: int, code: int) -> None:
+        """The zygote reaped a kernel (it is their parent)."""
+        if self.kernel is not None and pid == self.kernel.pid:
+            self.kernel.exit_code = code
+
     def _reap(self) -> None:
-        """Collect every exited child (orphans land here when the agent is pid 1)."""
+        """Collect every exited child of ours: orphans (we are their subreaper), the zygote."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            if self.kernel is not None and pid == self.kernel.pid:
-                self.kernel.exit_code = os.waitstatus_to_exitcode(status)
+            if pid == self.zygote.pid:
+                log.warning("the kernel factory exited: this sandbox starts no more kernels")
+                self.zygote.close()
+                if self.kernel is not None and self.kernel.exit_code is None:
+                    self.kernel.exit_code = -signal.SIGKILL  # it ended with the factory
 
     def _poll(self) -> int | None:
         if self.kernel is None:
@@ -255,10 +304,14 @@ class KernelAgent:
             while self._poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         for _ in range(100):
-            if not _kill_others():
+            if not _kill_others(spare=self.zygote.pid):
                 break
             await asyncio.sleep(0.01)
             self._reap()
+        # The zygote reaps the kernel and says so; a dead zygote took its kernels with it.
+        deadline = time.monotonic() + 5
+        while self._poll() is None and self.zygote.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self._reap()
         return self.kernel.exit_code if self.kernel else None
 
@@ -286,22 +339,31 @@ def _free_ports(ip: str, count: int) -> dict[str, int]:
             s.close()
 
 
-def _kill_others() -> bool:
-    """SIGKILL every descendant of this agent (it is their subreaper, so orphans count)."""
-    me = os.getpid()
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            parents[int(entry)] = _ppid(int(entry))
+def _parents() -> dict[int, int]:
+    return {int(e): _ppid(int(e)) for e in os.listdir("/proc") if e.isdigit()}
+
+
+def _descends(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    for _ in range(64):
+        pid = parents.get(pid, 0)
+        if pid == ancestor:
+            return True
+        if pid in (0, 1):
+            return False
+    return False
+
+
+def _kill_others(spare: int) -> bool:
+    """SIGKILL every descendant of this agent (kernels, what they left behind) but the
+    zygote ``spare``."""
+    me, parents = os.getpid(), _parents()
     killed = False
     for pid in parents:
-        ancestor, seen = parents.get(pid, 0), 0
-        while ancestor not in (0, 1, me) and seen < 64:
-            ancestor, seen = parents.get(ancestor, 0), seen + 1
-        if ancestor == me and pid != me:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed = True
+        if pid in (me, spare) or not _descends(pid, me, parents):
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed = True
     return killed
 
 
@@ -320,48 +382,76 @@ def _ppid(pid: int) -> int:
         return 0
 
 
+def _from_inside(pid: int) -> bool:
+    """Whether a signal's sender is one of this agent's processes (a kernel): 0 is a
+    sender outside this pid namespace (the kubelet, the server)."""
+    return pid != 0 and (pid == os.getpid() or _descends(pid, os.getpid(), _parents()))
+
+
+def _watch_stop_signals(loop: asyncio.AbstractEventLoop, stop: Any, kernels_apart: bool) -> None:
+    """Stop on SIGTERM, SIGINT or SIGHUP from outside; ignore the kernel's.
+
+    With ``kernels_apart`` (kernels in the zygote's pid namespace, where this process has
+    no pid) no kernel can signal us: plain handlers. Otherwise the signals are blocked
+    and taken by a thread with sigwaitinfo, which tells who sent each. (A process that
+    made a pid namespace for its children can start no thread.)"""
+    if kernels_apart:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        for signum in _STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop)
+        return
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(_STOP_SIGNALS)
+            if _from_inside(info.si_pid):
+                log.warning("ignored signal %d from pid %d in the sandbox", info.si_signo,
+                            info.si_pid)  # fmt: skip
+                continue
+            loop.call_soon_threadsafe(stop)
+            return
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
+
+
 async def serve(
-    host: str,
-    port: int,
     keys: list[Ed25519PublicKey],
+    zygote: Zygote,
     *,
     workdir: str,
-    unix: str | None = None,
+    host: str = "",
+    port: int = 0,
+    listen_fd: int | None = None,
     stage: str | None = None,
     confine: bool = False,
 ) -> None:
-    """Run the agent until cancelled (or SIGTERM): on ``unix`` if given, else TCP."""
+    """Run the agent until a stop signal from outside: on the inherited listening socket
+    ``listen_fd`` if given, else TCP on ``host:port``. Call with the stop signals blocked
+    (:func:`block_stop_signals`), before any thread starts."""
     become_subreaper()
     with contextlib.suppress(OSError):
         os.makedirs(workdir, exist_ok=True)
     state_dir = Path(tempfile.mkdtemp(prefix="jupyter-sandbox-agent-"))
     base_env = {k: v for k, v in os.environ.items() if k != CONTROLLER_KEYS_ENV}
-    agent = KernelAgent(keys, state_dir, workdir, base_env, stage=stage, confine=confine)
-    if confine:
-        from ..seccomp import build_filter
-
-        agent._seccomp = build_filter()  # built once, loaded by each kernel
-    # Our own socket: asyncio would resolve a host name on an executor thread, and the
-    # agent forks, so it must never have started a thread.
-    if unix:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(unix)
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(unix)
-        where = unix
+    agent = KernelAgent(keys, state_dir, workdir, zygote, base_env, stage=stage,
+                        confine=confine)  # fmt: skip
+    zygote.on_exit = agent.kernel_exited
+    zygote.listen(asyncio.get_running_loop())
+    if listen_fd is not None:
+        sock = socket.socket(fileno=listen_fd)
+        server = await asyncio.start_unix_server(agent.handle, sock=sock, limit=256 * 1024)
+        where = f"inherited socket {sock.getsockname()}"
     else:
+        # Our own socket: asyncio would resolve a host name on an executor thread.
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        where = "{}:{}".format(*sock.getsockname()[:2])
-    if unix:
-        server = await asyncio.start_unix_server(agent.handle, sock=sock, limit=256 * 1024)
-    else:
         server = await asyncio.start_server(agent.handle, sock=sock, limit=256 * 1024)
+        where = "{}:{}".format(*sock.getsockname()[:2])
     log.info("kernel agent listening on %s", where)
     loop = asyncio.get_running_loop()
     stopped = loop.create_future()
-    loop.add_signal_handler(signal.SIGTERM, stopped.cancel)
+    _watch_stop_signals(loop, stopped.cancel, zygote.own_namespace)
     try:
         async with server:
             while not stopped.done():
@@ -370,3 +460,9 @@ async def serve(
     finally:
         with contextlib.suppress(Exception):
             await agent._stop(1.0)
+        zygote.close()
+
+
+def block_stop_signals() -> None:
+    """Hold stop signals for the watcher thread (the zygote, forked later, unblocks)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

@@ -11,9 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir, jupyter_runtime_dir
+from jupyter_core.paths import (
+    jupyter_config_dir,
+    jupyter_config_path,
+    jupyter_data_dir,
+    jupyter_path,
+    jupyter_runtime_dir,
+)
 
-from .. import filesystem, pyenv, templates
+from .. import filesystem, identity, pyenv, templates
 from ..limits import parse_size
 from ..spec import Mount, NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMode
 
@@ -21,6 +27,15 @@ from ..spec import Mount, NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMod
 RUNTIME_ENV = "JUPYTER_SANDBOX_RUNTIME"
 #: The module a gVisor template runs.
 TEMPLATE_MODULE = "sandbox_provisioner.agent.template"
+
+
+def jupyter_dirs() -> tuple[str, ...]:
+    """Where Jupyter and IPython read configuration and data, and keep runtime files
+    (server tokens): the server's, which a kernel must never write."""
+    ipython = os.environ.get("IPYTHONDIR") or os.path.join(os.path.expanduser("~"), ".ipython")
+    found = [jupyter_runtime_dir(), jupyter_data_dir(), jupyter_config_dir(),
+             *jupyter_config_path(), *jupyter_path(), ipython]  # fmt: skip
+    return tuple(dict.fromkeys(os.path.abspath(p) for p in found))
 
 
 class SandboxStartError(RuntimeError):
@@ -46,6 +61,7 @@ class SandboxPlan:
     workspace_readonly: list[str]
     etc_allowlist: list[str]
     memory_limit: int | str
+    sandbox_user: str
     cpu_limit: float
     pids_limit: int
     network: str
@@ -71,13 +87,14 @@ class SandboxPlan:
         self._workspace_host = workspace
         self._layout = (workspace, writable, scratch is not None)
         if ctl:
-            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, 0, ctl=True)
+            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir,
+                                  self._inside_uid(), ctl=True)
             if "-f" in cmd:
                 at = cmd.index("-f") + 1
                 cmd = [*cmd[:at], f"{templates.CTL_TARGET}/kernel.json", *cmd[at + 1 :]]
         else:
-            uid = 65534 if self.runtime_instance.name == "bubblewrap" else 0
-            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir, uid,
+            mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, kdir,
+                                  self._inside_uid(),
                                   connection_file=self.parent.connection_file)  # fmt: skip
         return SandboxSpec(
             kernel_id=str(self.kernel_id),
@@ -89,7 +106,21 @@ class SandboxPlan:
             limits=self._limits(),
             state_dir=kdir,
             log_path=kdir / "kernel.log",
+            identity=self._identity(),
         )
+
+    def _identity(self) -> identity.SandboxIdentity:
+        try:
+            return identity.resolve(self.sandbox_user)
+        except ValueError as exc:
+            raise SandboxStartError(str(exc)) from None
+
+    def _inside_uid(self) -> int:
+        """The kernel's uid inside its sandbox: 65534 under bubblewrap (its own user
+        namespace); under gVisor the host uid itself (the sandbox uid when root)."""
+        if self.runtime_instance.name == "bubblewrap":
+            return identity.INSIDE_UID
+        return self._identity().uid
 
     def _mounts(
         self,
@@ -103,6 +134,7 @@ class SandboxPlan:
         connection_file: str | None = None,
         extra: tuple[filesystem.ExtraMount, ...] = (),
         ctl: bool = False,
+        agent_only: tuple[filesystem.ExtraMount, ...] = (),
     ) -> tuple[Mount, ...]:
         """The sandbox's filesystem; ``state_dir`` holds its ipc/ and etc/ directories.
 
@@ -113,8 +145,6 @@ class SandboxPlan:
             _, runner_mounts = self._own_module(cmd, kernel_env, TEMPLATE_MODULE)
             ctl_dir = filesystem.ExtraMount(str(state_dir / "ipc"), templates.CTL_TARGET, True)
             extra, connection_file = (*extra, *runner_mounts, ctl_dir), None
-        hidden = (*self.hidden_paths, jupyter_runtime_dir(), jupyter_data_dir(),
-                  jupyter_config_dir())  # fmt: skip
         return filesystem.build_mounts(
             python_paths=list(pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))),
             workspace=workspace,
@@ -124,9 +154,12 @@ class SandboxPlan:
             connection_file=connection_file,
             etc_mounts=filesystem.synthetic_etc(state_dir / "etc", "sandbox", uid, uid),
             extra=[*(filesystem.ExtraMount.parse(m) for m in self.extra_mounts), *extra],
+            agent_only=list(agent_only),
             etc_allowlist=tuple(self.etc_allowlist),
-            hidden_paths=hidden,
+            hidden_paths=tuple(self.hidden_paths),
             workspace_readonly=tuple(self.workspace_readonly),
+            jupyter_dirs=jupyter_dirs(),
+            log=getattr(self, "log", None),
         )
 
     def _limits(self) -> ResourceLimits:

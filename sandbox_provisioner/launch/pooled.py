@@ -63,28 +63,36 @@ class PooledLaunch:
         key = json.dumps([self.runtime_instance.name, cmd[0], kernel_env, config, root],
                          sort_keys=True, default=str)  # fmt: skip
 
-        def member_spec(slot: Path, controller_key: str) -> tuple[SandboxSpec, tuple[Mount, ...]]:
+        def member_spec(
+            slot: Path, controller_key: str, listen_fd: int
+        ) -> tuple[SandboxSpec, tuple[Mount, ...]]:
             start, extra = self._own_module(cmd, kernel_env, "sandbox_provisioner.agent")
-            extra.append(filesystem.ExtraMount(root, pool.STAGE_TARGET, True))
+            stage = filesystem.ExtraMount(root, pool.STAGE_TARGET, True)
+            who = self._identity()
             argv = [*start, "serve",
-                    "--unix", str(slot / pool.AGENT_SOCKET), "--stage", pool.STAGE_TARGET,
+                    "--listen-fd", str(listen_fd), "--stage", pool.STAGE_TARGET,
                     "--confine", "--workdir", filesystem.SCRATCH_TARGET,
+                    "--kernel-caps", "CAP_DAC_OVERRIDE" if who.separate else "",
                     "--preload", ",".join(self.pool_preload)]  # fmt: skip
             (slot / "scratch").mkdir(exist_ok=True)
-            inherited = self._mounts(cmd, kernel_env, None, True, slot / "scratch", slot, 0)
+            uid = self._inside_uid()
+            inherited = self._mounts(cmd, kernel_env, None, True, slot / "scratch", slot, uid)
             return SandboxSpec(
                 kernel_id=f"pool-{slot.name}",
                 argv=argv,
                 env={**kernel_env, pool.CONTROLLER_KEYS_ENV: controller_key},
                 cwd=filesystem.SCRATCH_TARGET,
                 mounts=self._mounts(
-                    cmd, kernel_env, None, True, slot / "scratch", slot, 0, extra=tuple(extra)
+                    cmd, kernel_env, None, True, slot / "scratch", slot, uid,
+                    extra=tuple(extra), agent_only=(stage,),
                 ),
                 network=NetworkMode(self.network),
                 limits=self._limits(),
                 state_dir=slot,
                 log_path=slot / "agent.log",
                 agent=True,
+                identity=who,
+                keep_fds=(listen_fd,),
             ), inherited
 
         def make() -> pool.LocalPool:
@@ -106,7 +114,8 @@ class PooledLaunch:
         workspace, writable, kernel_cwd = self._workspace(cwd)
         self._workspace_host = workspace
         scratch = member.slot / "scratch" if workspace is None else None
-        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot, 0)
+        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot,
+                              self._inside_uid())
         plan = pool.stage_plan(list(mounts), list(member.inherited), self._pool_root())
         assert plan is not None, "_poolable checked that the workspace is on the stage"
         member.plan = plan

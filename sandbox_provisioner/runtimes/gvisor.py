@@ -1,19 +1,26 @@
 """gVisor: the kernel runs on a user-space kernel (the Sentry), not on the host's.
 
 The sandbox is an OCI bundle run by ``runsc run`` in the foreground: an empty
-read-only root with the spec's mounts bound in through the gofer, no
-capabilities, its own pid/ipc/uts/mount namespaces, ``--network=none``
+read-only root with the spec's mounts bound in through the gofer, its own
+pid/ipc/uts/mount namespaces, ``--network=none``
 (loopback only) and ``--host-uds=create`` so that the kernel's ZMQ IPC
 sockets appear on the host. Limits are the spec's cgroup v1 resources,
-applied by runsc. Facts this module is built on (measured on hosts of this
-project's kind): netstack fails on kernels >= 6.11 with the Debian builds and
-the KVM platform hangs, so the network is ``none`` (or ``host``) and the
-platform systrap where the build has it, else ptrace.
+applied by runsc. The kernel is the sandbox uid (never root, see
+:mod:`..identity`) with CAP_DAC_OVERRIDE inside the Sentry, so it can use the
+server's files in its workspace while what it creates belongs to the sandbox
+uid on the host; its host directories are staged first (:mod:`.staging`), so a
+path swapped after the plan is refused rather than bound.
+
+Facts this module is built on (measured on hosts of this project's kind):
+netstack fails on kernels >= 6.11 with the Debian builds and the KVM platform
+hangs, so the network is ``none`` (or ``host``) and the platform systrap where
+the build has it, else ptrace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -26,8 +33,10 @@ from typing import Any
 
 from traitlets import CaselessStrEnum, List, Unicode
 
+from ..identity import resolve
 from ..limits import cgroup_relpath, cgroups_available, remove_cgroup_dirs
 from ..spec import Mount, MountKind, NetworkMode, SandboxSpec
+from . import staging
 from .base import Availability, Sandbox, SandboxRuntime
 from .process import LocalSandbox, spawn
 
@@ -147,7 +156,7 @@ class GVisorRuntime(SandboxRuntime):
         rootfs.mkdir(parents=True, exist_ok=True)
         empty = spec.state_dir / "empty"
         mounts: list[dict[str, Any]] = [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["ro"]},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs"},
         ]
@@ -167,18 +176,21 @@ class GVisorRuntime(SandboxRuntime):
         if cgroups:
             linux["cgroupsPath"] = "/" + cgroup_relpath(_container_id(spec))
             linux["resources"] = resources
-        no_caps: dict[str, list[str]] = {
-            k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+        who = spec.identity or resolve()
+        # The server's files (root's) stay usable through CAP_DAC_OVERRIDE, in the Sentry only.
+        caps = ["CAP_DAC_OVERRIDE"] if who.separate else []
+        capabilities = {
+            k: caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
         }
         return {
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": False,
-                "user": {"uid": 0, "gid": 0},
+                "user": {"uid": who.uid, "gid": who.gid} if who.separate else {"uid": 0, "gid": 0},
                 "args": spec.argv,
                 "env": [f"{k}={v}" for k, v in spec.env.items()],
                 "cwd": spec.cwd,
-                "capabilities": no_caps,
+                "capabilities": capabilities,
                 "noNewPrivileges": True,
                 # The Sentry counts the sandbox's own tasks against RLIMIT_NPROC. A host pids
                 # cgroup would count the Sentry's threads instead (130 when idle) and starve it.
@@ -205,7 +217,8 @@ class GVisorRuntime(SandboxRuntime):
         if mount.kind is MountKind.TMPFS:
             inside.mkdir(parents=True, exist_ok=True)
             return {"destination": mount.target, "type": "tmpfs", "source": "tmpfs",
-                    "options": ["nosuid", "nodev", "mode=1777"]}  # fmt: skip
+                    "options": ["nosuid", "nodev", "mode=1777",
+                                "rw" if mount.writable else "ro"]}  # fmt: skip
         source = mount.source
         if mount.kind is MountKind.HIDE_FILE:
             empty.touch(mode=0o444, exist_ok=True)
@@ -253,7 +266,10 @@ class GVisorRuntime(SandboxRuntime):
         bundle_dir = spec.state_dir / "bundle"
         shutil.rmtree(state_root, ignore_errors=True)  # a previous run of this kernel
         shutil.rmtree(bundle_dir, ignore_errors=True)
+        shutil.rmtree(spec.state_dir / "stage", ignore_errors=True)
         bundle_dir.mkdir(parents=True)
+        staged = staging.stage(spec.mounts, spec.state_dir)
+        spec = dataclasses.replace(spec, mounts=staged.mounts)
         cgroups = bool(spec.limits.memory_bytes or spec.limits.cpus) and cgroups_available()
         config = self.bundle(spec, bundle_dir, cgroups)
         fd = os.open(bundle_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -262,7 +278,7 @@ class GVisorRuntime(SandboxRuntime):
         network = "host" if spec.network is NetworkMode.HOST else "none"
         argv = [
             # The sandbox dies with runsc's monitor, and the monitor with the server.
-            "setpriv", "--pdeathsig", "KILL", "--",
+            "setpriv", "--pdeathsig", "KILL", "--", *staged.prefix,
             runsc, "--root", str(state_root), *self._global_flags(network),
         ]  # fmt: skip
         if not cgroups:

@@ -1,0 +1,183 @@
+"""What a kernel must not change in a writable workspace: files the host runs later.
+
+A workspace is the user's directory, and the kernel writes it. Some files in
+it are code the host runs without asking: shell start-up files and other dot
+files at the top of a home directory, Jupyter's and IPython's configuration,
+the server's own Python environment, git's configuration and hooks. A kernel
+that could write them would run code on the host the next time the user logs
+in, starts Jupyter or types ``git status``. So, wherever a bind exposes them:
+
+* every home directory (the server user's and every account's) keeps its top
+  level as it is: no entry can be created, replaced or removed there (its
+  non-dot files and directories stay writable, each bound on its own), and its
+  dot entries are hidden;
+* Jupyter's and IPython's config, data and runtime directories are hidden
+  (made first if missing, so a kernel cannot create one), and the server's
+  Python environment is read-only;
+* every existing repository at any depth (``.git``, ``.hg``, ``.svn``, and bare
+  git repositories) is read-only;
+* paths matching the ``hidden_paths`` patterns are hidden.
+
+A repository the kernel creates is not covered here: with the server as root
+its files belong to the sandbox uid, and git refuses to run a repository that
+belongs to someone else ("dubious ownership"), see :mod:`.identity`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import stat
+import time
+from collections.abc import Iterable
+
+from .pyenv import is_within
+from .spec import Mount, MountKind
+
+#: Homes that are not homes.
+_NOT_HOMES = {"/", "/nonexistent", "/dev/null"}
+#: A workspace walk slower than this is logged (it runs at every kernel start).
+SLOW_WALK = 1.0
+
+
+def homes() -> list[str]:
+    """Every account's home directory that exists, and the server user's."""
+    found = {os.path.realpath(os.path.expanduser("~"))}
+    for account in pwd.getpwall():
+        home = account.pw_dir
+        if home and home not in _NOT_HOMES and os.path.isdir(home):
+            found.add(os.path.realpath(home))
+    return sorted(found - _NOT_HOMES)
+
+
+def mounts(
+    binds: list[Mount],
+    *,
+    hidden_patterns: Iterable[str],
+    jupyter_dirs: Iterable[str],
+    readonly_dirs: Iterable[str],
+    repository_names: Iterable[str],
+    python_binds: list[str],
+    log: object = None,
+) -> list[Mount]:
+    """The mounts that protect what ``binds`` expose, in the order to apply them."""
+    writable = [b for b in binds if b.writable and b.source]
+    for directory in jupyter_dirs:
+        _make_if_exposed(directory, writable)
+    hidden = [*hidden_patterns, *jupyter_dirs]
+    found: list[Mount] = []
+    for home in homes():
+        if any(is_within(home, p) for p in python_binds):
+            continue
+        found += _home_top_level(home, binds, writable)
+        hidden.append(os.path.join(home, ".*"))
+    found += _hidden(binds, hidden, python_binds)
+    found += [m for d in readonly_dirs for m in _read_only(d, writable)]
+    hidden_targets = {m.target for m in found if m.kind is not MountKind.BIND}
+    found += _repositories(writable, set(repository_names), hidden_targets, log)
+    return found
+
+
+def _target(bind: Mount, host: str) -> str:
+    assert bind.source is not None
+    return bind.target + host[len(bind.source) :]
+
+
+def _exposing(host: str, binds: list[Mount]) -> list[Mount]:
+    return [b for b in binds if b.source is not None and is_within(host, b.source)]
+
+
+def _read_only(host: str, binds: list[Mount]) -> list[Mount]:
+    """``host`` read-only wherever ``binds`` show it."""
+    if not os.path.exists(host):
+        return []
+    host = os.path.realpath(host)
+    return [Mount(_target(b, host), source=host) for b in _exposing(host, binds)]
+
+
+def _make_if_exposed(directory: str, writable: list[Mount]) -> None:
+    """A missing Jupyter/IPython directory a kernel could create: make it (empty) first."""
+    if not os.path.lexists(directory) and _exposing(os.path.abspath(directory), writable):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+
+def _home_top_level(home: str, binds: list[Mount], writable: list[Mount]) -> list[Mount]:
+    """The top of ``home`` read-only where a writable bind shows it (a bind of a directory
+    inside the home does not: its top is out of sight); its non-dot entries rebound."""
+    found: list[Mount] = []
+    for bind in writable:
+        assert bind.source is not None
+        if not is_within(home, bind.source):
+            continue
+        found.append(Mount(_target(bind, home), source=home))
+        try:
+            entries = list(os.scandir(home))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or entry.is_symlink():
+                continue
+            if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                found.append(Mount(_target(bind, entry.path), source=entry.path, writable=True))
+    return found
+
+
+def _hidden(binds: list[Mount], patterns: list[str], python_binds: list[str]) -> list[Mount]:
+    """Mounts that hide host paths matching ``patterns`` wherever a bind exposes them."""
+    hidden: list[Mount] = []
+    for pattern in patterns:
+        for match in glob.glob(os.path.expanduser(pattern)):
+            host = os.path.realpath(match)
+            # A Python environment under a hidden path stays visible, read-only.
+            if any(is_within(host, p) for p in python_binds):
+                continue
+            for bind in binds:
+                if bind.source is None or not is_within(host, bind.source) or host == bind.source:
+                    continue
+                kind = MountKind.TMPFS if os.path.isdir(host) else MountKind.HIDE_FILE
+                hidden.append(Mount(_target(bind, host), kind, writable=kind is MountKind.TMPFS))
+    return hidden
+
+
+def _is_bare_repository(path: str) -> bool:
+    return (
+        os.path.isfile(os.path.join(path, "HEAD"))
+        and os.path.isdir(os.path.join(path, "objects"))
+        and os.path.isdir(os.path.join(path, "refs"))
+    )
+
+
+def _repositories(
+    writable: list[Mount], names: set[str], hidden: set[str], log: object
+) -> list[Mount]:
+    """Every existing repository (by name, or a bare git one) at any depth, read-only."""
+    found: list[Mount] = []
+    for bind in writable:
+        assert bind.source is not None
+        started = time.monotonic()
+        seen = 0
+        for top, dirs, files in os.walk(bind.source):
+            seen += len(dirs) + len(files)
+            if _is_bare_repository(top) and top != bind.source:
+                found.append(Mount(_target(bind, top), source=top))
+                dirs.clear()
+                continue
+            for name in names.intersection(files):
+                path = os.path.join(top, name)
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    found.append(Mount(_target(bind, path), source=path))
+            for name in list(dirs):
+                path = os.path.join(top, name)
+                if name in names:
+                    found.append(Mount(_target(bind, path), source=path))
+                    dirs.remove(name)
+                elif _target(bind, path) in hidden or os.path.islink(path):
+                    dirs.remove(name)
+        took = time.monotonic() - started
+        if took > SLOW_WALK and log is not None:
+            log.warning(  # type: ignore[attr-defined]
+                "finding repositories in %s took %.1fs (%d entries): a smaller workspace "
+                "starts kernels faster", bind.source, took, seen,
+            )  # fmt: skip
+    return found
