@@ -9,6 +9,7 @@ the container's command.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import subprocess
@@ -204,6 +205,32 @@ async def test_impostors_are_refused(k8s, namespace, pool, start_kernel, tmp_pat
         await client.request("signal", signum=int(signal.SIGKILL))
     # So is the kernel itself: it cannot reach its agent's session.
     assert (await kernel.run("print('unharmed')")).stdout.strip() == "unharmed"
+
+
+async def test_a_claimed_kernel_holds_no_session_key(pool, start_kernel):
+    """The review's attack: walk the kernel's own objects to its agent's session (it was a
+    fork of the agent), then resume the agent over TCP with it. The kernel is a fork of the
+    zygote now, which never held the session: nothing to find, nothing to resume with."""
+    kernel = await start(start_kernel, pool)
+    sandbox = kernel.provisioner()._sandbox
+    digest = hashlib.sha256(sandbox.session).hexdigest()
+    found = await kernel.value(
+        "[type(o).__name__ for o in __import__('gc').get_objects() "
+        "if type(o).__name__ in ('KernelAgent', 'Channel', 'Handshake', 'Zygote') or "
+        f"(isinstance(o, bytes) and len(o) == 32 and __import__('hashlib').sha256(o).hexdigest()"
+        f" == {digest!r})]"
+    )
+    assert found == []
+    # From inside the pod, the agent answers a resume only to its controller.
+    result = await kernel.run(
+        "import socket, json\n"
+        f"s = socket.create_connection(({sandbox.ip!r}, 8900), timeout=5)\n"
+        "f = s.makefile('rwb')\n"
+        "greeting = json.loads(f.readline())\n"
+        "f.write(b'{\"op\": \"resume\", \"proof\": \"' + b'A' * 44 + b'\"}\\n'); f.flush()\n"
+        "print(f.readline().decode())"
+    )
+    assert "not this sandbox's controller" in result.stdout, result
 
 
 async def _retry_refused(connect):
