@@ -98,17 +98,25 @@ def system_mounts(etc_allowlist: tuple[str, ...] = DEFAULT_ETC_ALLOWLIST) -> lis
     return mounts
 
 
-def synthetic_etc(etc_dir: Path, hostname: str, uid: int, gid: int) -> list[Mount]:
+def synthetic_etc(
+    etc_dir: Path,
+    hostname: str,
+    uid: int,
+    gid: int,
+    user: str = "sandbox",
+    home: str = "/tmp",
+    shell: str = "/bin/sh",
+) -> list[Mount]:
     """Write passwd, group, hosts and hostname for the sandbox and return their mounts.
 
     The sandbox never sees the host's account database, only its own user.
     """
     etc_dir.mkdir(parents=True, exist_ok=True)
     files = {
-        "passwd": f"root:x:0:0:root:/root:/bin/sh\nsandbox:x:{uid}:{gid}:sandbox:/tmp:/bin/sh\n"
+        "passwd": f"root:x:0:0:root:/root:/bin/sh\n{user}:x:{uid}:{gid}:{user}:{home}:{shell}\n"
         if uid
-        else "root:x:0:0:root:/tmp:/bin/sh\n",
-        "group": f"root:x:0:\nsandbox:x:{gid}:\n" if gid else "root:x:0:\n",
+        else f"root:x:0:0:root:{home}:{shell}\n",
+        "group": f"root:x:0:\n{user}:x:{gid}:\n" if gid else "root:x:0:\n",
         "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
         "hostname": f"{hostname}\n",
     }

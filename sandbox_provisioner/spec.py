@@ -9,9 +9,11 @@ contract from.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .identity import SandboxIdentity
 
@@ -109,3 +111,24 @@ class SandboxSpec:
     #: kernel's workspace when one is assigned, and each kernel it forks drops every
     #: capability and loads the seccomp filter before running anything.
     agent: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, for a process that launches the sandbox on another's behalf (the
+        Hub's per-server supervisor); :meth:`from_dict` reads it back."""
+        data = dataclasses.asdict(self)
+        data["mounts"] = [{**m, "kind": m["kind"].value} for m in data["mounts"]]
+        data["network"] = self.network.value
+        data["state_dir"], data["log_path"] = str(self.state_dir), str(self.log_path)
+        data["keep_fds"] = []  # descriptors do not travel
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxSpec:
+        data = dict(data)
+        data["mounts"] = tuple(Mount(**{**m, "kind": MountKind(m["kind"])}) for m in data["mounts"])
+        data["network"] = NetworkMode(data["network"])
+        data["limits"] = ResourceLimits(**data["limits"])
+        data["state_dir"], data["log_path"] = Path(data["state_dir"]), Path(data["log_path"])
+        data["identity"] = SandboxIdentity(**data["identity"]) if data.get("identity") else None
+        data["keep_fds"] = ()
+        return cls(**data)

@@ -1,0 +1,48 @@
+"""JupyterHub on one machine, every user's server in a sandbox (LocalSandboxSpawner).
+
+    scripts/hub          # sets up, then: jupyterhub -f jupyter_config/jupyterhub_config.py
+
+Each user's server, with its kernels and terminals, runs in a gVisor or
+bubblewrap sandbox with a persistent home (``/var/lib/jupyter-sandbox/homes``
+as root), no network but loopback, and per-user limits; a Hub restart leaves
+servers running and finds them again. The environment variables below are how
+``scripts/hub`` passes what differs per machine; the rest is the policy.
+"""
+
+import os
+from pathlib import Path
+
+c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
+
+data = Path(os.environ.get("JUPYTER_SANDBOX_HUB_DATA", "/var/lib/jupyter-sandbox/hub"))
+c.JupyterHub.bind_url = os.environ.get("JUPYTER_SANDBOX_HUB_URL", "http://127.0.0.1:8000")
+c.JupyterHub.db_url = f"sqlite:///{data / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(data / "jupyterhub_cookie_secret")
+c.ConfigurableHTTPProxy.pid_file = str(data / "proxy.pid")
+c.JupyterHub.pid_file = str(data / "jupyterhub.pid")
+
+# Trying it out: any user name, with the one password scripts/hub prints. For real use,
+# replace this with an authenticator that knows your users: NativeAuthenticator (sign-up
+# with admin approval), PAM (the machine's accounts) or OAuthenticator (GitHub, GitLab,
+# your institution's OpenID Connect).
+c.JupyterHub.authenticator_class = "dummy"
+c.DummyAuthenticator.password = os.environ.get("JUPYTER_SANDBOX_HUB_PASSWORD") or None
+c.Authenticator.allow_all = True
+c.Authenticator.admin_users = {"admin"}
+
+# Every user's server in a sandbox.
+c.JupyterHub.spawner_class = "local-sandbox"
+c.LocalSandboxSpawner.runtime = "auto"  # gVisor when root and runsc work, else bubblewrap
+c.LocalSandboxSpawner.network = "none"  # "host" lets users reach the network
+c.LocalSandboxSpawner.mem_limit = "2G"
+c.LocalSandboxSpawner.cpu_limit = 1.0
+c.LocalSandboxSpawner.pids_limit = 1024
+c.LocalSandboxSpawner.delete_home_on_user_delete = False
+c.Spawner.default_url = "/lab"
+# Per group, e.g. more memory for a course's staff:
+# c.LocalSandboxSpawner.group_overrides = {
+#     "staff": {"groups": ["staff"], "spawner_override": {"mem_limit": "8G"}},
+# }
+
+# Users' servers outlive a Hub restart (their supervisors are not the Hub's children).
+c.JupyterHub.cleanup_servers = False

@@ -1,0 +1,393 @@
+"""``LocalSandboxSpawner``: each JupyterHub user's server in a sandbox on this machine.
+
+JupyterHub on one machine usually means LocalProcessSpawner: users' code runs
+on the host as system users. Here each user's ``jupyterhub-singleuser`` (and
+every kernel and terminal it starts: the sandbox is the boundary, as a pod is
+with KubeSpawner) runs in a gVisor or bubblewrap sandbox built by this
+project's runtimes, from the same :class:`~sandbox_provisioner.spec.SandboxSpec`
+and mount plan as sandboxed kernels:
+
+* a persistent home per user on the host (``homes_root/<user>``), read-write as
+  ``/home/<user>``; the system and Python read-only; a private ``/tmp``;
+* its own host uid when the Hub is root (``uid_base`` + the user's id): what
+  one user's code writes, reads or signals is that uid's, never another user's;
+* no network but loopback (``network = "host"`` opts in): the server listens on
+  a Unix socket, which the supervisor (:mod:`.supervisor`) carries from a
+  loopback port for the proxy; the Hub API is reached through a second socket.
+  No other host port is reachable: not the proxy's API, not another user's
+  server;
+* memory, CPU and process limits per user (``mem_limit``, ``cpu_limit``,
+  ``pids_limit``; JupyterHub's ``group_overrides`` set them per group).
+
+Each server has a supervisor process of its own, outside the Hub's process
+tree: a Hub restart finds the servers running (``load_state``, ``poll``), and
+stopping a server ends every process of its sandbox. Homes outlive servers;
+``delete_home_on_user_delete`` removes one with its user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlparse
+
+from jupyter_server.serverapp import DEFAULT_JUPYTER_SERVER_PORT
+from jupyterhub.spawner import Spawner
+from traitlets import Bool, CaselessStrEnum, Int, Unicode, default
+
+from sandbox_provisioner import filesystem, identity, pyenv
+from sandbox_provisioner.identity import SandboxIdentity
+from sandbox_provisioner.launch.plan import RUNTIME_ENV
+from sandbox_provisioner.runtimes import AUTO, create_runtime
+from sandbox_provisioner.runtimes.process import is_running, process_start_time
+from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
+
+from . import supervisor
+
+#: Inside every user's sandbox: the run directory (the server's and the Hub API's sockets).
+RUN_DIR = "/run/jupyter-sandbox"
+SERVER_SOCKET, HUB_SOCKET = "server.sock", "hub.sock"
+#: The server's configuration inside the sandbox (read-only).
+SERVER_CONFIG = "/etc/jupyter-sandbox/jupyter_server_config.py"
+_ENV_PASSED = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
+
+
+def slug(name: str) -> str:
+    """A file-name-safe, unique form of a JupyterHub user or server name."""
+    return "".join(
+        c if (c.isascii() and c.isalnum()) or c in "-_." else f"-{ord(c):x}-" for c in name
+    ) or "-"
+
+
+def _server_config() -> str:
+    return (
+        "# Written by LocalSandboxSpawner: the user's server inside its sandbox.\n"
+        f"c.ServerApp.sock = {RUN_DIR + '/' + SERVER_SOCKET!r}\n"
+        "c.ServerApp.sock_mode = '0600'\n"
+        "# Kernels and terminals run in this sandbox, as plain processes: it is the boundary.\n"
+        "c.KernelSpecManager.allowed_kernelspecs = {'python3'}\n"
+        "c.MappingKernelManager.default_kernel_name = 'python3'\n"
+    )
+
+
+class LocalSandboxSpawner(Spawner):
+    """Each user's server in a local sandbox (gVisor or bubblewrap)."""
+
+    runtime = Unicode(
+        AUTO, config=True, help="'auto' (gVisor when it works here, else bubblewrap), "
+        "'gvisor' or 'bubblewrap'."
+    )  # fmt: skip
+    homes_root = Unicode(config=True, help="Where users' homes are kept on the host.")
+    state_root = Unicode(
+        config=True, help="Where each server's supervisor keeps its state (sockets, logs)."
+    )
+    network = CaselessStrEnum(
+        [m.value for m in NetworkMode], default_value=NetworkMode.NONE.value, config=True,
+        help="'none': loopback inside the sandbox only. 'host': the host's network (opt-in).",
+    )  # fmt: skip
+    pids_limit = Int(1024, config=True, help="Processes and threads per server; 0 = none.")
+    uid_base = Int(
+        1_000_000_000, config=True,
+        help="With the Hub as root, a user's server runs as host uid uid_base + the user's "
+        "id, a uid no account has. Without root, every server runs as the Hub's uid.",
+    )  # fmt: skip
+    delete_home_on_user_delete = Bool(
+        False, config=True, help="Remove a user's home when the user is deleted."
+    )
+    stop_grace = Int(5, config=True, help="Seconds between SIGTERM and SIGKILL on stop.")
+
+    @default("homes_root")
+    def _default_homes_root(self) -> str:
+        return str(self._data_root() / "homes")
+
+    @default("state_root")
+    def _default_state_root(self) -> str:
+        return str(self._data_root() / "servers")
+
+    @staticmethod
+    def _data_root() -> Path:
+        if os.geteuid() == 0:
+            return Path("/var/lib/jupyter-sandbox")
+        return Path(os.path.expanduser("~/.local/share/jupyter-sandbox"))
+
+    # Users' servers must outlive a restarted Hub, and keep their API token when stopped.
+    will_resume = True
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.supervisor_pid: int | None = None
+        self.supervisor_start: int | None = None
+        self.state_dir: str = ""
+        self._process: subprocess.Popen | None = None
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    # -- where things are ------------------------------------------------------------------
+    @property
+    def user_slug(self) -> str:
+        return slug(self.user.name)
+
+    @property
+    def home(self) -> Path:
+        return Path(self.homes_root) / self.user_slug
+
+    @property
+    def inside_home(self) -> str:
+        return f"/home/{self.user_slug}"
+
+    def _state_dir(self) -> Path:
+        return Path(self.state_root) / f"{self.user_slug}--{slug(self.name) if self.name else ''}"
+
+    def identity(self) -> SandboxIdentity:
+        """The server's host uid: its own, when the Hub is root."""
+        if os.geteuid() != 0:
+            return identity.resolve()
+        uid = self.uid_base + int(self.user.id)
+        return SandboxIdentity(uid, uid, 0, 0)
+
+    # -- JupyterHub's spawner contract ----------------------------------------------------
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.supervisor_pid = state.get("supervisor_pid")
+        self.supervisor_start = state.get("supervisor_start")
+        self.state_dir = state.get("state_dir", "")
+        self.port = state.get("port", 0)
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.supervisor_pid:
+            state["supervisor_pid"] = self.supervisor_pid
+            state["supervisor_start"] = self.supervisor_start
+            state["state_dir"] = self.state_dir
+            state["port"] = self.port
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.supervisor_pid = self.supervisor_start = None
+
+    async def start(self) -> str:
+        self._events = asyncio.Queue()
+        self._event(10, "Preparing the home directory")
+        who = self.identity()
+        self._prepare_home(who)
+        state = self._state_dir()
+        shutil.rmtree(state, ignore_errors=True)
+        run = state / "run"
+        for directory in (Path(self.state_root), state):
+            directory.mkdir(mode=0o711, parents=True, exist_ok=True)
+        run.mkdir(mode=0o700)
+        os.chown(run, who.uid, who.gid)
+        port = _free_port()
+        self.port = port
+        self.server.port, self.server.ip = port, "127.0.0.1"
+        runtime = create_runtime(self.runtime)
+        runtime.require()
+        spec = self._spec(state, runtime.name, who)
+        plan = {
+            "name": self.user.name + (f"/{self.name}" if self.name else ""),
+            "runtime": runtime.name,
+            "spec": spec.to_dict(),
+            "port": port,
+            "server_socket": str(run / SERVER_SOCKET),
+            "hub_socket": str(run / HUB_SOCKET),
+            "hub_api": self._hub_api_address(),
+            "stop_grace": self.stop_grace,
+        }
+        fd = os.open(state / supervisor.PLAN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(plan, f)  # it holds the server's Hub token: never on a command line
+        self._event(30, f"Starting the server in a {runtime.name} sandbox")
+        with open(state / supervisor.LOG, "ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "sandbox_spawner.supervisor", str(state)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # it outlives the Hub: no signal of the Hub's reaches it
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, cwd="/",
+            )  # fmt: skip
+        self.supervisor_pid = self._process.pid
+        self.supervisor_start = process_start_time(self._process.pid)
+        self.state_dir = str(state)
+        self._event(60, "Waiting for the server to answer")
+        await self._wait_for_server(run / SERVER_SOCKET)
+        self._event(100, "The server is up")
+        return f"http://127.0.0.1:{port}"
+
+    async def get_url(self) -> str:
+        """Where the proxy reaches the server: its supervisor's port on loopback (asked by a
+        restarted Hub)."""
+        return f"http://127.0.0.1:{self.port}{self.server.base_url if self.server else ''}"
+
+    async def poll(self) -> int | None:
+        if not self.supervisor_pid:
+            return 0
+        if self._process is not None and self._process.poll() is None:
+            return None
+        if self._process is None and is_running(self.supervisor_pid, self.supervisor_start):
+            return None
+        return self._exit_code()
+
+    async def stop(self, now: bool = False) -> None:
+        pid, started = self.supervisor_pid, self.supervisor_start
+        if not pid:
+            return
+        if is_running(pid, started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_grace + 15
+            while is_running(pid, started) and time.monotonic() < deadline:
+                if self._process is not None:
+                    self._process.poll()
+                await asyncio.sleep(0.05)
+            if is_running(pid, started):  # its sandbox dies with it (parent-death signal)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=10)
+        self._process = None
+
+    async def progress(self):  # type: ignore[override]
+        while True:
+            event = await self._events.get()
+            yield event
+            if event["progress"] >= 100:
+                return
+
+    def delete_forever(self) -> None:
+        shutil.rmtree(self._state_dir(), ignore_errors=True)
+        if self.delete_home_on_user_delete and not self.name:  # named servers share the home
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    # -- the sandbox ----------------------------------------------------------------------
+    def _prepare_home(self, who: SandboxIdentity) -> None:
+        home = self.home
+        Path(self.homes_root).mkdir(mode=0o711, parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0 and home.stat().st_uid != who.uid:
+            # A home kept from an earlier account of this name: it is this user's now.
+            for path in (home, *home.rglob("*")):
+                with contextlib.suppress(OSError):
+                    os.lchown(path, who.uid, who.gid)
+
+    def _spec(self, state: Path, runtime: str, who: SandboxIdentity) -> SandboxSpec:
+        python = sys.executable
+        inside_uid = identity.INSIDE_UID if runtime == "bubblewrap" else who.uid
+        config = state / "jupyter_server_config.py"
+        config.write_text(_server_config())
+        etc = filesystem.synthetic_etc(state / "etc", "jupyter", inside_uid, inside_uid,
+                                       user=self.user_slug, home=self.inside_home,
+                                       shell="/bin/bash")  # fmt: skip
+        mounts = filesystem.build_mounts(
+            python_paths=list(pyenv.python_dirs(python)),
+            workspace=None,
+            workspace_writable=True,
+            scratch_dir=None,
+            ipc_dir=None,
+            connection_file=None,
+            etc_mounts=[*etc, filesystem.Mount(SERVER_CONFIG, source=str(config))],
+            extra=[
+                filesystem.ExtraMount(str(self.home), self.inside_home, True),
+                filesystem.ExtraMount(str(state / "run"), RUN_DIR, True),
+            ],
+            hidden_paths=(),
+        )
+        limits = ResourceLimits(
+            memory_bytes=int(self.mem_limit) if self.mem_limit else None,
+            cpus=self.cpu_limit or None,
+            pids=self.pids_limit or None,
+        )
+        argv = [python, "-m", "jupyterhub.singleuser", f"--config={SERVER_CONFIG}",
+                f"--ServerApp.root_dir={self.inside_home}", *self.get_args()]  # fmt: skip
+        return SandboxSpec(
+            kernel_id=f"hub-{self.user.id}-{slug(self.name) if self.name else 'default'}",
+            argv=argv,
+            env=self._env(python),
+            cwd=self.inside_home,
+            mounts=mounts,
+            network=NetworkMode(self.network),
+            limits=limits,
+            state_dir=state,
+            log_path=state / "server.log",
+            hostname="jupyter",
+            identity=who if who.separate else None,
+        )
+
+    def _env(self, python: str) -> dict[str, str]:
+        """JupyterHub's variables for the server (its token, its URLs), the Hub API through
+        the run directory's socket, and nothing else of the Hub's environment."""
+        hub = self.get_env()
+        api = f"http+unix://{quote(RUN_DIR + '/' + HUB_SOCKET, safe='')}/hub/api"
+        env = {k: v for k, v in hub.items() if k.startswith(("JUPYTERHUB_", "JPY_"))}
+        env.update({k: hub[k] for k in _ENV_PASSED if k in hub})
+        for key in ("JUPYTERHUB_API_URL", "JUPYTERHUB_ACTIVITY_URL"):
+            if key in env:
+                path = urlparse(env[key]).path.removeprefix("/hub/api")
+                env[key] = api + path
+        if "JUPYTERHUB_SERVICE_URL" in env:
+            # The server listens on its socket only; jupyter_server takes a socket only with
+            # its default port in place (the singleuser extension reads the port from here).
+            env["JUPYTERHUB_SERVICE_URL"] = urlparse(env["JUPYTERHUB_SERVICE_URL"])._replace(
+                netloc=f"127.0.0.1:{DEFAULT_JUPYTER_SERVER_PORT}").geturl()  # fmt: skip
+        env.update(
+            HOME=self.inside_home,
+            USER=self.user_slug,
+            SHELL="/bin/bash",
+            PATH=f"{os.path.dirname(python)}:/usr/local/bin:/usr/bin:/bin",
+            TMPDIR="/tmp",
+        )
+        env[RUNTIME_ENV] = "hub"
+        return env
+
+    def _hub_api_address(self) -> list[Any]:
+        url = urlparse(self.hub.api_url)
+        return [url.hostname or "127.0.0.1", url.port or 80]
+
+    async def _wait_for_server(self, sock: Path) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if sock.exists():
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_unix_connection(str(sock))
+                    writer.close()
+                    return
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"the sandboxed server of {self.user.name} exited while "
+                                   f"starting. Its output:\n{self._log_tail()}")  # fmt: skip
+            await asyncio.sleep(0.1)
+        await self.stop(now=True)
+        raise TimeoutError(f"the sandboxed server of {self.user.name} did not answer within "
+                           f"{self.start_timeout}s. Its output:\n{self._log_tail()}")  # fmt: skip
+
+    def _log_tail(self, size: int = 3000) -> str:
+        parts = []
+        for name in ("server.log", supervisor.LOG):
+            with contextlib.suppress(OSError):
+                parts.append((Path(self.state_dir) / name).read_bytes()[-size:].decode(
+                    errors="replace"))  # fmt: skip
+        return "\n".join(p.strip() for p in parts if p.strip()) or "(no output)"
+
+    def _exit_code(self) -> int:
+        try:
+            return int((Path(self.state_dir) / supervisor.EXIT).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _event(self, progress: int, message: str) -> None:
+        self.log.info("%s: %s", self._log_name, message)
+        self._events.put_nowait({"progress": progress, "message": message})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

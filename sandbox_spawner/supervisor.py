@@ -1,0 +1,128 @@
+"""The supervisor of one user's server: its sandbox, and the only ways in and out of it.
+
+``python -m sandbox_spawner.supervisor STATE_DIR`` reads ``STATE_DIR/plan.json``
+(written by :class:`~sandbox_spawner.local.LocalSandboxSpawner`, mode 0600: it
+holds the server's Hub token in the environment), starts the user's server in a
+sandbox of this project's runtimes, and carries two byte streams:
+
+* the proxy's: TCP on the host's loopback (the route the Hub gives the proxy)
+  to the server's Unix socket in the sandbox's run directory. The server opens
+  no TCP port; a sandbox without network reaches no host port, so no other
+  user's code reaches this server, except through the proxy (and its login).
+* the server's to the Hub API: a Unix socket in the run directory
+  (``http+unix`` in ``JUPYTERHUB_API_URL``) to the Hub's API port. It is the one
+  host service the sandbox reaches; the proxy's API is not.
+
+It is its own session, not a child the Hub waits for: a Hub restart leaves it
+and the server running, and finds them again from the spawner's state. It ends
+when the server does, or on SIGTERM (the spawner's stop): SIGTERM to the
+server, a grace period, then every process of the sandbox is killed. It writes
+the server's exit code to ``STATE_DIR/exit`` before it goes; a killed
+supervisor takes the sandbox with it (its monitor has a parent-death signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from sandbox_provisioner.runtimes import create_runtime
+from sandbox_provisioner.spec import SandboxSpec
+
+log = logging.getLogger("jupyter-sandbox-supervisor")
+PLAN, EXIT, LOG = "plan.json", "exit", "supervisor.log"
+_CHUNK = 1 << 16
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+async def _join(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connect: Any
+) -> None:
+    """Carry one accepted connection to a new one made by ``connect()``, both ways."""
+    try:
+        upstream_reader, upstream_writer = await connect()
+    except OSError:
+        writer.close()
+        return
+    await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+
+async def forward_tcp_to_unix(port: int, path: str) -> asyncio.Server:
+    """127.0.0.1:``port`` -> the Unix socket ``path``."""
+    return await asyncio.start_server(
+        lambda r, w: _join(r, w, lambda: asyncio.open_unix_connection(path)), "127.0.0.1", port
+    )
+
+
+async def forward_unix_to_tcp(path: str, host: str, port: int) -> asyncio.Server:
+    """The Unix socket ``path`` (made here, 0666 in a directory only its sandbox sees) ->
+    ``host:port``."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server = await asyncio.start_unix_server(
+        lambda r, w: _join(r, w, lambda: asyncio.open_connection(host, port)), path
+    )
+    os.chmod(path, 0o666)  # the server in the sandbox runs as the user's uid
+    return server
+
+
+async def supervise(state_dir: Path) -> int:
+    plan = json.loads((state_dir / PLAN).read_text())
+    spec = SandboxSpec.from_dict(plan["spec"])
+    proxy_side = await forward_tcp_to_unix(plan["port"], plan["server_socket"])
+    hub_side = await forward_unix_to_tcp(plan["hub_socket"], *plan["hub_api"])
+    sandbox = await create_runtime(plan["runtime"]).launch(spec)
+    log.info("server of %s started (%s sandbox, monitor pid %s)", plan["name"],
+             plan["runtime"], getattr(sandbox, "pid", "?"))  # fmt: skip
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop.set)
+    waiting = asyncio.ensure_future(sandbox.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        log.info("stopping the server of %s", plan["name"])
+        await sandbox.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiting), float(plan.get("stop_grace", 5)))
+    stopping.cancel()
+    await sandbox.cleanup()  # every process of the sandbox, its cgroups, its state
+    code = await sandbox.poll()
+    for server in (proxy_side, hub_side):
+        server.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(plan["hub_socket"])
+    (state_dir / EXIT).write_text(str(code if code is not None else -signal.SIGKILL))
+    log.info("server of %s ended with %s", plan["name"], code)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.exit("usage: python -m sandbox_spawner.supervisor STATE_DIR")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(message)s")
+    sys.exit(asyncio.run(supervise(Path(args[0]))))
+
+
+if __name__ == "__main__":
+    main()

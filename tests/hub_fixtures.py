@@ -1,0 +1,235 @@
+"""A real JupyterHub with its real proxy (configurable-http-proxy) and LocalSandboxSpawner.
+
+The Hub runs as its own process on loopback ports, with a service token the
+tests use as an administrator; users are made and their servers started through
+the Hub's REST API, and reached through the proxy as a browser would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from testcluster.cluster import free_port
+
+SHIPPED = Path(__file__).resolve().parent.parent / "jupyter_config" / "jupyterhub_config.py"
+#: The shipped configuration, on ports and in directories of the test's own, with a service
+#: token for the tests.
+HUB_CONFIG = """
+load_subconfig("{shipped}")
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {hub_port}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{api_port}"
+c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}  # a spawn request answers at once
+c.JupyterHub.cleanup_proxy = False
+c.LocalSandboxSpawner.runtime = "{runtime}"
+c.LocalSandboxSpawner.homes_root = "{root}/homes"
+c.LocalSandboxSpawner.state_root = "{root}/servers"
+c.LocalSandboxSpawner.mem_limit = "1G"
+c.LocalSandboxSpawner.pids_limit = 256
+c.LocalSandboxSpawner.start_timeout = 120
+c.JupyterHub.services = [{{"name": "tests", "api_token": "{token}"}}]
+c.JupyterHub.load_roles = [{{"name": "tests", "services": ["tests"],
+    "scopes": ["admin:users", "admin:servers", "tokens", "access:servers", "list:users",
+               "read:users", "users:activity"]}}]
+"""
+
+
+class Hub:
+    """One JupyterHub process (restartable) and helpers to drive it."""
+
+    def __init__(self, root: Path, runtime: str = "bubblewrap"):
+        self.root = root
+        self.proxy_port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
+        self.token, self.password = uuid.uuid4().hex, uuid.uuid4().hex
+        self.config = root / "jupyterhub_config.py"
+        self.config.write_text(HUB_CONFIG.format(shipped=SHIPPED, root=root, token=self.token,
+                                                 runtime=runtime, hub_port=self.hub_port,
+                                                 api_port=self.api_port))  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "hub.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def start(self) -> Hub:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "JUPYTER_SANDBOX_HUB_DATA": str(self.root), "JUPYTER_SANDBOX_HUB_URL": self.url,
+               "JUPYTER_SANDBOX_HUB_PASSWORD": self.password}  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(self.config)],
+                cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the Hub exited:\n{self.log.read_text()[-5000:]}")
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{self.url}/hub/api", timeout=2).read()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the Hub did not answer:\n{self.log.read_text()[-5000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig) if sig == signal.SIGKILL else self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+        self.proc = None
+
+    async def api(self, method: str, path: str, body: Any = None, token: str | None = None,
+                  raise_error: bool = True) -> Any:  # fmt: skip
+        request = HTTPRequest(
+            f"{self.url}/hub/api{path}", method=method,
+            headers={"Authorization": f"token {token or self.token}"},
+            body=None if body is None else json.dumps(body), allow_nonstandard_methods=True,
+            request_timeout=120,
+        )  # fmt: skip
+        response = await AsyncHTTPClient().fetch(request, raise_error=raise_error)
+        if not raise_error:
+            return response
+        return json.loads(response.body) if response.body else None
+
+    async def spawn(self, name: str, timeout: float = 180) -> dict[str, Any]:
+        """Make the user (if new), start the default server, wait until it is ready."""
+        await self.api("POST", f"/users/{name}", raise_error=False)
+        await self.api("POST", f"/users/{name}/server", raise_error=False)
+        return await self.wait_ready(name, timeout)
+
+    async def wait_ready(self, name: str, timeout: float = 180) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            user = await self.api("GET", f"/users/{name}")
+            server = (user.get("servers") or {}).get("")
+            if server and server.get("ready"):
+                return user
+            if not server:
+                raise RuntimeError(f"{name}'s server stopped:\n{self.log.read_text()[-5000:]}")
+            await asyncio.sleep(0.3)
+        raise TimeoutError(f"{name}'s server was not ready:\n{self.log.read_text()[-5000:]}")
+
+    async def wait_stopped(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not (await self.api("GET", f"/users/{name}")).get("servers"):
+                return
+            await asyncio.sleep(0.3)
+        raise TimeoutError(f"{name}'s server did not stop")
+
+    async def state(self, name: str) -> dict[str, Any]:
+        """The spawner's state of ``name``'s default server (admin:servers)."""
+        user = await self.api("GET", f"/users/{name}")
+        return user["servers"][""]["state"]
+
+    async def user_token(self, name: str) -> str:
+        reply = await self.api("POST", f"/users/{name}/tokens", {"note": "tests"})
+        return reply["token"]
+
+    async def server_api(self, name: str, token: str, method: str, path: str,
+                         body: Any = None) -> Any:  # fmt: skip
+        """A request to ``name``'s server, through the proxy, with ``token``."""
+        request = HTTPRequest(
+            f"{self.url}/user/{name}{path}", method=method,
+            headers={"Authorization": f"token {token}"},
+            body=None if body is None else json.dumps(body), allow_nonstandard_methods=True,
+            request_timeout=60,
+        )  # fmt: skip
+        response = await AsyncHTTPClient().fetch(request, raise_error=True)
+        return json.loads(response.body) if response.body else None
+
+    async def execute(self, name: str, token: str, code: str, timeout: float = 60) -> str:
+        """Start a kernel in ``name``'s server (through the proxy) and run ``code``; stdout."""
+        kernel = await self.server_api(name, token, "POST", "/api/kernels", {"name": "python3"})
+        url = f"ws://127.0.0.1:{self.proxy_port}/user/{name}/api/kernels/{kernel['id']}/channels"
+        ws = await websocket_connect(HTTPRequest(
+            f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {token}"}
+        ))  # fmt: skip
+        msg_id = uuid.uuid4().hex
+        ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": name,
+                       "session": uuid.uuid4().hex, "version": "5.3", "date": ""},
+            "parent_header": {}, "metadata": {}, "channel": "shell",
+            "content": {"code": code, "silent": False, "store_history": False,
+                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+        }))  # fmt: skip
+        out, deadline = "", time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                raw = await asyncio.wait_for(ws.read_message(), deadline - time.monotonic())
+                if raw is None:
+                    break
+                msg = json.loads(raw)
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "stream":
+                    out += content["text"]
+                elif kind == "error":
+                    out += f"{content['ename']}: {content['evalue']}"
+                elif kind == "status" and content["execution_state"] == "idle":
+                    break
+        finally:
+            ws.close()
+            await self.server_api(name, token, "DELETE", f"/api/kernels/{kernel['id']}")
+        return out
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> Iterator[Hub]:
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    root = tmp_path_factory.mktemp("hub")
+    hub = Hub(root).start()
+    yield hub
+    hub.stop()
+    end_supervisors(root)
+
+
+def supervisors(root: Path) -> list[int]:
+    """Pids of the server supervisors of the Hub in ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"sandbox_spawner.supervisor" in cmdline and any(
+                arg.startswith(str(root).encode()) for arg in cmdline
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+def end_supervisors(root: Path, timeout: float = 30) -> None:
+    """Servers outlive the Hub by design: end them with the test's Hub."""
+    pids = supervisors(root)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+__all__ = ["HTTPClientError", "Hub", "end_supervisors", "hub", "supervisors"]

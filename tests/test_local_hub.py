@@ -1,0 +1,194 @@
+"""A sandboxed JupyterHub on one machine: LocalSandboxSpawner with a real Hub and proxy.
+
+Users are made and their servers started through the Hub's REST API and reached
+through configurable-http-proxy, as a browser would; code runs in real kernels
+of their servers. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hub_fixtures import HTTPClientError, Hub, supervisors
+
+
+def _uids_running(uid: int) -> list[int]:
+    """Processes of ``uid`` that run (a zombie waiting for init to reap it does not)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = dict(x.split(":", 1) for x in (entry / "status").read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+                found.append(int(entry.name))
+    return found
+
+
+async def test_each_user_reaches_only_their_own_server(hub: Hub):
+    await hub.spawn("alice")
+    await hub.spawn("bob")
+    alice = await hub.user_token("alice")
+    assert "started" in await hub.server_api("alice", alice, "GET", "/api/status")
+    with pytest.raises(HTTPClientError) as refused:
+        await hub.server_api("bob", alice, "GET", "/api/status")
+    assert refused.value.code in (403, 404)
+    out = await hub.execute("alice", alice, "import os; print(os.getcwd(), os.environ['USER'])")
+    assert out.split() == ["/home/alice", "alice"]
+
+
+async def test_a_users_code_reaches_nothing_of_the_host_or_other_users(hub: Hub):
+    await hub.spawn("alice")
+    await hub.spawn("bob")
+    alice = await hub.user_token("alice")
+    bob_state = await hub.state("bob")
+    bob_plan = json.loads((Path(bob_state["state_dir"]) / "plan.json").read_text())
+    bob_token = bob_plan["spec"]["env"]["JUPYTERHUB_API_TOKEN"]
+    ports = {"hub api": hub.hub_port, "proxy api": hub.api_port, "proxy": hub.proxy_port,
+             "bob's server": bob_state["port"]}  # fmt: skip
+    code = f"""
+import os, socket, json
+def reach(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+def readable(path):
+    try:
+        return open(path, 'rb').read()
+    except OSError:
+        return b''
+pids = [p for p in os.listdir('/proc') if p.isdigit()]
+print(json.dumps({{
+    "reached": [name for name, port in {ports!r}.items() if reach(port)],
+    "bob's home": [p for p in ("/home/bob", {str(hub.root / "homes" / "bob")!r})
+                   if os.path.exists(p)],
+    "other homes": os.path.exists({str(hub.root / "homes")!r}),
+    "bob's token": [p for p in pids if {bob_token!r}.encode() in
+                    readable(f'/proc/{{p}}/environ') + readable(f'/proc/{{p}}/cmdline')]
+                   + (["env"] if {bob_token!r} in repr(dict(os.environ)) else []),
+}}))
+open('mine.txt', 'w').write('alice')
+"""
+    found = json.loads((await hub.execute("alice", alice, code)).strip())
+    assert found == {"reached": [], "bob's home": [], "other homes": False, "bob's token": []}
+    # On the host, what alice writes belongs to her uid: no other user's, never root.
+    alice_uid = (hub.root / "homes" / "alice").stat().st_uid
+    assert (hub.root / "homes" / "alice" / "mine.txt").stat().st_uid == alice_uid
+    assert alice_uid not in (0, (hub.root / "homes" / "bob").stat().st_uid)
+
+
+async def test_stop_ends_every_process_and_the_home_stays(hub: Hub):
+    await hub.spawn("carol")
+    carol = await hub.user_token("carol")
+    await hub.execute("carol", carol, "open('kept.txt', 'w').write('still here')")
+    uid = (hub.root / "homes" / "carol").stat().st_uid
+    supervisor = (await hub.state("carol"))["supervisor_pid"]
+    assert _uids_running(uid), "carol's server runs as her uid"
+    await hub.api("DELETE", "/users/carol/server")
+    await hub.wait_stopped("carol")
+    assert not Path(f"/proc/{supervisor}").exists()
+    assert _uids_running(uid) == []
+    await hub.spawn("carol")
+    assert await hub.execute("carol", carol, "print(open('kept.txt').read())") == "still here\n"
+
+
+async def test_a_hub_restart_finds_running_servers(hub: Hub):
+    await hub.spawn("dave")
+    dave = await hub.user_token("dave")
+    before = await hub.state("dave")
+    hub.stop()
+    assert before["supervisor_pid"] in supervisors(hub.root)  # not ended with the Hub
+    hub.start()
+    user = await hub.wait_ready("dave", timeout=60)
+    assert user["servers"][""]["state"]["supervisor_pid"] == before["supervisor_pid"]
+    assert "started" in await hub.server_api("dave", dave, "GET", "/api/status")
+
+
+async def test_one_users_fork_bomb_stays_in_their_sandbox(hub: Hub):
+    await hub.spawn("erin")
+    await hub.spawn("frank")
+    erin, frank = await hub.user_token("erin"), await hub.user_token("frank")
+    bomb = """
+import os, time
+children, error = [], None
+for _ in range(1000):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        error = type(exc).__name__
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    children.append(pid)
+open('bombed', 'w').write('')
+time.sleep(4)  # held while the other user's server is asked
+for pid in children:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(len(children), error)
+"""
+    bombing = asyncio.ensure_future(hub.execute("erin", erin, bomb, timeout=120))
+    marker = hub.root / "homes" / "erin" / "bombed"
+    for _ in range(300):
+        if marker.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert marker.exists(), "the bomb went off"
+    assert "started" in await hub.server_api("frank", frank, "GET", "/api/status")
+    assert (await hub.execute("frank", frank, "print('fine')")).strip() == "fine"
+    forked, error = (await bombing).split()
+    assert int(forked) < 256 and error == "BlockingIOError"
+
+
+async def test_spawn_progress_says_what_happens(hub: Hub):
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    await hub.api("POST", "/users/grace", raise_error=False)
+    await hub.api("POST", "/users/grace/server")
+    events: list[dict] = []
+
+    def on_chunk(chunk: bytes) -> None:
+        for line in chunk.decode().splitlines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+
+    await AsyncHTTPClient().fetch(HTTPRequest(
+        f"{hub.url}/hub/api/users/grace/server/progress",
+        headers={"Authorization": f"token {hub.token}"}, streaming_callback=on_chunk,
+        request_timeout=180,
+    ))  # fmt: skip
+    messages = [e.get("message", "") for e in events]
+    assert any("sandbox" in m for m in messages), messages
+    assert events[-1].get("ready") is True, events
+    if os.geteuid() == 0:
+        assert any("home" in m for m in messages)
+
+
+async def test_the_shipped_configuration_logs_users_in_with_the_password(hub: Hub):
+    """The Hub runs on jupyter_config/jupyterhub_config.py: its login page takes any name
+    with the password scripts/hub prints, and nothing else."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    client = AsyncHTTPClient()
+    page = await client.fetch(f"{hub.url}/hub/login")
+    cookies = "; ".join(c.split(";")[0] for c in page.headers.get_list("Set-Cookie"))
+    xsrf = next(c.split("=", 1)[1] for c in cookies.split("; ") if c.startswith("_xsrf="))
+
+    async def login(password: str) -> int:
+        response = await client.fetch(HTTPRequest(
+            f"{hub.url}/hub/login", method="POST", follow_redirects=False,
+            headers={"Cookie": cookies, "Content-Type": "application/x-www-form-urlencoded"},
+            body=f"username=heidi&password={password}&_xsrf={xsrf}",
+        ), raise_error=False)  # fmt: skip
+        return response.code
+
+    assert await login("wrong-password") == 403
+    assert await login(hub.password) == 302
