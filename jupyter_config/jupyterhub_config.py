@@ -10,6 +10,7 @@ servers running and finds them again. The environment variables below are how
 """
 
 import os
+import sys
 from pathlib import Path
 
 c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
@@ -46,3 +47,18 @@ c.Spawner.default_url = "/lab"
 
 # Users' servers outlive a Hub restart (their supervisors are not the Hub's children).
 c.JupyterHub.cleanup_servers = False
+
+# Hibernation: a server with no busy kernel, no open terminal and no activity for an hour
+# is stopped; its home stays, and visiting it starts it again.
+hibernate_after = os.environ.get("JUPYTER_SANDBOX_HIBERNATE_AFTER", "3600")
+c.JupyterHub.services = [{
+    "name": "hibernator",
+    "command": [sys.executable, "-m", "sandbox_spawner.hibernator",
+                f"--proxy-url={c.JupyterHub.bind_url}", f"--timeout={hibernate_after}"],
+}]  # fmt: skip
+c.JupyterHub.load_roles = [{
+    "name": "hibernator",
+    "services": ["hibernator"],
+    "scopes": ["list:users", "read:users", "read:servers", "delete:servers", "access:servers"],
+}]  # fmt: skip
+c.JupyterHub.implicit_spawn_seconds = 1  # a visit to a hibernated server resumes it

@@ -42,17 +42,17 @@ c.LocalSandboxSpawner.state_root = "{root}/servers"
 c.LocalSandboxSpawner.mem_limit = "1G"
 c.LocalSandboxSpawner.pids_limit = 256
 c.LocalSandboxSpawner.start_timeout = 120
-c.JupyterHub.services = [{{"name": "tests", "api_token": "{token}"}}]
-c.JupyterHub.load_roles = [{{"name": "tests", "services": ["tests"],
+c.JupyterHub.services.append({{"name": "tests", "api_token": "{token}"}})
+c.JupyterHub.load_roles.append({{"name": "tests", "services": ["tests"],
     "scopes": ["admin:users", "admin:servers", "tokens", "access:servers", "list:users",
-               "read:users", "users:activity"]}}]
+               "read:users", "users:activity"]}})
 """
 
 
 class Hub:
     """One JupyterHub process (restartable) and helpers to drive it."""
 
-    def __init__(self, root: Path, runtime: str = "bubblewrap"):
+    def __init__(self, root: Path, runtime: str = "bubblewrap", hibernate_after: float = 3600):
         self.root = root
         self.proxy_port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
         self.token, self.password = uuid.uuid4().hex, uuid.uuid4().hex
@@ -62,6 +62,7 @@ class Hub:
                                                  api_port=self.api_port))  # fmt: skip
         self.proc: subprocess.Popen | None = None
         self.log = root / "hub.log"
+        self.hibernate_after = hibernate_after
 
     @property
     def url(self) -> str:
@@ -70,7 +71,8 @@ class Hub:
     def start(self) -> Hub:
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                "JUPYTER_SANDBOX_HUB_DATA": str(self.root), "JUPYTER_SANDBOX_HUB_URL": self.url,
-               "JUPYTER_SANDBOX_HUB_PASSWORD": self.password}  # fmt: skip
+               "JUPYTER_SANDBOX_HUB_PASSWORD": self.password,
+               "JUPYTER_SANDBOX_HIBERNATE_AFTER": str(self.hibernate_after)}  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jupyterhub", "-f", str(self.config)],
@@ -200,6 +202,19 @@ def hub(tmp_path_factory) -> Iterator[Hub]:
     require_runtime("bubblewrap")
     root = tmp_path_factory.mktemp("hub")
     hub = Hub(root).start()
+    yield hub
+    hub.stop()
+    end_supervisors(root)
+
+
+@pytest.fixture(scope="module")
+def hibernating_hub(tmp_path_factory) -> Iterator[Hub]:
+    """A Hub whose hibernator stops servers after 4 quiet seconds."""
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    root = tmp_path_factory.mktemp("hibernating-hub")
+    hub = Hub(root, hibernate_after=4).start()
     yield hub
     hub.stop()
     end_supervisors(root)

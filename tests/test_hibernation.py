@@ -1,0 +1,64 @@
+"""Hibernation: idle servers stop (homes kept), busy kernels keep theirs, and they resume.
+
+The shipped configuration's hibernator service, with a 4 second timeout, on a
+real Hub and proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from hub_fixtures import Hub, supervisors
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+
+async def wait_stopped(hub: Hub, name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not (await hub.api("GET", f"/users/{name}")).get("servers"):
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def test_an_idle_server_hibernates_and_resumes_with_its_files(hibernating_hub: Hub):
+    hub = hibernating_hub
+    await hub.spawn("ivan")
+    ivan = await hub.user_token("ivan")
+    await hub.execute("ivan", ivan, "open('notes.txt', 'w').write('before the nap')")
+    supervisor = (await hub.state("ivan"))["supervisor_pid"]
+    assert await wait_stopped(hub, "ivan", timeout=60), "an idle server hibernates"
+    assert supervisor not in supervisors(hub.root)  # no process of ivan's is left
+    assert (hub.root / "homes" / "ivan" / "notes.txt").read_text() == "before the nap"
+    # Resumed (as the next visit does): the files are there, the token still works.
+    await hub.api("POST", "/users/ivan/server")
+    await hub.wait_ready("ivan")
+    assert await hub.execute("ivan", ivan, "print(open('notes.txt').read())") == "before the nap\n"
+
+
+async def test_a_busy_kernel_without_a_browser_keeps_its_server(hibernating_hub: Hub):
+    hub = hibernating_hub
+    await hub.spawn("judy")
+    judy = await hub.user_token("judy")
+    kernel = await hub.server_api("judy", judy, "POST", "/api/kernels", {"name": "python3"})
+    url = f"ws://127.0.0.1:{hub.proxy_port}/user/judy/api/kernels/{kernel['id']}/channels"
+    ws = await websocket_connect(HTTPRequest(
+        f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {judy}"}
+    ))  # fmt: skip
+    ws.write_message(json.dumps({
+        "header": {"msg_id": uuid.uuid4().hex, "msg_type": "execute_request",
+                   "username": "judy", "session": uuid.uuid4().hex, "version": "5.3",
+                   "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell",
+        "content": {"code": "import time; time.sleep(14)", "silent": False,
+                    "store_history": False, "user_expressions": {}, "allow_stdin": False},
+    }))  # fmt: skip
+    await asyncio.sleep(1)
+    ws.close()  # the browser is gone; the computation goes on
+    assert not await wait_stopped(hub, "judy", timeout=10), "a busy kernel keeps its server"
+    # Once the computation is over and the server quiet, it hibernates.
+    assert await wait_stopped(hub, "judy", timeout=60)
