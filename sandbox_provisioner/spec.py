@@ -106,6 +106,9 @@ class SandboxSpec:
     identity: SandboxIdentity | None = None
     #: Descriptors the sandbox's main process inherits (a pooled agent's listening socket).
     keep_fds: tuple[int, ...] = ()
+    #: The sandbox connects to Unix sockets the host made in its bound directories (a Hub
+    #: user's server reaches the Hub API so); it may always create its own (IPC sockets).
+    host_sockets: bool = False
     #: The main process is the kernel agent of a pooled sandbox, started before its kernel
     #: is known: it keeps CAP_SYS_ADMIN inside the sandbox (never outside) to bind the
     #: kernel's workspace when one is assigned, and each kernel it forks drops every

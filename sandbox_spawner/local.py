@@ -320,6 +320,7 @@ class LocalSandboxSpawner(Spawner):
             log_path=state / "server.log",
             hostname="jupyter",
             identity=who if who.separate else None,
+            host_sockets=True,  # the Hub API's socket, made by the supervisor
         )
 
     def _env(self, python: str) -> dict[str, str]:

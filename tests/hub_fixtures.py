@@ -52,14 +52,16 @@ c.JupyterHub.load_roles.append({{"name": "tests", "services": ["tests"],
 class Hub:
     """One JupyterHub process (restartable) and helpers to drive it."""
 
-    def __init__(self, root: Path, runtime: str = "bubblewrap", hibernate_after: float = 3600):
+    def __init__(self, root: Path, runtime: str = "bubblewrap", hibernate_after: float = 3600,
+                 extra_config: str = ""):  # fmt: skip
         self.root = root
         self.proxy_port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
         self.token, self.password = uuid.uuid4().hex, uuid.uuid4().hex
         self.config = root / "jupyterhub_config.py"
         self.config.write_text(HUB_CONFIG.format(shipped=SHIPPED, root=root, token=self.token,
                                                  runtime=runtime, hub_port=self.hub_port,
-                                                 api_port=self.api_port))  # fmt: skip
+                                                 api_port=self.api_port)
+                               + extra_config)  # fmt: skip
         self.proc: subprocess.Popen | None = None
         self.log = root / "hub.log"
         self.hibernate_after = hibernate_after

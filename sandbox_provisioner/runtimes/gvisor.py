@@ -253,8 +253,9 @@ class GVisorRuntime(SandboxRuntime):
         if proc.returncode != 0:
             raise RuntimeError(f"runsc checkpoint failed: {err.decode(errors='replace')[-500:]}")
 
-    def _global_flags(self, network: str = "none") -> list[str]:
-        return [f"--network={network}", "--host-uds=create",
+    def _global_flags(self, network: str = "none", host_sockets: bool = False) -> list[str]:
+        uds = "all" if host_sockets else "create"  # create: the sandbox's own IPC sockets
+        return [f"--network={network}", f"--host-uds={uds}",
                 f"--platform={self.resolved_platform()}", *self.extra_flags]  # fmt: skip
 
     def _start(self, spec: SandboxSpec, *command: str) -> GVisorSandbox:
@@ -279,7 +280,7 @@ class GVisorRuntime(SandboxRuntime):
         argv = [
             # The sandbox dies with runsc's monitor, and the monitor with the server.
             "setpriv", "--pdeathsig", "KILL", "--", *staged.prefix,
-            runsc, "--root", str(state_root), *self._global_flags(network),
+            runsc, "--root", str(state_root), *self._global_flags(network, spec.host_sockets),
         ]  # fmt: skip
         if not cgroups:
             argv.append("--ignore-cgroups")

@@ -1,0 +1,168 @@
+"""Hub spawn and resume: LocalSandboxSpawner beside JupyterHub's own LocalProcessSpawner.
+
+    .venv/bin/python benchmarks/hub_spawn.py --local [--users 10]
+
+Two Hubs run side by side on this machine, each with its real proxy, from the
+shipped configuration: one with LocalSandboxSpawner, one with JupyterHub's
+SimpleLocalProcessSpawner (the anchor: a plain, unsandboxed server per user, as
+LocalProcessSpawner starts it, without needing a system account per user).
+Users are spawned round-robin between the two, so machine noise hits both
+alike. Measured per user, from the API call to the server answering through the
+proxy (``GET /user/<name>/api/status`` with the user's token): the first spawn,
+then, after every server was stopped (hibernated), the resume. Also printed:
+the memory an idle user server holds (RSS of its processes) and what a
+hibernated user holds (its processes: none). Medians, p95 and ratios to the
+anchor's spawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the Hub harness the tests use
+
+from hub_fixtures import Hub, end_supervisors  # noqa: E402
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest  # noqa: E402
+
+from sandbox_provisioner.runtimes.process import descendants  # noqa: E402
+
+SANDBOX, ANCHOR = "sandbox", "local-process"
+ANCHOR_CONFIG = """
+c.JupyterHub.spawner_class = "simple"
+c.Spawner.args = ["--allow-root"]
+c.SimpleLocalProcessSpawner.home_dir_template = "{root}/local-homes/{{username}}"
+"""
+
+
+async def answers(hub: Hub, name: str, token: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    request = HTTPRequest(f"{hub.url}/user/{name}/api/status",
+                          headers={"Authorization": f"token {token}"}, request_timeout=10,
+                          follow_redirects=False)  # fmt: skip
+    while time.monotonic() < deadline:
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        if response.code == 200:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{name}'s server did not answer through the proxy")
+
+
+async def start_and_time(hub: Hub, name: str, token: str) -> float:
+    started = time.perf_counter()
+    await hub.api("POST", f"/users/{name}/server", raise_error=False)
+    await answers(hub, name, token)
+    return time.perf_counter() - started
+
+
+def rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+async def server_pids(hub: Hub, mode: str, name: str) -> list[int]:
+    state = await hub.state(name)
+    root = state.get("supervisor_pid") if mode == SANDBOX else state.get("pid")
+    return [root, *descendants(root)] if root else []
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+async def bench(root: Path, users: int, runtime: str) -> int:
+    for mode in (SANDBOX, ANCHOR):
+        (root / mode).mkdir(parents=True)
+    hubs = {
+        SANDBOX: Hub(root / SANDBOX, runtime=runtime).start(),
+        ANCHOR: Hub(root / ANCHOR, extra_config=ANCHOR_CONFIG.format(root=root / ANCHOR)).start(),
+    }
+    try:
+        tokens: dict[tuple[str, str], str] = {}
+        for i in range(users):
+            for mode, hub in hubs.items():
+                name = f"u{i}"
+                await hub.api("POST", f"/users/{name}", raise_error=False)
+                tokens[mode, name] = await hub.user_token(name)
+        spawn: dict[str, list[float]] = {m: [] for m in hubs}
+        resume: dict[str, list[float]] = {m: [] for m in hubs}
+        for i in range(users):  # first spawns, round-robin
+            for mode, hub in hubs.items():
+                spawn[mode].append(await start_and_time(hub, f"u{i}", tokens[mode, f"u{i}"]))
+        await asyncio.sleep(3)  # let the servers settle before measuring memory
+        memory = {m: [rss(await server_pids(h, m, f"u{i}")) for i in range(users)]
+                  for m, h in hubs.items()}  # fmt: skip
+        uid = (hubs[SANDBOX].root / "homes" / "u0").stat().st_uid
+        for i in range(users):  # hibernate everyone
+            for hub in hubs.values():
+                await hub.api("DELETE", f"/users/u{i}/server")
+        for hub in hubs.values():
+            for i in range(users):
+                await hub.wait_stopped(f"u{i}", timeout=120)
+        left = _pids_of_uid(uid)
+        for i in range(users):  # resume, round-robin
+            for mode, hub in hubs.items():
+                resume[mode].append(await start_and_time(hub, f"u{i}", tokens[mode, f"u{i}"]))
+    finally:
+        for hub in hubs.values():
+            hub.stop()
+        end_supervisors(root / SANDBOX)
+    anchor = statistics.median(spawn[ANCHOR])
+    print(f"hub spawn -> server answers through the proxy, {users} users per spawner, "
+          f"sandboxes: {runtime} (seconds)")
+    print(f"{'':28}{'p50':>8}{'p95':>8}{'ratio':>8}")
+    for label, values in (("LocalProcessSpawner spawn", spawn[ANCHOR]),
+                          ("LocalProcessSpawner restart", resume[ANCHOR]),
+                          ("LocalSandboxSpawner spawn", spawn[SANDBOX]),
+                          ("LocalSandboxSpawner resume", resume[SANDBOX])):  # fmt: skip
+        p50, p95 = summary(values)
+        print(f"{label:28}{p50:8.3f}{p95:8.3f}{p50 / anchor:7.2f}x")
+    for mode, label in ((ANCHOR, "LocalProcessSpawner"), (SANDBOX, "LocalSandboxSpawner")):
+        print(f"idle server memory, {label}: {statistics.median(memory[mode]) / 2**20:.0f} MiB "
+              "(median RSS of its processes)")  # fmt: skip
+    print(f"a hibernated sandboxed user holds {len(left)} processes")
+    return 0
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = dict(x.split(":", 1) for x in (entry / "status").read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+                found.append(int(entry.name))
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--local", action="store_true", required=True,
+                        help="the Hub on one machine (LocalSandboxSpawner)")  # fmt: skip
+    parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--runtime", default="bubblewrap", help="bubblewrap, gvisor or auto")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
+        Path(tmp).chmod(0o755)
+        return asyncio.run(bench(Path(tmp), args.users, args.runtime))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
