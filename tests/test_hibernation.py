@@ -34,6 +34,11 @@ async def test_an_idle_server_hibernates_and_resumes_with_its_files(hibernating_
     assert await wait_stopped(hub, "ivan", timeout=60), "an idle server hibernates"
     assert supervisor not in supervisors(hub.root)  # no process of ivan's is left
     assert (hub.root / "homes" / "ivan" / "notes.txt").read_text() == "before the nap"
+    # A Hub restart leaves a hibernated server hibernated.
+    hub.stop()
+    hub.start()
+    await asyncio.sleep(2)
+    assert not (await hub.api("GET", "/users/ivan")).get("servers")
     # Resumed (as the next visit does): the files are there, the token still works.
     await hub.api("POST", "/users/ivan/server")
     await hub.wait_ready("ivan")

@@ -9,7 +9,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 
-from .. import filesystem, pool, pyenv
+from .. import filesystem, instance, pool, pyenv
 from ..agent.client import AgentError
 from ..spec import Mount, NetworkMode, SandboxSpec
 from .plan import SandboxStartError, normalized
@@ -98,7 +98,7 @@ class PooledLaunch:
         def make() -> pool.LocalPool:
             return pool.LocalPool(
                 self.runtime_instance, member_spec, size=self.pool_size,
-                state_dir=Path(self.state_root) / "pool", log=self.log,
+                state_dir=instance.directory(self.state_root) / "pool", log=self.log,
             )  # fmt: skip
 
         self._make_kernel_dir()  # state_root exists, with the right owner and mode

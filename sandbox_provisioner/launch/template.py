@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import templates
+from .. import instance, templates
 from ..agent.kernel import write_private_json
 from ..runtimes import Sandbox, banner_arguments
 from ..spec import SandboxSpec
@@ -47,7 +47,7 @@ class TemplateLaunch:
                 (tdir / "scratch").mkdir()
             template_spec = dataclasses.replace(
                 spec,
-                kernel_id=f"template-{template.key}",
+                kernel_id=f"template-{template.directory.parent.parent.name}-{template.key}",
                 argv=[*runner, templates.CTL_TARGET],
                 mounts=self._mounts(
                     cmd,
@@ -71,7 +71,11 @@ class TemplateLaunch:
                 await sandbox.cleanup()
                 shutil.rmtree(tdir, ignore_errors=True)
 
-        templates.ensure_template(key, Path(self.state_root) / "templates", build, self.log)
+        # In this server's own directory: another server's template of the same layout is
+        # another template, and neither's exit touches the other's.
+        templates.ensure_template(
+            key, instance.directory(self.state_root) / "templates", build, self.log
+        )
         return None
 
     def _write_ctl(self, spec: SandboxSpec) -> None:

@@ -1,0 +1,75 @@
+"""This server's own corner of the state root, and the sweep of corners left by dead servers.
+
+Several Jupyter servers of one uid share a state root (``/tmp/jupyter-sandbox-<uid>``):
+a Hub's users, a test run beside a lab. What a server keeps for its own sake,
+its warm pools and gVisor templates, lives in a directory of its own,
+``<state root>/servers/<id>``, which the server holds an exclusive ``flock`` on
+for as long as it runs. Nothing another server does touches it: templates of the
+same layout in two servers are two templates, and a server's exit removes its
+own directory only.
+
+A server that died without cleaning up (SIGKILL, a crash) leaves its directory
+unlocked. :func:`sweep` removes those, and only those: a directory whose lock
+another process holds is alive, whatever its age.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+_LOCK = ".lock"
+#: Per state root: (directory, the open lock file) of this process.
+_MINE: dict[str, tuple[Path, int]] = {}
+
+
+def directory(state_root: str | Path) -> Path:
+    """This process's directory under ``state_root`` (made, locked and swept for on first use)."""
+    key = str(state_root)
+    found = _MINE.get(key)
+    if found is not None and found[0].is_dir():
+        return found[0]
+    servers = Path(state_root) / "servers"
+    servers.mkdir(mode=0o711, parents=True, exist_ok=True)
+    sweep(servers)
+    mine = servers / uuid.uuid4().hex[:12]
+    mine.mkdir(mode=0o711)
+    fd = os.open(mine / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _MINE[key] = (mine, fd)
+    return mine
+
+
+def sweep(servers: Path) -> list[Path]:
+    """Remove the directories of servers that are gone (their lock is free); the removed."""
+    removed = []
+    for entry in servers.iterdir():
+        if not entry.is_dir() or any(entry == d for d, _ in _MINE.values()):
+            continue
+        try:
+            fd = os.open(entry / _LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # being made right now, or not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its server runs
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+@atexit.register
+def _remove_mine() -> None:
+    for mine, fd in list(_MINE.values()):
+        shutil.rmtree(mine, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _MINE.clear()
