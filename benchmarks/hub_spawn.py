@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the Hub harness the tests use
 
-from hub_fixtures import Hub, end_supervisors  # noqa: E402
+from hub_fixtures import Hub, end_supervisors, processes_of  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest  # noqa: E402
 
 from sandbox_provisioner.runtimes.process import descendants  # noqa: E402
@@ -114,7 +114,7 @@ async def bench(root: Path, users: int, runtime: str) -> int:
         for hub in hubs.values():
             for i in range(users):
                 await hub.wait_stopped(f"u{i}", timeout=120)
-        left = _pids_of_uid(uid)
+        left = processes_of(uid)
         for i in range(users):  # resume, round-robin
             for mode, hub in hubs.items():
                 resume[mode].append(await start_and_time(hub, f"u{i}", tokens[mode, f"u{i}"]))
@@ -137,19 +137,6 @@ async def bench(root: Path, users: int, runtime: str) -> int:
               "(median RSS of its processes)")  # fmt: skip
     print(f"a hibernated sandboxed user holds {len(left)} processes")
     return 0
-
-
-def _pids_of_uid(uid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = dict(x.split(":", 1) for x in (entry / "status").read_text().splitlines())
-            except (OSError, ValueError):
-                continue
-            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-                found.append(int(entry.name))
-    return found
 
 
 def main() -> int:

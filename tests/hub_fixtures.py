@@ -102,16 +102,9 @@ class Hub:
 
     async def api(self, method: str, path: str, body: Any = None, token: str | None = None,
                   raise_error: bool = True) -> Any:  # fmt: skip
-        request = HTTPRequest(
-            f"{self.url}/hub/api{path}", method=method,
-            headers={"Authorization": f"token {token or self.token}"},
-            body=None if body is None else json.dumps(body), allow_nonstandard_methods=True,
-            request_timeout=120,
-        )  # fmt: skip
-        response = await AsyncHTTPClient().fetch(request, raise_error=raise_error)
-        if not raise_error:
-            return response
-        return json.loads(response.body) if response.body else None
+        """A request to the Hub API (as the tests' service, or with ``token``)."""
+        return await _request(f"{self.url}/hub/api{path}", method, token or self.token, body,
+                              raise_error)  # fmt: skip
 
     async def spawn(self, name: str, timeout: float = 180) -> dict[str, Any]:
         """Make the user (if new), start the default server, wait until it is ready."""
@@ -151,14 +144,7 @@ class Hub:
     async def server_api(self, name: str, token: str, method: str, path: str,
                          body: Any = None) -> Any:  # fmt: skip
         """A request to ``name``'s server, through the proxy, with ``token``."""
-        request = HTTPRequest(
-            f"{self.url}/user/{name}{path}", method=method,
-            headers={"Authorization": f"token {token}"},
-            body=None if body is None else json.dumps(body), allow_nonstandard_methods=True,
-            request_timeout=60,
-        )  # fmt: skip
-        response = await AsyncHTTPClient().fetch(request, raise_error=True)
-        return json.loads(response.body) if response.body else None
+        return await _request(f"{self.url}/user/{name}{path}", method, token, body)
 
     async def execute(self, name: str, token: str, code: str, timeout: float = 60) -> str:
         """Start a kernel in ``name``'s server (through the proxy) and run ``code``; stdout."""
@@ -195,6 +181,33 @@ class Hub:
             ws.close()
             await self.server_api(name, token, "DELETE", f"/api/kernels/{kernel['id']}")
         return out
+
+
+async def _request(url: str, method: str, token: str, body: Any = None,
+                   raise_error: bool = True) -> Any:  # fmt: skip
+    """The decoded JSON answer (the response itself when not raising for errors)."""
+    response = await AsyncHTTPClient().fetch(HTTPRequest(
+        url, method=method, headers={"Authorization": f"token {token}"},
+        body=None if body is None else json.dumps(body), allow_nonstandard_methods=True,
+        request_timeout=120,
+    ), raise_error=raise_error)  # fmt: skip
+    if not raise_error:
+        return response
+    return json.loads(response.body) if response.body else None
+
+
+def processes_of(uid: int) -> list[int]:
+    """Processes of ``uid`` that run (a zombie waiting for init to reap it does not)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = dict(x.split(":", 1) for x in (entry / "status").read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture(scope="module")

@@ -13,21 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hub_fixtures import HTTPClientError, Hub, supervisors
-
-
-def _uids_running(uid: int) -> list[int]:
-    """Processes of ``uid`` that run (a zombie waiting for init to reap it does not)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = dict(x.split(":", 1) for x in (entry / "status").read_text().splitlines())
-            except (OSError, ValueError):
-                continue
-            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-                found.append(int(entry.name))
-    return found
+from hub_fixtures import HTTPClientError, Hub, processes_of, supervisors
 
 
 async def test_each_user_reaches_only_their_own_server(hub: Hub):
@@ -90,11 +76,11 @@ async def test_stop_ends_every_process_and_the_home_stays(hub: Hub):
     await hub.execute("carol", carol, "open('kept.txt', 'w').write('still here')")
     uid = (hub.root / "homes" / "carol").stat().st_uid
     supervisor = (await hub.state("carol"))["supervisor_pid"]
-    assert _uids_running(uid), "carol's server runs as her uid"
+    assert processes_of(uid), "carol's server runs as her uid"
     await hub.api("DELETE", "/users/carol/server")
     await hub.wait_stopped("carol")
     assert not Path(f"/proc/{supervisor}").exists()
-    assert _uids_running(uid) == []
+    assert processes_of(uid) == []
     await hub.spawn("carol")
     assert await hub.execute("carol", carol, "print(open('kept.txt').read())") == "still here\n"
 
