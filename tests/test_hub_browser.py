@@ -1,0 +1,56 @@
+"""The Hub's pages in a real browser: log in, watch the spawn progress, land in JupyterLab,
+and come back to a hibernated server by visiting it.
+
+Debian's Chromium, driven by Playwright, against the real Hub and proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from hub_fixtures import Hub
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+async def browser():
+    if not os.path.exists(CHROMIUM):
+        message = "Chromium is not installed (scripts/setup installs it for the tests)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        yield browser
+        await browser.close()
+
+
+async def test_login_spawn_progress_and_resume_by_visiting(hub: Hub, browser):
+    page = await browser.new_page()
+    await page.goto(f"{hub.url}/hub/login")
+    await page.fill("input[name=username]", "olivia")
+    await page.fill("input[name=password]", hub.password)
+    await page.click("#login_submit")
+    # The spawn page streams what the spawner does, then goes to the user's JupyterLab.
+    await page.wait_for_url("**/hub/spawn-pending/olivia**", timeout=30_000)
+    log = page.locator("#progress-log")
+    # (in the folded "event log": present, not necessarily shown)
+    await log.get_by_text("sandbox", exact=False).first.wait_for(state="attached", timeout=60_000)
+    await page.wait_for_url("**/user/olivia/lab**", timeout=120_000)
+    await page.wait_for_selector("#jp-main-dock-panel", timeout=60_000)
+    # Hibernated, then visited: the Hub starts the server again on its own.
+    await hub.api("DELETE", "/users/olivia/server")
+    await hub.wait_stopped("olivia")
+    await page.goto(f"{hub.url}/user/olivia/lab")
+    await page.wait_for_url("**/user/olivia/lab**", timeout=120_000)
+    await page.wait_for_selector("#jp-main-dock-panel", timeout=120_000)
+    assert (await hub.api("GET", "/users/olivia"))["servers"][""]["ready"]
