@@ -109,6 +109,10 @@ class SandboxSpec:
     #: The sandbox connects to Unix sockets the host made in its bound directories (a Hub
     #: user's server reaches the Hub API so); it may always create its own (IPC sockets).
     host_sockets: bool = False
+    #: gVisor: the main process starts as the sandbox's root with only CAP_SETUID and
+    #: CAP_SETGID and becomes ``identity``'s uid itself before it runs anything of a
+    #: user's (a template that serves every user, see sandbox_spawner.server_template).
+    switches_user: bool = False
     #: The main process is the kernel agent of a pooled sandbox, started before its kernel
     #: is known: it keeps CAP_SYS_ADMIN inside the sandbox (never outside) to bind the
     #: kernel's workspace when one is assigned, and each kernel it forks drops every

@@ -8,7 +8,8 @@ project's runtimes, from the same :class:`~sandbox_provisioner.spec.SandboxSpec`
 and mount plan as sandboxed kernels:
 
 * a persistent home per user on the host (``homes_root/<user>``), read-write as
-  ``/home/<user>``; the system and Python read-only; a private ``/tmp``;
+  ``home_path`` (``/home/jovyan``, as in Jupyter's images); the system and
+  Python read-only; a private ``/tmp``;
 * its own host uid when the Hub is root (``uid_base`` + the user's id): what
   one user's code writes, reads or signals is that uid's, never another user's;
 * no network but loopback (``network = "host"`` opts in): the server listens on
@@ -18,6 +19,11 @@ and mount plan as sandboxed kernels:
   server;
 * memory, CPU and process limits per user (``mem_limit``, ``cpu_limit``,
   ``pids_limit``; JupyterHub's ``group_overrides`` set them per group).
+
+Under gVisor, a server is restored from a template (:mod:`.server_template`)
+once one is built (in the background, after the first start): the home is at
+the same destination, ``home_path``, for every user, so one template serves
+all.
 
 Each server has a supervisor process of its own, outside the Hub's process
 tree: a Hub restart finds the servers running (``load_state``, ``poll``), and
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -45,9 +53,9 @@ from jupyter_server.serverapp import DEFAULT_JUPYTER_SERVER_PORT
 from jupyterhub.spawner import Spawner
 from traitlets import Bool, CaselessStrEnum, Int, Unicode, default
 
-from sandbox_provisioner import filesystem, identity, pyenv
+from sandbox_provisioner import filesystem, identity, instance, pyenv, templates
 from sandbox_provisioner.identity import SandboxIdentity
-from sandbox_provisioner.launch.plan import RUNTIME_ENV
+from sandbox_provisioner.launch.plan import RUNTIME_ENV, own_module
 from sandbox_provisioner.runtimes import AUTO, create_runtime
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
@@ -59,6 +67,9 @@ RUN_DIR = "/run/jupyter-sandbox"
 SERVER_SOCKET, HUB_SOCKET = "server.sock", "hub.sock"
 #: The server's configuration inside the sandbox (read-only).
 SERVER_CONFIG = "/etc/jupyter-sandbox/jupyter_server_config.py"
+#: gVisor: the control directory a server restored from a template reads its start from.
+SERVER_CTL = "/run/jupyter-sandbox-ctl"
+TEMPLATE_RUNNER = "sandbox_spawner.server_template"
 _ENV_PASSED = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
 
 
@@ -105,6 +116,12 @@ class LocalSandboxSpawner(Spawner):
         False, config=True, help="Remove a user's home when the user is deleted."
     )
     stop_grace = Int(5, config=True, help="Seconds between SIGTERM and SIGKILL on stop.")
+    home_path = Unicode("/home/jovyan", config=True, help="Where a user's home is inside.")
+    server_templates = Bool(
+        True, config=True,
+        help="gVisor: restore servers from a checkpoint of one that imported everything "
+        "(built in the background after the first start).",
+    )  # fmt: skip
 
     @default("homes_root")
     def _default_homes_root(self) -> str:
@@ -142,7 +159,7 @@ class LocalSandboxSpawner(Spawner):
 
     @property
     def inside_home(self) -> str:
-        return f"/home/{self.user_slug}"
+        return self.home_path
 
     def _state_dir(self) -> Path:
         return Path(self.state_root) / f"{self.user_slug}--{slug(self.name) if self.name else ''}"
@@ -187,12 +204,19 @@ class LocalSandboxSpawner(Spawner):
             directory.mkdir(mode=0o711, parents=True, exist_ok=True)
         run.mkdir(mode=0o700)
         os.chown(run, who.uid, who.gid)
+        (state / "ctl").mkdir(mode=0o700)
         port = _free_port()
         self.port = port
         self.server.port, self.server.ip = port, "127.0.0.1"
         runtime = create_runtime(self.runtime)
         runtime.require()
         spec = self._spec(state, runtime.name, who)
+        template = None
+        if runtime.name == "gvisor" and self.server_templates:
+            template = self._template(spec, runtime, who)
+            if template is not None:
+                self._write_start(state, spec, who)
+                spec = dataclasses.replace(spec, switches_user=True)
         plan = {
             "name": self.user.name + (f"/{self.name}" if self.name else ""),
             "runtime": runtime.name,
@@ -202,11 +226,13 @@ class LocalSandboxSpawner(Spawner):
             "hub_socket": str(run / HUB_SOCKET),
             "hub_api": self._hub_api_address(),
             "stop_grace": self.stop_grace,
+            "restore_from": str(template.image) if template is not None else None,
         }
         fd = os.open(state / supervisor.PLAN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(plan, f)  # it holds the server's Hub token: never on a command line
-        self._event(30, f"Starting the server in a {runtime.name} sandbox")
+        how = " (restored from a template)" if template is not None else ""
+        self._event(30, f"Starting the server in a {runtime.name} sandbox{how}")
         with open(state / supervisor.LOG, "ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "sandbox_spawner.supervisor", str(state)],
@@ -279,8 +305,17 @@ class LocalSandboxSpawner(Spawner):
                 with contextlib.suppress(OSError):
                     os.lchown(path, who.uid, who.gid)
 
-    def _spec(self, state: Path, runtime: str, who: SandboxIdentity) -> SandboxSpec:
+    def _spec(
+        self, state: Path, runtime: str, who: SandboxIdentity, home: Path | None = None
+    ) -> SandboxSpec:
+        """The server's sandbox; ``state`` holds its own files (run, ctl, etc, config). Under
+        gVisor every server has the control directory a template restore reads from, so
+        that all of them, and the template, are laid out alike."""
         python = sys.executable
+        # Under gVisor: the control directory and the template runner's package (when it
+        # is a checkout), in every server, so that all are laid out as the template.
+        ctl = [filesystem.ExtraMount(str(state / "ctl"), SERVER_CTL, True),
+               *own_module(python, TEMPLATE_RUNNER)[1]]  # fmt: skip
         inside_uid = identity.INSIDE_UID if runtime == "bubblewrap" else who.uid
         config = state / "jupyter_server_config.py"
         config.write_text(_server_config())
@@ -296,8 +331,9 @@ class LocalSandboxSpawner(Spawner):
             connection_file=None,
             etc_mounts=[*etc, filesystem.Mount(SERVER_CONFIG, source=str(config))],
             extra=[
-                filesystem.ExtraMount(str(self.home), self.inside_home, True),
+                filesystem.ExtraMount(str(home or self.home), self.inside_home, True),
                 filesystem.ExtraMount(str(state / "run"), RUN_DIR, True),
+                *(ctl if runtime == "gvisor" else []),
             ],
             hidden_paths=(),
         )
@@ -322,6 +358,60 @@ class LocalSandboxSpawner(Spawner):
             identity=who if who.separate else None,
             host_sockets=True,  # the Hub API's socket, made by the supervisor
         )
+
+    # -- gVisor templates ------------------------------------------------------------------
+    @staticmethod
+    def _layout_key(spec: SandboxSpec) -> str:
+        """What a restore must match: mount destinations and kinds, the Python, limits."""
+        layout = [[m.target, m.kind.value, m.writable] for m in spec.mounts]
+        limits = [spec.limits.memory_bytes, spec.limits.cpus, spec.limits.pids]
+        data = json.dumps([layout, spec.argv[0], spec.network.value, limits, spec.hostname])
+        return hashlib.sha256(data.encode()).hexdigest()[:24]
+
+    def _template(self, spec: SandboxSpec, runtime: Any, who: SandboxIdentity) -> Any:
+        """The ready template for this layout; else None, and one is built (once)."""
+        key = self._layout_key(spec)
+        found = templates.ready_template(key)
+        if found is not None:
+            return found
+        root = instance.directory(self.state_root) / "templates"
+
+        async def build(template: templates.Template) -> None:
+            tdir = template.directory / "sandbox"
+            for sub in ("run", "ctl", "home"):
+                (tdir / sub).mkdir(parents=True, mode=0o700)
+            runner, _ = own_module(spec.argv[0], TEMPLATE_RUNNER)
+            built = dataclasses.replace(
+                self._spec(tdir, "gvisor", who, home=tdir / "home"),
+                kernel_id=f"server-template-{root.parent.name}-{key}",
+                argv=[*runner, SERVER_CTL],
+                env={"PATH": spec.env["PATH"], "HOME": "/tmp", "LANG": "C.UTF-8"},
+                identity=None,
+                switches_user=True,
+            )
+            sandbox = await runtime.launch(built)
+            try:
+                alive = lambda: _alive(sandbox)  # noqa: E731
+                await templates.wait_for_file(tdir / "ctl" / "ready", alive, 240)
+                await runtime.checkpoint(sandbox, template.image)
+            except Exception as exc:
+                output = (tdir / "server.log").read_bytes()[-1500:].decode(errors="replace")
+                raise RuntimeError(f"{exc}; its output: {output.strip() or '(none)'}") from None
+            finally:
+                await sandbox.cleanup()
+                shutil.rmtree(tdir, ignore_errors=True)
+
+        templates.ensure_template(key, root, build, self.log)
+        return None
+
+    def _write_start(self, state: Path, spec: SandboxSpec, who: SandboxIdentity) -> None:
+        """What a restored template needs to become this user's server (mode 0600)."""
+        ctl = state / "ctl"
+        start = {"uid": who.uid, "gid": who.gid, "env": spec.env, "cwd": spec.cwd,
+                 "args": spec.argv[3:]}  # fmt: skip
+        fd = os.open(ctl / "start.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(start, f)
 
     def _env(self, python: str) -> dict[str, str]:
         """JupyterHub's variables for the server (its token, its URLs), the Hub API through
@@ -386,6 +476,10 @@ class LocalSandboxSpawner(Spawner):
     def _event(self, progress: int, message: str) -> None:
         self.log.info("%s: %s", self._log_name, message)
         self._events.put_nowait({"progress": progress, "message": message})
+
+
+async def _alive(sandbox: Any) -> bool:
+    return await sandbox.poll() is None
 
 
 def _free_port() -> int:

@@ -89,7 +89,12 @@ async def supervise(state_dir: Path) -> int:
     spec = SandboxSpec.from_dict(plan["spec"])
     proxy_side = await forward_tcp_to_unix(plan["port"], plan["server_socket"])
     hub_side = await forward_unix_to_tcp(plan["hub_socket"], *plan["hub_api"])
-    sandbox = await create_runtime(plan["runtime"]).launch(spec)
+    runtime = create_runtime(plan["runtime"])
+    if plan.get("restore_from"):  # a gVisor template: restored, then told to go on
+        sandbox = await runtime.restore(spec, Path(plan["restore_from"]))  # type: ignore[attr-defined]
+        (state_dir / "ctl" / "go").touch()
+    else:
+        sandbox = await runtime.launch(spec)
     log.info("server of %s started (%s sandbox, monitor pid %s)", plan["name"],
              plan["runtime"], getattr(sandbox, "pid", "?"))  # fmt: skip
     loop = asyncio.get_running_loop()

@@ -223,6 +223,20 @@ def hub(tmp_path_factory) -> Iterator[Hub]:
 
 
 @pytest.fixture(scope="module")
+def gvisor_hub(tmp_path_factory) -> Iterator[Hub]:
+    """A Hub whose users' servers are gVisor sandboxes (restored from a template once one
+    is built)."""
+    from conftest import require_runtime
+
+    require_runtime("gvisor")
+    root = tmp_path_factory.mktemp("gvisor-hub")
+    hub = Hub(root, runtime="gvisor").start()
+    yield hub
+    hub.stop()
+    end_supervisors(root)
+
+
+@pytest.fixture(scope="module")
 def hibernating_hub(tmp_path_factory) -> Iterator[Hub]:
     """A Hub whose hibernator stops servers after 4 quiet seconds."""
     from conftest import require_runtime

@@ -87,6 +87,9 @@ async def test_two_kernels_restored_at_once_are_separate(start_kernel, notebook_
     assert (await a.run("x = 'a'")).ok and (await b.run("x = 'b'")).ok
     assert await a.value("x") == "a" and await b.value("x") == "b"
     assert a.km.connection_file != b.km.connection_file
+    # Restored from one checkpoint, yet not one random state: nothing guessable in common.
+    draw = "__import__('random').getrandbits(64)"
+    assert await a.value(draw) != await b.value(draw)
 
 
 async def test_another_layout_gets_its_own_template(start_kernel, tmp_path: Path):

@@ -25,7 +25,7 @@ async def test_each_user_reaches_only_their_own_server(hub: Hub):
         await hub.server_api("bob", alice, "GET", "/api/status")
     assert refused.value.code in (403, 404)
     out = await hub.execute("alice", alice, "import os; print(os.getcwd(), os.environ['USER'])")
-    assert out.split() == ["/home/alice", "alice"]
+    assert out.split() == ["/home/jovyan", "alice"]
 
 
 async def test_a_users_code_reaches_nothing_of_the_host_or_other_users(hub: Hub):
@@ -132,6 +132,30 @@ print(len(children), error)
     assert (await hub.execute("frank", frank, "print('fine')")).strip() == "fine"
     forked, error = (await bombing).split()
     assert int(forked) < 256 and error == "BlockingIOError"
+
+
+async def test_one_users_memory_bomb_stays_in_their_sandbox(hub: Hub):
+    """The Hub's test configuration gives each server 1 GiB: a process that grows past it
+    is killed inside that user's sandbox; that user's server and the others answer."""
+    await hub.spawn("erin")
+    await hub.spawn("frank")
+    erin, frank = await hub.user_token("erin"), await hub.user_token("frank")
+    grow = (
+        "held = []\n"
+        "for i in range(48):\n"  # 3 GiB in 64 MiB pieces, written, not only reserved
+        "    held.append(b'x' * (64 << 20))\n"
+        "    open('grown', 'w').write(str(i + 1))\n"
+    )
+    bomb = (
+        "import subprocess, sys\n"
+        f"child = subprocess.run([sys.executable, '-c', {grow!r}])\n"
+        "print(child.returncode, open('grown').read())\n"
+    )
+    code, grown = (await hub.execute("erin", erin, bomb, timeout=120)).split()
+    assert int(code) in (-9, 1), code  # killed by the OOM killer, or MemoryError
+    assert 64 * int(grown) < 1024 + 64, f"grew to {64 * int(grown)} MiB"
+    assert "started" in await hub.server_api("erin", erin, "GET", "/api/status")
+    assert (await hub.execute("frank", frank, "print('fine')")).strip() == "fine"
 
 
 async def test_spawn_progress_says_what_happens(hub: Hub):

@@ -18,6 +18,18 @@ import sys
 import time
 
 
+def reseed() -> None:
+    """Fresh random state for a restored process: every restore of one checkpoint starts
+    with the same ``random`` (and, when imported, numpy) state, and no fork hook runs to
+    reseed them as after ``os.fork``."""
+    import random
+
+    random.seed()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
 def main(argv: list[str] | None = None) -> None:
     ctl = (argv if argv is not None else sys.argv[1:])[0]
     from .kernel import learn_kernel_imports, preload
@@ -31,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(0.002)
     with open(os.path.join(ctl, "start.json")) as f:
         start = json.load(f)
+    reseed()
     os.environ.clear()
     os.environ.update(start["env"])
     os.chdir(start["cwd"])

@@ -220,11 +220,23 @@ class SandboxPlan:
     ) -> tuple[list[str], list[filesystem.ExtraMount]]:
         """The command that runs ``module`` of this package with the kernel's Python in a
         sandbox, and the mounts it needs (a development checkout outside that Python)."""
-        paths = pyenv.python_dirs(cmd[0], kernel_env.get("PYTHONPATH", ""))
-        package_root = pyenv.own_package_root(paths)
-        if not package_root:
-            return [cmd[0], "-m", module], []
-        package = os.path.join(package_root, "sandbox_provisioner")
-        code = (f"import sys, runpy; sys.path.insert(0, {package_root!r}); "
-                f"runpy.run_module({module!r}, run_name='__main__')")  # fmt: skip
-        return [cmd[0], "-c", code], [filesystem.ExtraMount(package, package, False)]
+        return own_module(cmd[0], module, kernel_env.get("PYTHONPATH", ""))
+
+
+def own_module(
+    python: str, module: str, pythonpath: str = ""
+) -> tuple[list[str], list[filesystem.ExtraMount]]:
+    """The command that runs ``module`` (of this project: ``sandbox_provisioner`` or
+    ``sandbox_spawner``) with ``python`` in a sandbox, and the mounts it needs: the
+    project's packages it uses, read-only, when they are a development checkout that
+    Python does not cover."""
+    package_root = pyenv.own_package_root(pyenv.python_dirs(python, pythonpath))
+    if not package_root:
+        return [python, "-m", module], []
+    # A module of the spawner imports the provisioner's parts too (never the reverse).
+    packages = dict.fromkeys([module.split(".")[0], "sandbox_provisioner"])
+    mounts = [filesystem.ExtraMount(path, path, False)
+              for path in (os.path.join(package_root, p) for p in packages)]  # fmt: skip
+    code = (f"import sys, runpy; sys.path.insert(0, {package_root!r}); "
+            f"runpy.run_module({module!r}, run_name='__main__')")  # fmt: skip
+    return [python, "-c", code], mounts

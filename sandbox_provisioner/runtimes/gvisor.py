@@ -179,6 +179,9 @@ class GVisorRuntime(SandboxRuntime):
         who = spec.identity or resolve()
         # The server's files (root's) stay usable through CAP_DAC_OVERRIDE, in the Sentry only.
         caps = ["CAP_DAC_OVERRIDE"] if who.separate else []
+        user = {"uid": who.uid, "gid": who.gid} if who.separate else {"uid": 0, "gid": 0}
+        if spec.switches_user:  # it becomes the user's uid itself, dropping these
+            caps, user = ["CAP_SETUID", "CAP_SETGID"], {"uid": 0, "gid": 0}
         capabilities = {
             k: caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
         }
@@ -186,7 +189,7 @@ class GVisorRuntime(SandboxRuntime):
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": False,
-                "user": {"uid": who.uid, "gid": who.gid} if who.separate else {"uid": 0, "gid": 0},
+                "user": user,
                 "args": spec.argv,
                 "env": [f"{k}={v}" for k, v in spec.env.items()],
                 "cwd": spec.cwd,
