@@ -20,6 +20,7 @@ from . import api
 
 Obj = dict[str, Any]
 MERGE = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,18 @@ _AS_JSON = {200: "object", 201: "object", 202: "object"}
 class Kube:
     """JSON access to the API server; one per process (it owns an HTTP connection pool)."""
 
-    def __init__(self, configuration: client.Configuration):
-        configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize, 64)
-        self.api = client.ApiClient(configuration)
+    def __init__(
+        self,
+        configuration: client.Configuration | None = None,
+        *,
+        api_client: client.ApiClient | None = None,
+    ):
+        """From a configuration, or sharing ``api_client`` (KubeSpawner's, in a Hub)."""
+        if api_client is None:
+            assert configuration is not None
+            configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize, 64)
+            api_client = client.ApiClient(configuration)
+        self.api = api_client
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None) -> Kube:

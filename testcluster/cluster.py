@@ -141,7 +141,7 @@ class TestCluster:
             [
                 str(self.bin_dir / "kube-controller-manager"),
                 f"--kubeconfig={self.kubeconfig}",
-                "--controllers=garbagecollector,namespace,serviceaccount",
+                "--controllers=garbagecollector,namespace,serviceaccount,pvc-protection",
                 "--leader-elect=false",
                 "--port=0",
                 "--secure-port=0",

@@ -14,11 +14,14 @@ the pod's runtimeClassName says so, else bubblewrap):
   containerStatuses, podIP/podIPs, hostIP, startTime), restarts follow
   restartPolicy; a tcpSocket readiness probe holds Ready back until its port
   answers (other probes are ignored);
-* deletion: SIGTERM, the grace period, SIGKILL, then the pod is removed.
+* deletion: SIGTERM, the grace period, SIGKILL, then the pod is removed;
+* environment: values, ``fieldRef`` (name, namespace, podIP, nodeName) and
+  ``$(NAME)`` references to variables defined before, as the kubelet does.
 
 Images are not pulled: the command runs on the host's /usr and Python, with
 this project's packages (as a kernel image has them installed). A
-container without a command runs ``sleep infinity`` in its place.
+container without a command runs its args (an entrypoint that runs its
+arguments, as Jupyter images' does), and with neither ``sleep infinity``.
 
     python -m testcluster.node_agent --kubeconfig F --root DIR
 """
@@ -31,6 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -221,10 +225,9 @@ class NodeAgent:
     async def _launch(self, pod: dict[str, Any], run: PodRun) -> Sandbox:
         meta, spec = pod["metadata"], pod["spec"]
         container = spec["containers"][0]
-        argv = [
-            *(container.get("command") or ["sleep", "infinity"]),
-            *(container.get("args") or []),
-        ]
+        # No command: the image's entrypoint, which (as Jupyter images' does) runs the args.
+        argv = [*(container.get("command") or []), *(container.get("args") or [])]
+        argv = argv or ["sleep", "infinity"]
         if not argv[0].startswith("/"):
             argv[0] = (
                 shutil.which(argv[0], path=f"{Path(sys.executable).parent}:/usr/bin:/bin")
@@ -243,7 +246,8 @@ class NodeAgent:
                   "status.podIP": run.ip, "spec.nodeName": self.node}  # fmt: skip
         for var in container.get("env") or []:
             ref = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
-            env[var["name"]] = fields.get(ref, "") if ref else var.get("value", "")
+            value = fields.get(ref, "") if ref else var.get("value", "")
+            env[var["name"]] = _expand(value, env)
         state = self.root / "pods" / meta["uid"] / f"run-{run.restarts}"
         state.mkdir(parents=True, exist_ok=True)
         workdir = container.get("workingDir")
@@ -341,6 +345,12 @@ class NodeAgent:
         for task in (run.monitor, run.probe):
             if task is not None:
                 task.cancel()
+        # The containers' output outlives the pod, for whoever debugs a test.
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        for log_file in (self.root / "pods" / uid).glob("run-*/container.log"):
+            shutil.copyfile(log_file, logs / f"{run.namespace}_{run.name}_{uid}_"
+                            f"{log_file.parent.name}.log")  # fmt: skip
         shutil.rmtree(self.root / "pods" / uid, ignore_errors=True)
 
     async def _write_status(
@@ -404,6 +414,15 @@ class NodeAgent:
         await asyncio.gather(
             *(self._stop(uid, 0) for uid in list(self.runs)), return_exceptions=True
         )
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """``$(NAME)`` of a variable defined before, as the kubelet expands it (``$$`` escapes)."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        value,
+    )
 
 
 def _probe_port(container: dict[str, Any]) -> int | None:

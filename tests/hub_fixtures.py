@@ -49,22 +49,60 @@ c.JupyterHub.load_roles.append({{"name": "tests", "services": ["tests"],
 """
 
 
+#: The shipped Kubernetes configuration against the test cluster: servers bind their pod IP
+#: (pods share the host's network there), the Hub on loopback; a profile without a runtime
+#: class (bubblewrap on the stand-in node) beside the shipped ones.
+KUBE_HUB_CONFIG = """
+load_subconfig("{shipped_kube}")
+c.JupyterHub.bind_url = "http://127.0.0.1:{{proxy_port}}"
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {{hub_port}}
+c.JupyterHub.hub_connect_url = "http://127.0.0.1:{{hub_port}}"
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{{api_port}}"
+c.JupyterHub.db_url = "sqlite:///{{root}}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "{{root}}/cookie_secret"
+c.ConfigurableHTTPProxy.pid_file = "{{root}}/proxy.pid"
+c.JupyterHub.tornado_settings = {{{{"slow_spawn_timeout": 0}}}}
+c.JupyterHub.cleanup_proxy = False
+c.JupyterHub.authenticator_class = "dummy"
+c.DummyAuthenticator.password = "{{password}}"
+c.Authenticator.allow_all = True
+c.SandboxSpawner.namespace = "{{namespace}}"
+c.SandboxSpawner.start_timeout = 120
+c.SandboxSpawner.ip = "$(POD_IP)"
+c.SandboxSpawner.environment = {{{{
+    "POD_IP": {{{{"valueFrom": {{{{"fieldRef": {{{{"fieldPath": "status.podIP"}}}}}}}}}}}}}}}}
+c.SandboxSpawner.profile_list += [
+    {{{{"display_name": "Plain", "slug": "plain", "kubespawner_override": {{{{}}}}}}}},
+    {{{{"display_name": "Missing", "slug": "missing-runtime", "kubespawner_override":
+        {{{{"extra_pod_config": {{{{"runtimeClassName": "no-such-runtime"}}}}}}}}}}}},
+]
+c.JupyterHub.services = [{{{{"name": "tests", "api_token": "{{token}}"}}}}]
+c.JupyterHub.load_roles = [{{{{"name": "tests", "services": ["tests"],
+    "scopes": ["admin:users", "admin:servers", "tokens", "access:servers", "list:users",
+               "read:users", "users:activity"]}}}}]
+""".format(shipped_kube=SHIPPED.parent / "kubernetes" / "jupyterhub_config.py")
+
+
 class Hub:
     """One JupyterHub process (restartable) and helpers to drive it."""
 
     def __init__(self, root: Path, runtime: str = "bubblewrap", hibernate_after: float = 3600,
-                 extra_config: str = ""):  # fmt: skip
+                 extra_config: str = "", config: str = HUB_CONFIG,
+                 env: dict[str, str] | None = None, **values: Any):  # fmt: skip
         self.root = root
         self.proxy_port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
         self.token, self.password = uuid.uuid4().hex, uuid.uuid4().hex
         self.config = root / "jupyterhub_config.py"
-        self.config.write_text(HUB_CONFIG.format(shipped=SHIPPED, root=root, token=self.token,
-                                                 runtime=runtime, hub_port=self.hub_port,
-                                                 api_port=self.api_port)
+        self.config.write_text(config.format(shipped=SHIPPED, root=root, token=self.token,
+                                             runtime=runtime, hub_port=self.hub_port,
+                                             api_port=self.api_port, proxy_port=self.proxy_port,
+                                             password=self.password, **values)
                                + extra_config)  # fmt: skip
         self.proc: subprocess.Popen | None = None
         self.log = root / "hub.log"
         self.hibernate_after = hibernate_after
+        self.env = env or {}
 
     @property
     def url(self) -> str:
@@ -74,7 +112,8 @@ class Hub:
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                "JUPYTER_SANDBOX_HUB_DATA": str(self.root), "JUPYTER_SANDBOX_HUB_URL": self.url,
                "JUPYTER_SANDBOX_HUB_PASSWORD": self.password,
-               "JUPYTER_SANDBOX_HIBERNATE_AFTER": str(self.hibernate_after)}  # fmt: skip
+               "JUPYTER_SANDBOX_HIBERNATE_AFTER": str(self.hibernate_after),
+               **self.env}  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jupyterhub", "-f", str(self.config)],
@@ -106,10 +145,11 @@ class Hub:
         return await _request(f"{self.url}/hub/api{path}", method, token or self.token, body,
                               raise_error)  # fmt: skip
 
-    async def spawn(self, name: str, timeout: float = 180) -> dict[str, Any]:
+    async def spawn(self, name: str, timeout: float = 180,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         """Make the user (if new), start the default server, wait until it is ready."""
         await self.api("POST", f"/users/{name}", raise_error=False)
-        await self.api("POST", f"/users/{name}/server", raise_error=False)
+        await self.api("POST", f"/users/{name}/server", options, raise_error=False)
         return await self.wait_ready(name, timeout)
 
     async def wait_ready(self, name: str, timeout: float = 180) -> dict[str, Any]:
@@ -249,6 +289,21 @@ def hibernating_hub(tmp_path_factory) -> Iterator[Hub]:
     end_supervisors(root)
 
 
+@pytest.fixture(scope="module")
+def kube_hub(tmp_path_factory, cluster, controller) -> Iterator[Hub]:
+    """A Hub with SandboxSpawner on the test cluster, in a namespace of its own."""
+    namespace = f"hub-{uuid.uuid4().hex[:8]}"
+    status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    assert status == 201, body
+    root = tmp_path_factory.mktemp("kube-hub")
+    hub = Hub(root, config=KUBE_HUB_CONFIG, namespace=namespace,
+              env={"KUBECONFIG": str(cluster.kubeconfig)}).start()  # fmt: skip
+    hub.namespace = namespace  # type: ignore[attr-defined]
+    yield hub
+    hub.stop()
+    cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
 def supervisors(root: Path) -> list[int]:
     """Pids of the server supervisors of the Hub in ``root``."""
     found = []
@@ -276,4 +331,4 @@ def end_supervisors(root: Path, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-__all__ = ["HTTPClientError", "Hub", "end_supervisors", "hub", "supervisors"]
+__all__ = ["HTTPClientError", "Hub", "end_supervisors", "hub", "kube_hub", "supervisors"]

@@ -1,0 +1,73 @@
+"""JupyterHub on Kubernetes, every user's server in a Sandbox that hibernates (SandboxSpawner).
+
+    jupyterhub -f jupyter_config/kubernetes/jupyterhub_config.py
+
+SandboxSpawner is KubeSpawner with the pod in a ``Sandbox`` (Agent Sandbox API):
+everything below is KubeSpawner configuration, under its own class name. The
+user's home is a PVC the Sandbox owns: it survives hibernation and goes when
+the user is deleted. Users' servers run under gVisor by default; the profiles
+offer Kata with a GPU, and a trusted server whose kernels each run in a
+Sandbox of their own. Environment variables are what differs per deployment.
+"""
+
+import os
+
+c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
+
+c.JupyterHub.spawner_class = "sandbox"
+c.SandboxSpawner.namespace = os.environ.get("POD_NAMESPACE", "default")
+c.SandboxSpawner.start_timeout = 300
+c.SandboxSpawner.default_url = "/lab"
+c.SandboxSpawner.cmd = ["jupyterhub-singleuser"]
+c.SandboxSpawner.working_dir = "/home/jovyan"
+c.SandboxSpawner.mem_limit = "2G"
+c.SandboxSpawner.cpu_limit = 1.0
+# Pods get no API credentials unless a profile needs them (the per-kernel one does).
+c.SandboxSpawner.automount_service_account_token = False
+
+# The home: a PVC per user server, mounted at /home/jovyan. In the Sandbox it becomes a
+# volume claim template named after the volume ("home"): the PVC is home-<sandbox name>.
+c.SandboxSpawner.storage_pvc_ensure = True
+c.SandboxSpawner.storage_capacity = os.environ.get("JUPYTER_SANDBOX_HOME_SIZE", "10Gi")
+c.SandboxSpawner.volumes = [
+    {"name": "home", "persistentVolumeClaim": {"claimName": "{pvc_name}"}}
+]
+c.SandboxSpawner.volume_mounts = [{"name": "home", "mountPath": "/home/jovyan"}]
+
+c.SandboxSpawner.profile_list = [
+    {
+        "display_name": "gVisor (untrusted code)",
+        "slug": "gvisor",
+        "description": "Your server and its kernels in a gVisor sandbox.",
+        "default": True,
+        "kubespawner_override": {"extra_pod_config": {"runtimeClassName": "gvisor"}},
+    },
+    {
+        "display_name": "GPU (Kata)",
+        "slug": "gpu",
+        "description": "A Kata VM with one GPU passed through, for machine learning.",
+        "kubespawner_override": {
+            "extra_pod_config": {"runtimeClassName": "kata-qemu-nvidia-gpu"},
+            "extra_resource_limits": {"nvidia.com/gpu": "1"},
+        },
+    },
+    {
+        "display_name": "Each kernel in its own Sandbox",
+        "slug": "kernels",
+        "description": "A trusted server; every kernel runs in a Sandbox claimed from a warm "
+        "pool (gVisor), labelled with your name and gone when your server stops.",
+        "kubespawner_override": {
+            # Claim rights in this namespace only (see kubernetes/rbac.yaml).
+            "service_account": "jupyter-sandbox-kernels",
+            "automount_service_account_token": True,
+            # The image has this project and its cluster kernelspecs
+            # (kubernetes/kernels/), whose warm pools live in this namespace.
+            "environment": {"JUPYTER_SANDBOX_NAMESPACE": c.SandboxSpawner.namespace},
+        },
+    },
+]
+
+# Hibernated servers keep their token; a visit resumes the server without a click.
+c.JupyterHub.implicit_spawn_seconds = 1
+# Users' servers outlive a Hub restart (the Sandboxes are found again).
+c.JupyterHub.cleanup_servers = False

@@ -1,0 +1,141 @@
+"""SandboxSpawner: a real JupyterHub and proxy, users' servers in Sandboxes on the test cluster.
+
+The stand-in node agent runs each pod's ``jupyterhub-singleuser`` (bubblewrap, or
+gVisor for the shipped default profile); this project's controller makes the pods
+from the Sandboxes. Users are made and their servers started through the Hub API and
+reached through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from cluster_fixtures import Client, condition, wait_for
+from hub_fixtures import Hub
+
+from agent_sandbox.kube import PODS, PVCS, SANDBOXES
+
+PLAIN = {"profile": "plain"}
+
+
+def home_dir(node_agent, hub: Hub, user: str):
+    return node_agent.root / "pvc" / hub.namespace / f"home-jupyter-{user}"
+
+
+async def test_spawn_write_hibernate_resume(kube_hub: Hub, k8s: Client, node_agent):
+    hub, ns = kube_hub, kube_hub.namespace
+    await hub.spawn("alice", options=PLAIN)
+    sandbox = k8s.get(SANDBOXES, ns, "jupyter-alice")
+    assert condition(sandbox, "Ready")["status"] == "True"
+    # The home is a claim template of the Sandbox: the controller made and owns the PVC.
+    pvc = k8s.get(PVCS, ns, "home-jupyter-alice")
+    assert pvc["metadata"]["ownerReferences"][0]["name"] == "jupyter-alice"
+    token = await hub.user_token("alice")
+    assert "started" in await hub.server_api("alice", token, "GET", "/api/status")
+    write = "import os; open('kept.txt', 'w').write('x'); print(os.getcwd())"
+    out = await hub.execute("alice", token, write)
+    assert out.strip() == "/home/jovyan"
+    assert (home_dir(node_agent, hub, "alice") / "kept.txt").exists()
+    assert (await hub.state("alice"))["pod_name"] == "jupyter-alice"
+
+    # Hibernate: the pod goes, the Sandbox (Suspended) and the PVC stay.
+    await hub.api("DELETE", "/users/alice/server")
+    await hub.wait_stopped("alice")
+    sandbox = k8s.get(SANDBOXES, ns, "jupyter-alice")
+    assert sandbox["spec"]["operatingMode"] == "Suspended"
+    assert condition(sandbox, "Suspended")["status"] == "True"
+    assert k8s.get(PODS, ns, "jupyter-alice") is None
+    assert k8s.get(PVCS, ns, "home-jupyter-alice") is not None
+
+    # Resume: the same Sandbox runs again, the file is there.
+    started = time.monotonic()
+    await hub.spawn("alice", options=PLAIN)
+    print(f"resumed in {time.monotonic() - started:.2f}s")
+    assert k8s.get(SANDBOXES, ns, "jupyter-alice")["metadata"]["uid"] == sandbox["metadata"]["uid"]
+    out = await hub.execute("alice", token, "print(open('kept.txt').read())")
+    assert out.strip() == "x"
+
+
+async def test_default_profile_is_gvisor_and_progress_shows_the_sandbox(kube_hub: Hub,
+                                                                       k8s: Client):  # fmt: skip
+    hub = kube_hub
+    await hub.api("POST", "/users/bea", raise_error=False)
+    await hub.api("POST", "/users/bea/server")  # no options: the shipped default profile
+    events = await progress_events(hub, "bea")
+    messages = [e.get("message", "") for e in events]
+    assert any("Creating Sandbox" in m for m in messages), messages
+    assert any("Ready=False" in m for m in messages), messages  # the Sandbox's conditions
+    assert events[-1].get("ready") is True, events
+    assert k8s.get(PODS, hub.namespace, "jupyter-bea")["spec"]["runtimeClassName"] == "gvisor"
+    token = await hub.user_token("bea")
+    assert (await hub.execute("bea", token, "print(6 * 7)")).strip() == "42"
+
+
+async def progress_events(hub: Hub, user: str) -> list[dict]:
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    events: list[dict] = []
+
+    def on_chunk(chunk: bytes) -> None:
+        for line in chunk.decode().splitlines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+
+    await AsyncHTTPClient().fetch(HTTPRequest(
+        f"{hub.url}/hub/api/users/{user}/server/progress",
+        headers={"Authorization": f"token {hub.token}"}, streaming_callback=on_chunk,
+        request_timeout=180,
+    ))  # fmt: skip
+    return events
+
+
+async def test_a_spawn_that_cannot_succeed_fails_fast_with_the_reason(kube_hub: Hub,
+                                                                      k8s: Client):  # fmt: skip
+    hub = kube_hub
+    # A runtime class the cluster does not have: the API server refuses the pod.
+    await hub.api("POST", "/users/cid", raise_error=False)
+    started = time.monotonic()
+    await hub.api("POST", "/users/cid/server", {"profile": "missing-runtime"})
+    events = await progress_events(hub, "cid")
+    took = time.monotonic() - started
+    assert events[-1].get("failed") is True, events
+    text = json.dumps(events[-1])
+    assert "RuntimeClass" in text and "no-such-runtime" in text, text
+    assert took < 30, f"failed after {took:.1f}s"
+
+
+async def test_a_hub_restart_finds_running_and_hibernated_servers(kube_hub: Hub, k8s: Client):
+    hub, ns = kube_hub, kube_hub.namespace
+    await hub.spawn("dan", options=PLAIN)
+    await hub.spawn("eve", options=PLAIN)
+    await hub.api("DELETE", "/users/eve/server")
+    await hub.wait_stopped("eve")
+    pod_uid = k8s.get(PODS, ns, "jupyter-dan")["metadata"]["uid"]
+    hub.stop()
+    hub.start()
+    await hub.wait_ready("dan", timeout=60)
+    await asyncio.sleep(2)  # the Hub's first poll of every server has run
+    assert k8s.get(PODS, ns, "jupyter-dan")["metadata"]["uid"] == pod_uid  # undisturbed
+    dan = await hub.user_token("dan")
+    assert "started" in await hub.server_api("dan", dan, "GET", "/api/status")
+    eve = await hub.api("GET", "/users/eve")
+    assert not eve["servers"]
+    assert k8s.get(SANDBOXES, ns, "jupyter-eve")["spec"]["operatingMode"] == "Suspended"
+    assert k8s.get(PODS, ns, "jupyter-eve") is None
+
+
+async def test_deleting_a_user_removes_their_sandbox_and_home_only(kube_hub: Hub, k8s: Client):
+    hub, ns = kube_hub, kube_hub.namespace
+    await hub.spawn("fay", options=PLAIN)
+    await hub.spawn("gus", options=PLAIN)
+    await hub.api("DELETE", "/users/fay/server")
+    await hub.wait_stopped("fay")
+    await hub.api("DELETE", "/users/fay")
+    wait_for(lambda: k8s.get(SANDBOXES, ns, "jupyter-fay") is None, 30, "fay's Sandbox gone")
+    wait_for(lambda: k8s.get(PVCS, ns, "home-jupyter-fay") is None, 60, "fay's PVC gone")
+    assert k8s.get(SANDBOXES, ns, "jupyter-gus") is not None
+    assert k8s.get(PVCS, ns, "home-jupyter-gus") is not None
+    gus = await hub.user_token("gus")
+    assert "started" in await hub.server_api("gus", gus, "GET", "/api/status")
