@@ -53,13 +53,28 @@ async def install_crds(kubeconfig: str | None) -> None:
         await kube.close()
 
 
-async def _run(args: argparse.Namespace) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The controller's options (also the Hub service's, which runs it in-process)."""
+    parser.add_argument("--kubeconfig")
+    parser.add_argument("--namespace", action="append", help="watch only these (default: all)")
+    parser.add_argument("--cluster-domain", default="cluster.local")
+    parser.add_argument("--warm-pool-readiness-grace", type=float, default=300.0)
+    parser.add_argument("--no-leader-election", action="store_true")
+    parser.add_argument("--lease-namespace", default="default")
+    parser.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
+    parser.add_argument("--lease-renew", type=float, default=5.0, help="seconds")
+    parser.add_argument("--webhook-host", default="127.0.0.1")
+    parser.add_argument("--webhook-port", type=int, help="serve the v1alpha1 conversion webhook")
+    parser.add_argument("--webhook-url", help="the URL the API server calls (default: host:port)")
+    parser.add_argument("--webhook-service", help="NAMESPACE/NAME/PORT of the webhook's Service")
+
+
+async def run_from_args(
+    args: argparse.Namespace, stop: asyncio.Event, metrics_port: int | None = None
+) -> None:
+    """Run the controller as ``args`` (from :func:`add_run_arguments`) say, until ``stop``."""
     from .controller import Options, run
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     service = None
     if args.webhook_service:
         ns, name, port = args.webhook_service.split("/")
@@ -79,27 +94,29 @@ async def _run(args: argparse.Namespace) -> None:
         webhook_port=args.webhook_port,
         webhook_url=args.webhook_url,
         webhook_service=service,
-        metrics_port=args.metrics_port,
+        metrics_port=metrics_port,
         stop=stop,
     )
+
+
+def quiet_client_logs() -> None:
+    for noisy in ("kubernetes_asyncio", "kopf", "aiohttp"):  # their DEBUG is per request
+        logging.getLogger(noisy).setLevel(logging.INFO)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_from_args(args, stop, args.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent-sandbox-controller", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     run_p = sub.add_parser("run", help="run the controller")
-    run_p.add_argument("--kubeconfig")
-    run_p.add_argument("--namespace", action="append", help="watch only these (default: all)")
-    run_p.add_argument("--cluster-domain", default="cluster.local")
-    run_p.add_argument("--warm-pool-readiness-grace", type=float, default=300.0)
-    run_p.add_argument("--no-leader-election", action="store_true")
-    run_p.add_argument("--lease-namespace", default="default")
-    run_p.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
-    run_p.add_argument("--lease-renew", type=float, default=5.0, help="seconds")
-    run_p.add_argument("--webhook-host", default="127.0.0.1")
-    run_p.add_argument("--webhook-port", type=int, help="serve the v1alpha1 conversion webhook")
-    run_p.add_argument("--webhook-url", help="the URL the API server calls (default: host:port)")
-    run_p.add_argument("--webhook-service", help="NAMESPACE/NAME/PORT of the webhook's Service")
+    add_run_arguments(run_p)
     run_p.add_argument("--metrics-port", type=int)
     run_p.add_argument("--log-level", default="INFO")
     crd_p = sub.add_parser("crds", help="print the CRDs as YAML")
@@ -108,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     inst_p.add_argument("--kubeconfig")
     args = parser.parse_args(argv)
     if args.command == "run":
-        for noisy in ("kubernetes_asyncio", "kopf", "aiohttp"):  # their DEBUG is per request
-            logging.getLogger(noisy).setLevel(logging.INFO)
+        quiet_client_logs()
         logging.basicConfig(
             level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )

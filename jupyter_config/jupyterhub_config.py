@@ -49,16 +49,21 @@ c.Spawner.default_url = "/lab"
 c.JupyterHub.cleanup_servers = False
 
 # Hibernation: a server with no busy kernel, no open terminal and no activity for an hour
-# is stopped; its home stays, and visiting it starts it again.
+# is stopped; its home stays, and visiting it starts it again. The service also serves
+# Prometheus metrics at /metrics on its URL (servers running and hibernated, start and
+# resume durations).
 hibernate_after = os.environ.get("JUPYTER_SANDBOX_HIBERNATE_AFTER", "3600")
+service_port = os.environ.get("JUPYTER_SANDBOX_SERVICE_PORT", "10101")
 c.JupyterHub.services = [{
-    "name": "hibernator",
-    "command": [sys.executable, "-m", "sandbox_spawner.hibernator",
+    "name": "sandbox-service",
+    "url": f"http://127.0.0.1:{service_port}",
+    "command": [sys.executable, "-m", "sandbox_spawner.service",
                 f"--proxy-url={c.JupyterHub.bind_url}", f"--timeout={hibernate_after}"],
 }]  # fmt: skip
 c.JupyterHub.load_roles = [{
-    "name": "hibernator",
-    "services": ["hibernator"],
-    "scopes": ["list:users", "read:users", "read:servers", "delete:servers", "access:servers"],
+    "name": "sandbox-service",
+    "services": ["sandbox-service"],
+    "scopes": ["list:users", "read:users", "read:servers", "admin:server_state",
+               "delete:servers", "access:servers"],
 }]  # fmt: skip
 c.JupyterHub.implicit_spawn_seconds = 1  # a visit to a hibernated server resumes it

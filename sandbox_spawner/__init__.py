@@ -3,8 +3,12 @@
 * :mod:`.local`: ``LocalSandboxSpawner`` (spawner ``local-sandbox``), a user's
   server in a local gVisor or bubblewrap sandbox, run by a supervisor of its own
   (:mod:`.supervisor`);
-* :mod:`.hibernator`: a Hub service that stops servers with no busy kernel, no
-  open terminal and no recent activity (their files stay; a visit resumes).
+* :mod:`.kubernetes`: ``SandboxSpawner`` (spawner ``sandbox``), KubeSpawner with
+  each server in a Sandbox that hibernates (:mod:`.manifests`: the pure part);
+* :mod:`.service`: the Hub service ``sandbox-service``: the Agent Sandbox
+  controller (Kubernetes), the :mod:`.hibernator` (stops servers with no busy
+  kernel, no open terminal and no recent activity; files stay, a visit
+  resumes) and their metrics; :mod:`.starts` records start durations for it.
 
 It may use the provisioner's parts (``sandbox_provisioner``); the provisioner
 never imports it.

@@ -13,23 +13,21 @@ when
   request reached the server, and the Hub saw no activity.
 
 An idle server is stopped through the Hub API, which for this project's
-spawners is hibernation, not loss: LocalSandboxSpawner keeps the user's home
-(and its API token, ``will_resume``); the Hub starts the server again on the
-user's next visit. Users and groups can be exempt. A server that cannot be
-asked is left alone (and logged). Prometheus metrics on ``--metrics-port``.
+spawners is hibernation, not loss: LocalSandboxSpawner and SandboxSpawner keep
+the user's home (and the API token, ``will_resume``); the Hub starts the server again on the
+user's next visit. Users, groups and profiles can be exempt; ``max_age``
+hibernates even a server in use (never one with a busy kernel); ``dry_run``
+only logs. A server that cannot be asked is left alone (and logged).
 
-    python -m sandbox_spawner.hibernator --proxy-url http://127.0.0.1:8000 \\
-        [--timeout 3600] [--interval 60] [--exempt-users a,b] [--exempt-groups staff]
-
-Run as a Hub-managed service (``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_API_URL``
-from the Hub) with the scopes ``list:users``, ``read:users``,
-``read:servers``, ``delete:servers`` and ``access:servers``.
+It runs in the Hub service :mod:`sandbox_spawner.service`, which gives it its
+options, its Hub API token and its metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -62,9 +60,17 @@ class Hibernator:
     api_token: str
     proxy_url: str
     timeout: float = 3600
+    #: Seconds after which a server hibernates even if in use (0: never); a busy kernel
+    #: still keeps it.
+    max_age: float = 0
     exempt_users: set[str] = field(default_factory=set)
     exempt_groups: set[str] = field(default_factory=set)
+    #: Profiles (``user_options["profile"]``) whose servers never hibernate.
+    exempt_profiles: set[str] = field(default_factory=set)
+    #: Log what would hibernate; stop nothing.
+    dry_run: bool = False
     metrics: Any = None
+    _starts_seen: set[tuple[str, str, str]] = field(default_factory=set)
 
     # -- the Hub ------------------------------------------------------------------------------
     async def _fetch(self, url: str, method: str = "GET") -> Any:
@@ -75,12 +81,12 @@ class Hibernator:
         return json.loads(response.body) if response.body else None
 
     async def users(self) -> list[dict[str, Any]]:
-        """Every user with a ready server, page by page."""
+        """Every user, with their servers, hibernated (stopped) ones included, page by page."""
         found: list[dict[str, Any]] = []
         offset = 0
         while True:
             page = await AsyncHTTPClient().fetch(HTTPRequest(
-                f"{self.api_url}/users?state=ready&offset={offset}&limit=200",
+                f"{self.api_url}/users?include_stopped_servers=1&offset={offset}&limit=200",
                 headers={"Authorization": f"token {self.api_token}",
                          "Accept": "application/jupyterhub-pagination+json"},
                 request_timeout=30,
@@ -120,14 +126,21 @@ class Hibernator:
         last = max((t for t in times if t is not None), default=None)
         if last is None:
             return Verdict(False, "no activity recorded yet")
+        started = parse_time(server.get("started"))
+        age = (now - started).total_seconds() if started else 0
+        if self.max_age and age > self.max_age:
+            return Verdict(True, f"running for {age:.0f}s (max age), no busy kernel")
         quiet = (now - last).total_seconds()
         if quiet < self.timeout:
             return Verdict(False, f"active {quiet:.0f}s ago")
         return Verdict(True, f"idle for {quiet:.0f}s, no busy kernel, no terminal")
 
-    def exempt(self, user: dict[str, Any]) -> bool:
-        return user["name"] in self.exempt_users or bool(
-            self.exempt_groups & set(user.get("groups") or [])
+    def exempt(self, user: dict[str, Any], server: dict[str, Any] | None = None) -> bool:
+        profile = ((server or {}).get("user_options") or {}).get("profile")
+        return (
+            user["name"] in self.exempt_users
+            or bool(self.exempt_groups & set(user.get("groups") or []))
+            or (profile is not None and profile in self.exempt_profiles)
         )
 
     # -- a sweep ----------------------------------------------------------------------------
@@ -135,11 +148,13 @@ class Hibernator:
         """Check every ready server once; stop the idle ones. The servers stopped."""
         now = datetime.datetime.now(datetime.UTC)
         stopped: list[str] = []
-        for user in await self.users():
-            if self.exempt(user):
-                continue
+        users = await self.users()
+        self._observe(users)
+        for user in users:
             for name, server in (user.get("servers") or {}).items():
                 if not server.get("ready") or server.get("pending"):
+                    continue
+                if self.exempt(user, server):
                     continue
                 label = f"{user['name']}/{name}" if name else user["name"]
                 try:
@@ -151,6 +166,10 @@ class Hibernator:
                 self._count("checks")
                 if not verdict.idle:
                     log.debug("%s stays: %s", label, verdict.reason)
+                    continue
+                if self.dry_run:
+                    log.info("would hibernate %s (dry run): %s", label, verdict.reason)
+                    stopped.append(label)
                     continue
                 log.info("hibernating %s: %s", label, verdict.reason)
                 path = f"/users/{quote(user['name'])}/server"
@@ -165,51 +184,92 @@ class Hibernator:
         if self.metrics is not None:
             self.metrics[what].inc()
 
+    def _observe(self, users: list[dict[str, Any]]) -> None:
+        """Servers running and hibernated; each new start's duration (from the spawner's
+        state, see :mod:`.starts`)."""
+        if self.metrics is None:
+            return
+        running = hibernated = 0
+        for user in users:
+            for name, server in (user.get("servers") or {}).items():
+                if server.get("stopped"):
+                    hibernated += 1  # stopped, its state (Sandbox, home, token) kept
+                else:
+                    running += 1
+                start = (server.get("state") or {}).get("last_start")
+                key = (user["name"], name, (start or {}).get("at", ""))
+                if start and key not in self._starts_seen:
+                    self._starts_seen.add(key)
+                    kind = "resume" if start.get("resumed") else "first"
+                    self.metrics["starts"].labels(kind).observe(start["seconds"])
+        self.metrics["servers"].labels("running").set(running)
+        self.metrics["servers"].labels("hibernated").set(hibernated)
 
-def _metrics(port: int) -> dict[str, Any]:
-    from prometheus_client import Counter, start_http_server
 
-    start_http_server(port, addr="127.0.0.1")
+def metrics() -> dict[str, Any]:
+    """The hibernator's Prometheus metrics (in the default registry)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
     return {
         "checks": Counter("jupyter_sandbox_hibernator_checks", "servers asked whether idle"),
         "errors": Counter("jupyter_sandbox_hibernator_errors", "servers that could not be asked"),
         "hibernations": Counter("jupyter_sandbox_hibernations", "idle servers stopped"),
-    }
+        "servers": Gauge("jupyter_sandbox_servers", "users' servers by state", ["state"]),
+        "starts": Histogram(
+            "jupyter_sandbox_start_seconds", "from a server's start to its URL, by kind "
+            "(first start, or resume of a hibernated server)", ["kind"],
+            buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300),
+        ),
+    }  # fmt: skip
 
 
-async def run(hibernator: Hibernator, interval: float) -> None:
-    while True:
+async def run(hibernator: Hibernator, interval: float, stop: asyncio.Event) -> None:
+    """Sweep every ``interval`` seconds until ``stop`` is set."""
+    while not stop.is_set():
         try:
             await hibernator.sweep()
         except Exception:
             log.exception("sweep failed")
-        await asyncio.sleep(interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sandbox_spawner.hibernator")
-    parser.add_argument("--proxy-url", required=True, help="where the Hub's proxy listens")
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The hibernator's options (the service's command line)."""
+    parser.add_argument("--proxy-url", help="where the Hub's proxy listens (hibernation is "
+                        "off without it)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=3600,
                         help="seconds without activity before a server hibernates")  # fmt: skip
+    parser.add_argument("--max-age", type=float, default=0,
+                        help="seconds after which a server hibernates even if in use (a busy "
+                        "kernel still keeps it; 0: never)")  # fmt: skip
     parser.add_argument("--interval", type=float, default=None,
                         help="seconds between checks (timeout/10, at most 60)")  # fmt: skip
     parser.add_argument("--exempt-users", default="", help="never hibernated (comma-separated)")
     parser.add_argument("--exempt-groups", default="", help="never hibernated (comma-separated)")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s hibernator %(message)s")
+    parser.add_argument("--exempt-profiles", default="",
+                        help="profiles never hibernated (comma-separated)")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true",
+                        help="log what would hibernate, stop nothing")  # fmt: skip
+
+
+def from_args(args: argparse.Namespace, metrics: Any = None) -> tuple[Hibernator, float]:
+    """The hibernator ``args`` describe (the Hub API from the service's environment), and
+    its interval."""
+
+    def names(text: str) -> set[str]:
+        return {n for n in text.split(",") if n}
+
     hibernator = Hibernator(
         api_url=os.environ["JUPYTERHUB_API_URL"].rstrip("/"),
         api_token=os.environ["JUPYTERHUB_API_TOKEN"],
         proxy_url=args.proxy_url,
         timeout=args.timeout,
-        exempt_users={u for u in args.exempt_users.split(",") if u},
-        exempt_groups={g for g in args.exempt_groups.split(",") if g},
-        metrics=_metrics(args.metrics_port) if args.metrics_port else None,
+        max_age=args.max_age,
+        exempt_users=names(args.exempt_users),
+        exempt_groups=names(args.exempt_groups),
+        exempt_profiles=names(args.exempt_profiles),
+        dry_run=args.dry_run,
+        metrics=metrics,
     )
-    interval = args.interval or min(60.0, max(1.0, args.timeout / 10))
-    asyncio.run(run(hibernator, interval))
-
-
-if __name__ == "__main__":
-    main()
+    return hibernator, args.interval or min(60.0, max(1.0, args.timeout / 10))

@@ -41,13 +41,14 @@ from agent_sandbox import api
 from agent_sandbox.kube import JSON_PATCH, SANDBOXES, TEMPLATES, Kube, is_status
 
 from . import manifests
+from .starts import RecordsStarts
 
 
 class SpawnFailed(RuntimeError):
     """The Sandbox cannot become Ready; the message says why (it reaches the spawn page)."""
 
 
-class SandboxSpawner(KubeSpawner):
+class SandboxSpawner(RecordsStarts, KubeSpawner):
     """KubeSpawner's configuration, each server in a hibernating Sandbox."""
 
     sandbox_template = Unicode(
@@ -80,6 +81,7 @@ class SandboxSpawner(KubeSpawner):
 
     # -- start --------------------------------------------------------------------------
     async def _start(self) -> str:
+        began = time.monotonic()
         await self.load_user_options()
         if self.enable_user_namespaces:
             await self._ensure_namespace()
@@ -109,6 +111,7 @@ class SandboxSpawner(KubeSpawner):
                                   content_type=JSON_PATCH)  # fmt: skip
         self._pvc_exists = bool(desired["spec"].get("volumeClaimTemplates"))
         sandbox = await self._wait_ready()
+        self.record_start(began, resumed=existing is not None)
         return self._url(sandbox)
 
     async def _desired_sandbox(self) -> dict[str, Any]:

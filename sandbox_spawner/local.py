@@ -61,6 +61,7 @@ from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
 from . import supervisor
+from .starts import RecordsStarts
 
 #: Inside every user's sandbox: the run directory (the server's and the Hub API's sockets).
 RUN_DIR = "/run/jupyter-sandbox"
@@ -91,7 +92,7 @@ def _server_config() -> str:
     )
 
 
-class LocalSandboxSpawner(Spawner):
+class LocalSandboxSpawner(RecordsStarts, Spawner):
     """Each user's server in a local sandbox (gVisor or bubblewrap)."""
 
     runtime = Unicode(
@@ -193,6 +194,7 @@ class LocalSandboxSpawner(Spawner):
         self.supervisor_pid = self.supervisor_start = None
 
     async def start(self) -> str:
+        began, resumed = time.monotonic(), self.home.exists()
         self._events = asyncio.Queue()
         self._event(10, "Preparing the home directory")
         who = self.identity()
@@ -246,6 +248,7 @@ class LocalSandboxSpawner(Spawner):
         self._event(60, "Waiting for the server to answer")
         await self._wait_for_server(run / SERVER_SOCKET)
         self._event(100, "The server is up")
+        self.record_start(began, resumed)
         return f"http://127.0.0.1:{port}"
 
     async def get_url(self) -> str:

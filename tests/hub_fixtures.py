@@ -67,7 +67,6 @@ c.JupyterHub.cleanup_proxy = False
 c.JupyterHub.authenticator_class = "dummy"
 c.DummyAuthenticator.password = "{{password}}"
 c.Authenticator.allow_all = True
-c.SandboxSpawner.namespace = "{{namespace}}"
 c.SandboxSpawner.start_timeout = 120
 c.SandboxSpawner.ip = "$(POD_IP)"
 c.SandboxSpawner.environment = {{{{
@@ -77,10 +76,10 @@ c.SandboxSpawner.profile_list += [
     {{{{"display_name": "Missing", "slug": "missing-runtime", "kubespawner_override":
         {{{{"extra_pod_config": {{{{"runtimeClassName": "no-such-runtime"}}}}}}}}}}}},
 ]
-c.JupyterHub.services = [{{{{"name": "tests", "api_token": "{{token}}"}}}}]
-c.JupyterHub.load_roles = [{{{{"name": "tests", "services": ["tests"],
+c.JupyterHub.services.append({{{{"name": "tests", "api_token": "{{token}}"}}}})
+c.JupyterHub.load_roles.append({{{{"name": "tests", "services": ["tests"],
     "scopes": ["admin:users", "admin:servers", "tokens", "access:servers", "list:users",
-               "read:users", "users:activity"]}}}}]
+               "read:users", "users:activity"]}}}})
 """.format(shipped_kube=SHIPPED.parent / "kubernetes" / "jupyterhub_config.py")
 
 
@@ -92,6 +91,7 @@ class Hub:
                  env: dict[str, str] | None = None, **values: Any):  # fmt: skip
         self.root = root
         self.proxy_port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
+        self.service_port = free_port()
         self.token, self.password = uuid.uuid4().hex, uuid.uuid4().hex
         self.config = root / "jupyterhub_config.py"
         self.config.write_text(config.format(shipped=SHIPPED, root=root, token=self.token,
@@ -113,6 +113,7 @@ class Hub:
                "JUPYTER_SANDBOX_HUB_DATA": str(self.root), "JUPYTER_SANDBOX_HUB_URL": self.url,
                "JUPYTER_SANDBOX_HUB_PASSWORD": self.password,
                "JUPYTER_SANDBOX_HIBERNATE_AFTER": str(self.hibernate_after),
+               "JUPYTER_SANDBOX_SERVICE_PORT": str(self.service_port),
                **self.env}  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -289,19 +290,37 @@ def hibernating_hub(tmp_path_factory) -> Iterator[Hub]:
     end_supervisors(root)
 
 
-@pytest.fixture(scope="module")
-def kube_hub(tmp_path_factory, cluster, controller) -> Iterator[Hub]:
-    """A Hub with SandboxSpawner on the test cluster, in a namespace of its own."""
+def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600) -> Hub:
+    """A Hub with SandboxSpawner on the test cluster, in a namespace of its own. Its
+    service runs the controller on the test session's lease: it leads when no other
+    controller of the session does, else it stays passive."""
     namespace = f"hub-{uuid.uuid4().hex[:8]}"
     status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
     assert status == 201, body
     root = tmp_path_factory.mktemp("kube-hub")
-    hub = Hub(root, config=KUBE_HUB_CONFIG, namespace=namespace,
-              env={"KUBECONFIG": str(cluster.kubeconfig)}).start()  # fmt: skip
+    hub = Hub(root, config=KUBE_HUB_CONFIG, namespace=namespace, hibernate_after=hibernate_after,
+              env={"KUBECONFIG": str(cluster.kubeconfig), "POD_NAMESPACE": namespace,
+                   "JUPYTER_SANDBOX_LEASE_NAMESPACE": "default"})  # fmt: skip
+    hub.env["JUPYTER_SANDBOX_PROXY_URL"] = hub.url
     hub.namespace = namespace  # type: ignore[attr-defined]
+    return hub.start()
+
+
+@pytest.fixture(scope="module")
+def kube_hub(tmp_path_factory, cluster, node_agent) -> Iterator[Hub]:
+    hub = start_kube_hub(tmp_path_factory, cluster)
     yield hub
     hub.stop()
-    cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")
+    cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def hibernating_kube_hub(tmp_path_factory, cluster, node_agent) -> Iterator[Hub]:
+    """The same, its service hibernating servers after 4 quiet seconds."""
+    hub = start_kube_hub(tmp_path_factory, cluster, hibernate_after=4)
+    yield hub
+    hub.stop()
+    cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
 
 
 def supervisors(root: Path) -> list[int]:
@@ -331,4 +350,5 @@ def end_supervisors(root: Path, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-__all__ = ["HTTPClientError", "Hub", "end_supervisors", "hub", "kube_hub", "supervisors"]
+__all__ = ["HTTPClientError", "Hub", "end_supervisors", "hibernating_kube_hub", "hub", "kube_hub",
+           "supervisors"]

@@ -139,3 +139,4 @@ async def test_deleting_a_user_removes_their_sandbox_and_home_only(kube_hub: Hub
     assert k8s.get(PVCS, ns, "home-jupyter-gus") is not None
     gus = await hub.user_token("gus")
     assert "started" in await hub.server_api("gus", gus, "GET", "/api/status")
+

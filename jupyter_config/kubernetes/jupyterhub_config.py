@@ -11,6 +11,7 @@ Sandbox of their own. Environment variables are what differs per deployment.
 """
 
 import os
+import sys
 
 c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
 
@@ -66,6 +67,38 @@ c.SandboxSpawner.profile_list = [
         },
     },
 ]
+
+# The service "sandbox-service": the Agent Sandbox controller (leader-elected: a second Hub
+# replica's stays passive), the hibernator (a server with no busy kernel, no open terminal
+# and no activity for JUPYTER_SANDBOX_HIBERNATE_AFTER seconds hibernates: its pod goes, its
+# Sandbox and home stay) and Prometheus metrics at /metrics on the service's URL. Its
+# Kubernetes permissions are the controller's (kubernetes/rbac.yaml), bound to the Hub's
+# service account; its Hub permissions are the role below.
+namespace = c.SandboxSpawner.namespace
+service_host = os.environ.get("JUPYTER_SANDBOX_SERVICE_HOST", "127.0.0.1")
+service_port = os.environ.get("JUPYTER_SANDBOX_SERVICE_PORT", "10101")
+c.JupyterHub.services = [{
+    "name": "sandbox-service",
+    "url": f"http://{service_host}:{service_port}",
+    "command": [
+        sys.executable, "-m", "sandbox_spawner.service",
+        "--controller", f"--namespace={namespace}",
+        f"--lease-namespace={os.environ.get('JUPYTER_SANDBOX_LEASE_NAMESPACE', namespace)}",
+        # Where the service reaches the proxy (z2jh: the proxy-public Service).
+        f"--proxy-url={os.environ.get('JUPYTER_SANDBOX_PROXY_URL', 'http://proxy-public')}",
+        f"--timeout={os.environ.get('JUPYTER_SANDBOX_HIBERNATE_AFTER', '3600')}",
+    ],
+    # The Hub passes a service little of its environment: the API server's address (in a
+    # pod) or a kubeconfig (outside) must be handed on.
+    "environment": {k: os.environ[k] for k in ("KUBERNETES_SERVICE_HOST",
+                    "KUBERNETES_SERVICE_PORT", "KUBECONFIG") if k in os.environ},
+}]  # fmt: skip
+c.JupyterHub.load_roles = [{
+    "name": "sandbox-service",
+    "services": ["sandbox-service"],
+    "scopes": ["list:users", "read:users", "read:servers", "admin:server_state",
+               "delete:servers", "access:servers"],
+}]  # fmt: skip
 
 # Hibernated servers keep their token; a visit resumes the server without a click.
 c.JupyterHub.implicit_spawn_seconds = 1

@@ -1,0 +1,122 @@
+"""The Hub service ``sandbox-service``: the controller, the hibernator and their metrics.
+
+One process, started by the Hub as a managed service, so that a sandboxed Hub
+needs nothing installed beside it:
+
+* **the Agent Sandbox controller** (``--controller``, Kubernetes only),
+  in-process and leader-elected: a second Hub replica's service stays passive
+  until the leader's lease lapses;
+* **the hibernator** (:mod:`.hibernator`, with ``--proxy-url``): stops servers
+  with no busy kernel, no open terminal and no recent activity; the spawners
+  (LocalSandboxSpawner, SandboxSpawner) make a stop a hibernation;
+* **metrics** on the service's URL at ``/metrics`` (Prometheus text): servers
+  running and hibernated, hibernations, start and resume durations, and the
+  controller's own.
+
+Its Hub role needs ``list:users``, ``read:users``, ``read:servers``,
+``admin:server_state`` (the spawners' start records), ``delete:servers``
+(hibernate) and ``access:servers`` (ask servers about their kernels).
+
+    python -m sandbox_spawner.service --proxy-url http://127.0.0.1:8000 --timeout 3600 \\
+        [--controller --namespace jhub] [--exempt-profiles gpu] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from urllib.parse import urlparse
+
+from tornado import web
+
+from . import hibernator
+
+log = logging.getLogger("jupyter-sandbox-service")
+
+
+class MetricsHandler(web.RequestHandler):
+    def get(self) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.write(generate_latest(REGISTRY))
+
+
+class StatusHandler(web.RequestHandler):
+    def initialize(self, status: dict) -> None:
+        self.status = status
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps(self.status))
+
+
+def serve(url: str, status: dict) -> None:
+    """The service's pages on ``url`` (``JUPYTERHUB_SERVICE_URL``), under its prefix."""
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/").rstrip("/")
+    app = web.Application([
+        (rf"{prefix}/metrics", MetricsHandler),
+        (r"/metrics", MetricsHandler),  # Prometheus scrapes the service directly
+        (rf"{prefix}/?", StatusHandler, {"status": status}),
+    ])  # fmt: skip
+    where = urlparse(url)
+    app.listen(where.port or 80, address=where.hostname or "127.0.0.1")
+    log.info("serving /metrics on %s", url)
+
+
+async def run(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    status: dict = {"controller": bool(args.controller), "hibernation": bool(args.proxy_url)}
+    if os.environ.get("JUPYTERHUB_SERVICE_URL"):
+        serve(os.environ["JUPYTERHUB_SERVICE_URL"], status)
+    tasks = []
+    if args.proxy_url:
+        sleeper, interval = hibernator.from_args(args, hibernator.metrics())
+        log.info("hibernating servers idle for %ss (checks every %ss%s)", args.timeout,
+                 interval, ", dry run" if args.dry_run else "")  # fmt: skip
+        tasks.append(asyncio.create_task(hibernator.run(sleeper, interval, stop)))
+    if args.controller:
+        from agent_sandbox.__main__ import quiet_client_logs, run_from_args
+
+        quiet_client_logs()
+        tasks.append(asyncio.create_task(run_from_args(args, stop)))
+    if not tasks:
+        raise SystemExit("nothing to do: give --proxy-url (hibernation) or --controller")
+    done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],
+                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    for task in done:  # a part that ended on its own ends the service (the Hub restarts it)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a part of the service failed", exc_info=task.exception())
+    stop.set()
+    for task in tasks:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 20)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sandbox_spawner.service",
+                                     description=__doc__.split("\n\n")[0])  # fmt: skip
+    hibernator.add_arguments(parser.add_argument_group("hibernation"))
+    controller = parser.add_argument_group("controller (Kubernetes)")
+    controller.add_argument("--controller", action="store_true",
+                            help="run the Agent Sandbox controller in this service")  # fmt: skip
+    from agent_sandbox.__main__ import add_run_arguments
+
+    add_run_arguments(controller)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s sandbox-service %(name)s %(message)s")  # fmt: skip
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

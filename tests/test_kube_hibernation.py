@@ -1,0 +1,94 @@
+"""Hibernation on Kubernetes: the Hub's own service (controller and hibernator in one
+process) suspends idle users' Sandboxes, keeps busy ones, and a visit resumes them.
+
+A real Hub and proxy with the shipped Kubernetes configuration, its service's
+timeout shortened to 4 seconds, on the test cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from cluster_fixtures import Client, condition, wait_for
+from hub_fixtures import Hub
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from agent_sandbox.kube import PODS, PVCS, SANDBOXES
+
+PLAIN = {"profile": "plain"}
+
+
+async def wait_stopped(hub: Hub, name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not (await hub.api("GET", f"/users/{name}")).get("servers"):
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def test_an_idle_server_hibernates_and_a_visit_resumes_it(
+    hibernating_kube_hub: Hub, k8s: Client, node_agent
+):
+    hub, ns = hibernating_kube_hub, hibernating_kube_hub.namespace
+    await hub.spawn("ivy", options=PLAIN)
+    ivy = await hub.user_token("ivy")
+    await hub.execute("ivy", ivy, "open('notes.txt', 'w').write('before the nap')")
+    assert await wait_stopped(hub, "ivy", timeout=60), "an idle server hibernates"
+    sandbox = k8s.get(SANDBOXES, ns, "jupyter-ivy")
+    assert sandbox["spec"]["operatingMode"] == "Suspended"
+    wait_for(lambda: condition(k8s.get(SANDBOXES, ns, "jupyter-ivy"), "Suspended")
+             .get("status") == "True", 30, "Suspended")  # fmt: skip
+    assert k8s.get(PODS, ns, "jupyter-ivy") is None  # no pod, no process
+    assert k8s.get(PVCS, ns, "home-jupyter-ivy") is not None  # the home is kept
+    home = node_agent.root / "pvc" / ns / "home-jupyter-ivy"
+    assert (home / "notes.txt").read_text() == "before the nap"
+    # Resumed, as the next visit does (implicit_spawn_seconds; the browser test shows it).
+    await hub.api("POST", "/users/ivy/server", PLAIN)
+    await hub.wait_ready("ivy", timeout=120)
+    client = AsyncHTTPClient()
+    assert k8s.get(SANDBOXES, ns, "jupyter-ivy")["metadata"]["uid"] == sandbox["metadata"]["uid"]
+    out = await hub.execute("ivy", ivy, "print(open('notes.txt').read())")
+    assert out.strip() == "before the nap"
+    # The service counted it, and the resume, on /metrics.
+    metrics = ""
+    for _ in range(20):
+        response = await client.fetch(f"http://127.0.0.1:{hub.service_port}/metrics")
+        metrics = response.body.decode()
+        if 'jupyter_sandbox_start_seconds_count{kind="resume"} 1.0' in metrics:
+            break
+        await asyncio.sleep(0.5)
+    assert 'jupyter_sandbox_start_seconds_count{kind="resume"} 1.0' in metrics, metrics[-3000:]
+    assert "jupyter_sandbox_hibernations_total 1.0" in metrics
+
+
+async def test_a_busy_kernel_without_a_browser_keeps_its_sandbox(
+    hibernating_kube_hub: Hub, k8s: Client
+):
+    hub, ns = hibernating_kube_hub, hibernating_kube_hub.namespace
+    await hub.spawn("jon", options=PLAIN)
+    jon = await hub.user_token("jon")
+    kernel = await hub.server_api("jon", jon, "POST", "/api/kernels", {"name": "python3"})
+    url = f"ws://127.0.0.1:{hub.proxy_port}/user/jon/api/kernels/{kernel['id']}/channels"
+    ws = await websocket_connect(HTTPRequest(
+        f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {jon}"}
+    ))  # fmt: skip
+    ws.write_message(json.dumps({
+        "header": {"msg_id": uuid.uuid4().hex, "msg_type": "execute_request",
+                   "username": "jon", "session": uuid.uuid4().hex, "version": "5.3",
+                   "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell",
+        "content": {"code": "import time\nfor _ in range(14): time.sleep(1)", "silent": False,
+                    "store_history": False, "user_expressions": {}, "allow_stdin": False},
+    }))  # fmt: skip
+    await asyncio.sleep(1)
+    ws.close()  # the browser is gone; the computation goes on
+    assert not await wait_stopped(hub, "jon", timeout=10), "a busy kernel keeps its server"
+    assert k8s.get(SANDBOXES, ns, "jupyter-jon")["spec"]["operatingMode"] == "Running"
+    # Once the computation is over and the server quiet, it hibernates.
+    assert await wait_stopped(hub, "jon", timeout=60)
+    assert k8s.get(SANDBOXES, ns, "jupyter-jon")["spec"]["operatingMode"] == "Suspended"
