@@ -1,6 +1,7 @@
 """Hub spawn and resume: LocalSandboxSpawner beside JupyterHub's own LocalProcessSpawner.
 
-    .venv/bin/python benchmarks/hub_spawn.py --local [--users 10]
+    .venv/bin/python benchmarks/hub_spawn.py --local [--users 10] [--runtime gvisor]
+    .venv/bin/python benchmarks/hub_spawn.py --kubernetes [--users 10]
 
 Two Hubs run side by side on this machine, each with its real proxy, from the
 shipped configuration: one with LocalSandboxSpawner, one with JupyterHub's
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the Hub harness the tests use
 
-from hub_fixtures import Hub, end_supervisors, processes_of  # noqa: E402
+from hub_fixtures import KUBE_HUB_CONFIG, Hub, end_supervisors, processes_of  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest  # noqa: E402
 
 from sandbox_provisioner.runtimes.process import descendants  # noqa: E402
@@ -55,9 +56,9 @@ async def answers(hub: Hub, name: str, token: str, timeout: float = 180) -> None
     raise TimeoutError(f"{name}'s server did not answer through the proxy")
 
 
-async def start_and_time(hub: Hub, name: str, token: str) -> float:
+async def start_and_time(hub: Hub, name: str, token: str, options: dict | None = None) -> float:
     started = time.perf_counter()
-    await hub.api("POST", f"/users/{name}/server", raise_error=False)
+    await hub.api("POST", f"/users/{name}/server", options, raise_error=False)
     await answers(hub, name, token)
     return time.perf_counter() - started
 
@@ -139,15 +140,101 @@ async def bench(root: Path, users: int, runtime: str) -> int:
     return 0
 
 
+#: Plain KubeSpawner with the same configuration as SandboxSpawner (KubeSpawner is its base
+#: class, so its traits are the same), without the service.
+KUBE_ANCHOR_CONFIG = """
+c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
+for key, value in list(c.SandboxSpawner.items()):
+    setattr(c.KubeSpawner, key, value)
+c.KubeSpawner.profile_list = []
+c.JupyterHub.services = [s for s in c.JupyterHub.services if s["name"] != "sandbox-service"]
+c.JupyterHub.load_roles = [r for r in c.JupyterHub.load_roles if r["name"] != "sandbox-service"]
+"""
+
+
+async def bench_kubernetes(root: Path, users: int) -> int:
+    """SandboxSpawner (its Hub's service runs the controller) beside plain KubeSpawner, on
+    the test cluster, both with pods of the same kind (the "plain" profile: no runtime class,
+    bubblewrap on the stand-in node)."""
+    from cluster_fixtures import Process
+
+    from agent_sandbox import crds
+    from agent_sandbox.kube import PODS, PVCS, SANDBOXES
+    from testcluster.cluster import TestCluster, kube_binaries
+
+    cluster = TestCluster(root / "cluster", kube_binaries())
+    (root / "cluster").mkdir()
+    cluster.start(crds=crds.all_crds())
+    agent = Process("node-agent", [sys.executable, "-m", "testcluster.node_agent", "--kubeconfig",
+                                   str(cluster.kubeconfig), "--root", str(root / "node")],
+                    root / "cluster").start()  # fmt: skip
+    hubs: dict[str, Hub] = {}
+    try:
+        for mode in (SANDBOX, ANCHOR):
+            ns = f"bench-{mode}"
+            cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
+            (root / mode).mkdir()
+            hubs[mode] = Hub(root / mode, config=KUBE_HUB_CONFIG,
+                             extra_config=KUBE_ANCHOR_CONFIG if mode == ANCHOR else "",
+                             env={"KUBECONFIG": str(cluster.kubeconfig), "POD_NAMESPACE": ns,
+                                  "JUPYTER_SANDBOX_LEASE_NAMESPACE": "default"})  # fmt: skip
+            hubs[mode].env["JUPYTER_SANDBOX_PROXY_URL"] = hubs[mode].url
+            hubs[mode].start()
+        options = {SANDBOX: {"profile": "plain"}, ANCHOR: None}
+        tokens, spawn, resume = {}, {m: [] for m in hubs}, {m: [] for m in hubs}
+        for i in range(users):
+            for mode, hub in hubs.items():
+                await hub.api("POST", f"/users/u{i}", raise_error=False)
+                tokens[mode, i] = await hub.user_token(f"u{i}")
+        for phase in (spawn, resume):
+            for i in range(users):  # round-robin
+                for mode, hub in hubs.items():
+                    phase[mode].append(await start_and_time(hub, f"u{i}", tokens[mode, i],
+                                                            options[mode]))  # fmt: skip
+            if phase is resume:
+                break
+            for i in range(users):  # stop (hibernate) everyone
+                for hub in hubs.values():
+                    await hub.api("DELETE", f"/users/u{i}/server")
+            for hub in hubs.values():
+                for i in range(users):
+                    await hub.wait_stopped(f"u{i}", timeout=120)
+            held = {kind.plural: len(cluster.request("GET", kind.path("bench-sandbox"))[1]
+                                     ["items"]) for kind in (PODS, SANDBOXES, PVCS)}  # fmt: skip
+    finally:
+        for hub in hubs.values():
+            hub.stop()
+        agent.stop()
+        cluster.stop()
+    anchor = statistics.median(spawn[ANCHOR])
+    print(f"hub spawn -> server answers through the proxy, {users} users per spawner, "
+          "on the test cluster (seconds)")
+    print(f"{'':28}{'p50':>8}{'p95':>8}{'ratio':>8}")
+    for label, values in (("KubeSpawner spawn", spawn[ANCHOR]),
+                          ("KubeSpawner restart", resume[ANCHOR]),
+                          ("SandboxSpawner spawn", spawn[SANDBOX]),
+                          ("SandboxSpawner resume", resume[SANDBOX])):  # fmt: skip
+        p50, p95 = summary(values)
+        print(f"{label:28}{p50:8.3f}{p95:8.3f}{p50 / anchor:7.2f}x")
+    print(f"{users} hibernated users hold: {held['pods']} pods, {held['sandboxes']} Sandboxes, "
+          f"{held['persistentvolumeclaims']} PVCs")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--local", action="store_true", required=True,
-                        help="the Hub on one machine (LocalSandboxSpawner)")  # fmt: skip
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true",
+                       help="the Hub on one machine (LocalSandboxSpawner)")  # fmt: skip
+    where.add_argument("--kubernetes", action="store_true",
+                       help="SandboxSpawner beside KubeSpawner on the test cluster")  # fmt: skip
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--runtime", default="bubblewrap", help="bubblewrap, gvisor or auto")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         Path(tmp).chmod(0o755)
+        if args.kubernetes:
+            return asyncio.run(bench_kubernetes(Path(tmp), args.users))
         return asyncio.run(bench(Path(tmp), args.users, args.runtime))
 
 

@@ -9,8 +9,8 @@ the Sandbox's pod template and its PVC the Sandbox's home claim template
 per user and server, and so is its headless Service's.
 
 * ``start`` creates the Sandbox, or resumes it (``operatingMode: Running``,
-  today's pod template); it returns the server's URL once the Sandbox is
-  Ready, and fails at once, with the reason on the spawn page, when it cannot
+  today's pod template); it returns the server's URL once the Sandbox's pod
+  runs and the server answers, and fails at once, with the reason on the spawn page, when it cannot
   become Ready: the controller's ``ReconcilerError`` (a missing RuntimeClass,
   a refused pod), an image that cannot be pulled, an unschedulable pod, a
   SandboxTemplate that does not exist.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from urllib.parse import urlparse
 
 from jupyterhub.utils import maybe_future
 from kubernetes_asyncio.client.rest import ApiException
@@ -110,9 +111,9 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
             await self.kube.patch(SANDBOXES, self.namespace, self.sandbox_name, patch,
                                   content_type=JSON_PATCH)  # fmt: skip
         self._pvc_exists = bool(desired["spec"].get("volumeClaimTemplates"))
-        sandbox = await self._wait_ready()
+        url = await self._wait_ready()
         self.record_start(began, resumed=existing is not None)
-        return self._url(sandbox)
+        return url
 
     async def _desired_sandbox(self) -> dict[str, Any]:
         serialize = self.api.api_client.sanitize_for_serialization
@@ -128,29 +129,42 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
                                   "does not exist")  # fmt: skip
         return manifests.sandbox_manifest(self.sandbox_name, serialize(pod), pvc, template)
 
-    async def _wait_ready(self) -> dict[str, Any]:
-        """The Sandbox once Ready; SpawnFailed as soon as it cannot become Ready."""
+    async def _wait_ready(self) -> str:
+        """The server's URL once its pod runs; SpawnFailed as soon as it cannot.
+
+        The pod comes from KubeSpawner's pod reflector (a watch), as KubeSpawner's own
+        start waits for it: once the Sandbox's pod (owned by it) runs with every container
+        ready and its server's port accepts a connection, the server is up, without
+        waiting for the controller to write the Sandbox's Ready status. (The Hub checks
+        the URL with a growing back-off; a URL returned before the port listens costs up
+        to a back-off step.) The Sandbox is read twice a second for what only it says (the
+        controller's errors) and for the spawn page.
+        """
         deadline = time.monotonic() + self.start_timeout
-        delay, said = 0.05, ""
+        said, checked = "", 0.0
         key = f"{self.namespace}/{self.sandbox_name}"
+        sandbox: dict[str, Any] | None = None
         while True:
-            sandbox = await self.kube.get(SANDBOXES, self.namespace, self.sandbox_name)
             pod = self.pod_reflector.pods.get(key) if self.pod_reflector else None
-            failure = manifests.start_failure(sandbox, pod)
-            if failure:
-                raise SpawnFailed(f"Sandbox {key}: {failure}")
-            assert sandbox is not None
-            if manifests.is_ready(sandbox) and (sandbox.get("status") or {}).get("podIPs"):
-                return sandbox
-            state = manifests.describe(sandbox)
-            if state != said:
-                self._note(state)
-                said = state
+            if time.monotonic() - checked > 0.5 or sandbox is None:
+                sandbox = await self.kube.get(SANDBOXES, self.namespace, self.sandbox_name)
+                checked = time.monotonic()
+                failure = manifests.start_failure(sandbox, pod)
+                if failure:
+                    raise SpawnFailed(f"Sandbox {key}: {failure}")
+                assert sandbox is not None
+                state = manifests.describe(sandbox)
+                if state != said:
+                    self._note(state)
+                    said = state
+            if manifests.owns(sandbox, pod) and self.is_pod_running(pod):
+                url = self._get_pod_url(pod)
+                if await _answers(url):
+                    return url
             if time.monotonic() > deadline:
                 raise SpawnFailed(f"Sandbox {key} was not Ready within start_timeout="
-                                  f"{self.start_timeout}s ({state})")  # fmt: skip
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+                                  f"{self.start_timeout}s ({said})")  # fmt: skip
+            await asyncio.sleep(0.05)
 
     def _url(self, sandbox: dict[str, Any]) -> str:
         status = sandbox.get("status") or {}
@@ -247,6 +261,19 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
         await self.kube.delete(SANDBOXES, self.namespace, self.sandbox_name)
         self.log.info("%s: deleted Sandbox %s/%s and its home", self._log_name,
                       self.namespace, self.sandbox_name)  # fmt: skip
+
+
+async def _answers(url: str) -> bool:
+    """The server at ``url`` accepts a TCP connection."""
+    where = urlparse(url)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(where.hostname, where.port or 80), 1
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _message(exc: ApiException) -> str:

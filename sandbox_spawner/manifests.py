@@ -167,6 +167,13 @@ def start_failure(sandbox: Obj | None, pod: Obj | None) -> str | None:
     return None
 
 
+def owns(sandbox: Obj | None, pod: Obj | None) -> bool:
+    """``pod`` is ``sandbox``'s (its controller reference), not a pod of an earlier one."""
+    uid = ((sandbox or {}).get("metadata") or {}).get("uid")
+    refs = ((pod or {}).get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
 def is_ready(sandbox: Obj | None) -> bool:
     ready = find(((sandbox or {}).get("status") or {}).get("conditions"), "Ready")
     return bool(ready and ready.get("status") == "True")
@@ -191,4 +198,4 @@ def describe(sandbox: Obj) -> str:
             if cond.get("message"):
                 text += f": {cond['message']}"
             parts.append(text)
-    return "; ".join(parts) or "created"
+    return "; ".join(parts) or "waiting for the controller to make its pod"
