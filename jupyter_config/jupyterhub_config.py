@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from sandbox_spawner.service import hub_role
+
 c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
 
 data = Path(os.environ.get("JUPYTER_SANDBOX_HUB_DATA", "/var/lib/jupyter-sandbox/hub"))
@@ -60,10 +62,5 @@ c.JupyterHub.services = [{
     "command": [sys.executable, "-m", "sandbox_spawner.service",
                 f"--proxy-url={c.JupyterHub.bind_url}", f"--timeout={hibernate_after}"],
 }]  # fmt: skip
-c.JupyterHub.load_roles = [{
-    "name": "sandbox-service",
-    "services": ["sandbox-service"],
-    "scopes": ["list:users", "read:users", "read:servers", "admin:server_state",
-               "delete:servers", "access:servers"],
-}]  # fmt: skip
+c.JupyterHub.load_roles = [hub_role()]  # its Hub permissions, and no more
 c.JupyterHub.implicit_spawn_seconds = 1  # a visit to a hibernated server resumes it

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import sys
-import time
 
-from sandbox_provisioner.agent.template import reseed
+from sandbox_provisioner.agent.template import wait_for_go
 
 #: What a server imports while it starts (the slow part under gVisor). Not
 #: jupyterlab.labhubapp: importing it patches the Hub's auth into every handler class,
@@ -49,12 +47,7 @@ def main(ctl: str) -> None:
             importlib.import_module(name)
     with open(os.path.join(ctl, "ready"), "w") as f:
         f.write("ready")
-    go = os.path.join(ctl, "go")
-    while not os.path.exists(go):  # the checkpoint is taken here
-        time.sleep(0.002)
-    with open(os.path.join(ctl, "start.json")) as f:
-        start = json.load(f)
-    reseed()
+    start = wait_for_go(ctl)
     os.setgroups([])
     os.setresgid(start["gid"], start["gid"], start["gid"])
     os.setresuid(start["uid"], start["uid"], start["uid"])  # no capability is left

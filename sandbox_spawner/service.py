@@ -13,9 +13,10 @@ needs nothing installed beside it:
   running and hibernated, hibernations, start and resume durations, and the
   controller's own.
 
-Its Hub role needs ``list:users``, ``read:users``, ``read:servers``,
-``admin:server_state`` (the spawners' start records), ``delete:servers``
-(hibernate) and ``access:servers`` (ask servers about their kernels).
+Its Hub role (:data:`HUB_SCOPES`, :func:`hub_role`) needs ``list:users``,
+``read:users``, ``read:servers``, ``admin:server_state`` (the spawners' start
+records), ``delete:servers`` (hibernate) and ``access:servers`` (ask servers
+about their kernels).
 
     python -m sandbox_spawner.service --proxy-url http://127.0.0.1:8000 --timeout 3600 \\
         [--controller --namespace jhub] [--exempt-profiles gpu] [--dry-run]
@@ -37,6 +38,15 @@ from tornado import web
 from . import hibernator
 
 log = logging.getLogger("jupyter-sandbox-service")
+#: The service's Hub role: list servers and read their spawners' start records, ask servers
+#: about their kernels (through the proxy), stop (hibernate) them. Nothing else.
+HUB_SCOPES = ["list:users", "read:users", "read:servers", "admin:server_state",
+              "delete:servers", "access:servers"]  # fmt: skip
+
+
+def hub_role(service: str = "sandbox-service") -> dict:
+    """The ``c.JupyterHub.load_roles`` entry for the service named ``service``."""
+    return {"name": service, "services": [service], "scopes": list(HUB_SCOPES)}
 
 
 class MetricsHandler(web.RequestHandler):
@@ -101,7 +111,8 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.wait_for(task, 20)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The service's command line: the hibernator's options and the controller's."""
     parser = argparse.ArgumentParser(prog="python -m sandbox_spawner.service",
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     hibernator.add_arguments(parser.add_argument_group("hibernation"))
@@ -112,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
 
     add_run_arguments(controller)
     parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s sandbox-service %(name)s %(message)s")  # fmt: skip
     asyncio.run(run(args))

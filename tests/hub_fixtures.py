@@ -187,8 +187,9 @@ class Hub:
         """A request to ``name``'s server, through the proxy, with ``token``."""
         return await _request(f"{self.url}/user/{name}{path}", method, token, body)
 
-    async def execute(self, name: str, token: str, code: str, timeout: float = 60) -> str:
-        """Start a kernel in ``name``'s server (through the proxy) and run ``code``; stdout."""
+    async def _send_code(self, name: str, token: str, code: str) -> tuple[Any, str, str]:
+        """A new kernel in ``name``'s server (through the proxy), ``code`` sent to it over
+        its websocket: the websocket, the request's id and the kernel's id."""
         kernel = await self.server_api(name, token, "POST", "/api/kernels", {"name": "python3"})
         url = f"ws://127.0.0.1:{self.proxy_port}/user/{name}/api/kernels/{kernel['id']}/channels"
         ws = await websocket_connect(HTTPRequest(
@@ -202,6 +203,34 @@ class Hub:
             "content": {"code": code, "silent": False, "store_history": False,
                         "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
         }))  # fmt: skip
+        return ws, msg_id, kernel["id"]
+
+    async def run_detached(self, name: str, token: str, code: str) -> None:
+        """Start ``code`` in a new kernel, then close the websocket: a computation that
+        goes on with no browser attached."""
+        ws, _, _ = await self._send_code(name, token, code)
+        await asyncio.sleep(1)
+        ws.close()
+
+    async def progress(self, name: str) -> list[dict]:
+        """The events of the progress stream of ``name``'s pending start, to its end."""
+        events: list[dict] = []
+
+        def on_chunk(chunk: bytes) -> None:
+            for line in chunk.decode().splitlines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+
+        await AsyncHTTPClient().fetch(HTTPRequest(
+            f"{self.url}/hub/api/users/{name}/server/progress",
+            headers={"Authorization": f"token {self.token}"}, streaming_callback=on_chunk,
+            request_timeout=180,
+        ))  # fmt: skip
+        return events
+
+    async def execute(self, name: str, token: str, code: str, timeout: float = 60) -> str:
+        """Start a kernel in ``name``'s server (through the proxy) and run ``code``; stdout."""
+        ws, msg_id, kernel_id = await self._send_code(name, token, code)
         out, deadline = "", time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -220,7 +249,7 @@ class Hub:
                     break
         finally:
             ws.close()
-            await self.server_api(name, token, "DELETE", f"/api/kernels/{kernel['id']}")
+            await self.server_api(name, token, "DELETE", f"/api/kernels/{kernel_id}")
         return out
 
 

@@ -7,13 +7,9 @@ real Hub and proxy.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 
 from hub_fixtures import Hub, supervisors
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
 
 async def wait_stopped(hub: Hub, name: str, timeout: float) -> bool:
@@ -49,21 +45,7 @@ async def test_a_busy_kernel_without_a_browser_keeps_its_server(hibernating_hub:
     hub = hibernating_hub
     await hub.spawn("judy")
     judy = await hub.user_token("judy")
-    kernel = await hub.server_api("judy", judy, "POST", "/api/kernels", {"name": "python3"})
-    url = f"ws://127.0.0.1:{hub.proxy_port}/user/judy/api/kernels/{kernel['id']}/channels"
-    ws = await websocket_connect(HTTPRequest(
-        f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {judy}"}
-    ))  # fmt: skip
-    ws.write_message(json.dumps({
-        "header": {"msg_id": uuid.uuid4().hex, "msg_type": "execute_request",
-                   "username": "judy", "session": uuid.uuid4().hex, "version": "5.3",
-                   "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell",
-        "content": {"code": "import time; time.sleep(14)", "silent": False,
-                    "store_history": False, "user_expressions": {}, "allow_stdin": False},
-    }))  # fmt: skip
-    await asyncio.sleep(1)
-    ws.close()  # the browser is gone; the computation goes on
+    await hub.run_detached("judy", judy, "import time; time.sleep(14)")
     assert not await wait_stopped(hub, "judy", timeout=10), "a busy kernel keeps its server"
     # Once the computation is over and the server quiet, it hibernates.
     assert await wait_stopped(hub, "judy", timeout=60)

@@ -8,14 +8,11 @@ timeout shortened to 4 seconds, on the test cluster.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 
 from cluster_fixtures import Client, condition, wait_for
 from hub_fixtures import Hub
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.websocket import websocket_connect
+from tornado.httpclient import AsyncHTTPClient
 
 from agent_sandbox.kube import PODS, PVCS, SANDBOXES
 
@@ -72,21 +69,7 @@ async def test_a_busy_kernel_without_a_browser_keeps_its_sandbox(
     hub, ns = hibernating_kube_hub, hibernating_kube_hub.namespace
     await hub.spawn("jon", options=PLAIN)
     jon = await hub.user_token("jon")
-    kernel = await hub.server_api("jon", jon, "POST", "/api/kernels", {"name": "python3"})
-    url = f"ws://127.0.0.1:{hub.proxy_port}/user/jon/api/kernels/{kernel['id']}/channels"
-    ws = await websocket_connect(HTTPRequest(
-        f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {jon}"}
-    ))  # fmt: skip
-    ws.write_message(json.dumps({
-        "header": {"msg_id": uuid.uuid4().hex, "msg_type": "execute_request",
-                   "username": "jon", "session": uuid.uuid4().hex, "version": "5.3",
-                   "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell",
-        "content": {"code": "import time\nfor _ in range(14): time.sleep(1)", "silent": False,
-                    "store_history": False, "user_expressions": {}, "allow_stdin": False},
-    }))  # fmt: skip
-    await asyncio.sleep(1)
-    ws.close()  # the browser is gone; the computation goes on
+    await hub.run_detached("jon", jon, "import time\nfor _ in range(14): time.sleep(1)")
     assert not await wait_stopped(hub, "jon", timeout=10), "a busy kernel keeps its server"
     assert k8s.get(SANDBOXES, ns, "jupyter-jon")["spec"]["operatingMode"] == "Running"
     # Once the computation is over and the server quiet, it hibernates.

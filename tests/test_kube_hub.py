@@ -63,7 +63,7 @@ async def test_default_profile_is_gvisor_and_progress_shows_the_sandbox(kube_hub
     hub = kube_hub
     await hub.api("POST", "/users/bea", raise_error=False)
     await hub.api("POST", "/users/bea/server")  # no options: the shipped default profile
-    events = await progress_events(hub, "bea")
+    events = await hub.progress("bea")
     messages = [e.get("message", "") for e in events]
     assert any("Creating Sandbox" in m for m in messages), messages
     assert len([m for m in messages if "Sandbox" in m or "pod" in m]) >= 2, messages
@@ -73,24 +73,6 @@ async def test_default_profile_is_gvisor_and_progress_shows_the_sandbox(kube_hub
     assert (await hub.execute("bea", token, "print(6 * 7)")).strip() == "42"
 
 
-async def progress_events(hub: Hub, user: str) -> list[dict]:
-    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-
-    events: list[dict] = []
-
-    def on_chunk(chunk: bytes) -> None:
-        for line in chunk.decode().splitlines():
-            if line.startswith("data:"):
-                events.append(json.loads(line[5:]))
-
-    await AsyncHTTPClient().fetch(HTTPRequest(
-        f"{hub.url}/hub/api/users/{user}/server/progress",
-        headers={"Authorization": f"token {hub.token}"}, streaming_callback=on_chunk,
-        request_timeout=180,
-    ))  # fmt: skip
-    return events
-
-
 async def test_a_spawn_that_cannot_succeed_fails_fast_with_the_reason(kube_hub: Hub,
                                                                       k8s: Client):  # fmt: skip
     hub = kube_hub
@@ -98,7 +80,7 @@ async def test_a_spawn_that_cannot_succeed_fails_fast_with_the_reason(kube_hub: 
     await hub.api("POST", "/users/cid", raise_error=False)
     started = time.monotonic()
     await hub.api("POST", "/users/cid/server", {"profile": "missing-runtime"})
-    events = await progress_events(hub, "cid")
+    events = await hub.progress("cid")
     took = time.monotonic() - started
     assert events[-1].get("failed") is True, events
     text = json.dumps(events[-1])

@@ -159,22 +159,9 @@ async def test_one_users_memory_bomb_stays_in_their_sandbox(hub: Hub):
 
 
 async def test_spawn_progress_says_what_happens(hub: Hub):
-    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-
     await hub.api("POST", "/users/grace", raise_error=False)
     await hub.api("POST", "/users/grace/server")
-    events: list[dict] = []
-
-    def on_chunk(chunk: bytes) -> None:
-        for line in chunk.decode().splitlines():
-            if line.startswith("data:"):
-                events.append(json.loads(line[5:]))
-
-    await AsyncHTTPClient().fetch(HTTPRequest(
-        f"{hub.url}/hub/api/users/grace/server/progress",
-        headers={"Authorization": f"token {hub.token}"}, streaming_callback=on_chunk,
-        request_timeout=180,
-    ))  # fmt: skip
+    events = await hub.progress("grace")
     messages = [e.get("message", "") for e in events]
     assert any("sandbox" in m for m in messages), messages
     assert events[-1].get("ready") is True, events

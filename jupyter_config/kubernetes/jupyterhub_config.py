@@ -13,6 +13,8 @@ Sandbox of their own. Environment variables are what differs per deployment.
 import os
 import sys
 
+from sandbox_spawner.service import hub_role
+
 c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
 
 c.JupyterHub.spawner_class = "sandbox"
@@ -93,12 +95,7 @@ c.JupyterHub.services = [{
     "environment": {k: os.environ[k] for k in ("KUBERNETES_SERVICE_HOST",
                     "KUBERNETES_SERVICE_PORT", "KUBECONFIG") if k in os.environ},
 }]  # fmt: skip
-c.JupyterHub.load_roles = [{
-    "name": "sandbox-service",
-    "services": ["sandbox-service"],
-    "scopes": ["list:users", "read:users", "read:servers", "admin:server_state",
-               "delete:servers", "access:servers"],
-}]  # fmt: skip
+c.JupyterHub.load_roles = [hub_role()]  # its Hub permissions, and no more
 
 # Hibernated servers keep their token; a visit resumes the server without a click.
 c.JupyterHub.implicit_spawn_seconds = 1

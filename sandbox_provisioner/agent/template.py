@@ -30,6 +30,18 @@ def reseed() -> None:
         numpy_random.seed()
 
 
+def wait_for_go(ctl: str) -> dict:
+    """Wait (the checkpoint is taken here) until restored and told to go; the start
+    (``CTL/start.json``), with this process's random state made its own."""
+    go = os.path.join(ctl, "go")
+    while not os.path.exists(go):
+        time.sleep(0.002)
+    with open(os.path.join(ctl, "start.json")) as f:
+        start = json.load(f)
+    reseed()
+    return start
+
+
 def main(argv: list[str] | None = None) -> None:
     ctl = (argv if argv is not None else sys.argv[1:])[0]
     from .kernel import learn_kernel_imports, preload
@@ -38,12 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     learned = learn_kernel_imports()
     with open(os.path.join(ctl, "ready"), "w") as f:
         f.write(str(learned))
-    go = os.path.join(ctl, "go")
-    while not os.path.exists(go):  # the checkpoint is taken here
-        time.sleep(0.002)
-    with open(os.path.join(ctl, "start.json")) as f:
-        start = json.load(f)
-    reseed()
+    start = wait_for_go(ctl)
     os.environ.clear()
     os.environ.update(start["env"])
     os.chdir(start["cwd"])
