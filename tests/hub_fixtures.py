@@ -75,6 +75,10 @@ c.SandboxSpawner.profile_list += [
     {{{{"display_name": "Plain", "slug": "plain", "kubespawner_override": {{{{}}}}}}}},
     {{{{"display_name": "Missing", "slug": "missing-runtime", "kubespawner_override":
         {{{{"extra_pod_config": {{{{"runtimeClassName": "no-such-runtime"}}}}}}}}}}}},
+    {{{{"display_name": "No template", "slug": "missing-template", "kubespawner_override":
+        {{{{"sandbox_template": "no-such-template"}}}}}}}},
+    {{{{"display_name": "Templated", "slug": "templated", "kubespawner_override":
+        {{{{"sandbox_template": "course-base"}}}}}}}},
 ]
 c.JupyterHub.services.append({{{{"name": "tests", "api_token": "{{token}}"}}}})
 c.JupyterHub.load_roles.append({{{{"name": "tests", "services": ["tests"],

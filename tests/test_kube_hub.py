@@ -15,7 +15,7 @@ import time
 from cluster_fixtures import Client, condition, wait_for
 from hub_fixtures import Hub
 
-from agent_sandbox.kube import PODS, PVCS, SANDBOXES
+from agent_sandbox.kube import PODS, PVCS, SANDBOXES, TEMPLATES
 
 PLAIN = {"profile": "plain"}
 
@@ -86,6 +86,33 @@ async def test_a_spawn_that_cannot_succeed_fails_fast_with_the_reason(kube_hub: 
     text = json.dumps(events[-1])
     assert "RuntimeClass" in text and "no-such-runtime" in text, text
     assert took < 30, f"failed after {took:.1f}s"
+
+
+async def test_a_missing_sandbox_template_fails_fast(kube_hub: Hub):
+    hub = kube_hub
+    await hub.api("POST", "/users/cy", raise_error=False)
+    await hub.api("POST", "/users/cy/server", {"profile": "missing-template"})
+    events = await hub.progress("cy")
+    assert events[-1].get("failed") is True, events
+    assert "SandboxTemplate" in json.dumps(events[-1]) and "does not exist" in json.dumps(
+        events[-1]
+    )
+
+
+async def test_a_sandbox_template_is_the_base_of_the_server(kube_hub: Hub, k8s: Client):
+    """An administrator's SandboxTemplate (its container's environment here) with the
+    server joined to it."""
+    hub, ns = kube_hub, kube_hub.namespace
+    container = {"name": "notebook", "image": "course/image:2026",
+                 "env": [{"name": "COURSE", "value": "physics-101"}]}  # fmt: skip
+    spec = {"podTemplate": {"spec": {"containers": [container]}}}
+    k8s.create(TEMPLATES, ns, {"metadata": {"name": "course-base"}, "spec": spec})
+    await hub.spawn("cat", options={"profile": "templated"})
+    pod = k8s.get(PODS, ns, "jupyter-cat")
+    assert pod["spec"]["containers"][0]["image"] == "course/image:2026"
+    token = await hub.user_token("cat")
+    out = await hub.execute("cat", token, "import os; print(os.environ['COURSE'], os.getcwd())")
+    assert out.split() == ["physics-101", "/home/jovyan"]
 
 
 async def test_a_hub_restart_finds_running_and_hibernated_servers(kube_hub: Hub, k8s: Client):
