@@ -18,7 +18,10 @@ the pod's runtimeClassName says so, else bubblewrap):
 * environment: values, ``fieldRef`` (name, namespace, podIP, nodeName) and
   ``$(NAME)`` references to variables defined before, as the kubelet does.
 
-Images are not pulled: the command runs on the host's /usr and Python, with
+Scheduling: a pod whose nodeSelector the node does not match, or that asks
+for a resource it does not have (a GPU), stays Pending with PodScheduled
+False/Unschedulable. Images are not pulled (one under the reserved domain
+``.invalid`` waits in ErrImagePull): the command runs on the host's /usr and Python, with
 this project's packages (as a kernel image has them installed). A
 container without a command runs its args (an entrypoint that runs its
 arguments, as Jupyter images' does), and with neither ``sleep infinity``.
@@ -52,6 +55,12 @@ from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
 log = logging.getLogger("node-agent")
 NODE = "sandbox-node"
+NODE_LABELS = {"kubernetes.io/hostname": NODE}
+#: What the node has: no GPU (a pod asking for one stays Pending, Unschedulable).
+NODE_ALLOCATABLE = {"cpu": "2", "memory": "24Gi", "pods": "500"}
+#: Images under this (reserved, RFC 2606) domain cannot be pulled: the container waits in
+#: ErrImagePull, as the kubelet reports an image that does not exist.
+UNPULLABLE = ".invalid/"
 _FIRST_IP = int(ipaddress.ip_address("127.1.0.1"))
 #: Where this project's packages are: what a kernel image would have installed.
 PACKAGES = Path(sandbox_provisioner.__file__).resolve().parent.parent
@@ -78,11 +87,13 @@ class NodeAgent:
         self._next_ip = _FIRST_IP
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: Pods that stay Pending (unschedulable, image not pullable), already reported.
+        self._stuck: set[str] = set()
 
     # -- the node ---------------------------------------------------------------------------
     async def register(self) -> None:
         body = {
-            "metadata": {"name": self.node, "labels": {"kubernetes.io/hostname": self.node}},
+            "metadata": {"name": self.node, "labels": NODE_LABELS},
             "status": {},
         }
         with contextlib.suppress(Exception):
@@ -103,8 +114,8 @@ class NodeAgent:
                         }
                     ],
                     "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-                    "capacity": {"cpu": "2", "memory": "24Gi", "pods": "500"},
-                    "allocatable": {"cpu": "2", "memory": "24Gi", "pods": "500"},
+                    "capacity": NODE_ALLOCATABLE,
+                    "allocatable": NODE_ALLOCATABLE,
                 }
             },
             sub="status",
@@ -162,19 +173,45 @@ class NodeAgent:
         if kind == "DELETED":
             await self._stop(uid, grace=0)
             self._locks.pop(uid, None)
+            self._stuck.discard(uid)
             return
         if meta.get("deletionTimestamp"):
             if spec.get("nodeName") == self.node:
                 await self._stop(uid, grace=meta.get("deletionGracePeriodSeconds") or 0)
                 await self.kube.delete(PODS, meta["namespace"], meta["name"], uid=uid, grace=0)
             return
+        if uid in self._stuck:  # reported once; its own status update comes back here
+            return
         if not spec.get("nodeName"):
+            reason = self._unschedulable(pod)
+            if reason:  # as the scheduler says it, and the pod stays Pending
+                self._stuck.add(uid)
+                status = {"phase": "Pending", "conditions": [{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": reason, "lastTransitionTime": timestamp()}]}  # fmt: skip
+                await self.kube.patch(PODS, meta["namespace"], meta["name"], {"status": status},
+                                      sub="status")  # fmt: skip
+                return
             await self._bind(pod)
             return
         if spec["nodeName"] == self.node and uid not in self.runs:
             phase = (pod.get("status") or {}).get("phase")
             if phase not in ("Succeeded", "Failed"):
                 await self._start(pod)
+
+    def _unschedulable(self, pod: dict[str, Any]) -> str | None:
+        """Why no node fits ``pod``: a nodeSelector this node does not match, or an
+        extended resource (``nvidia.com/gpu``) it does not have; None when it fits."""
+        spec = pod["spec"]
+        for key, value in (spec.get("nodeSelector") or {}).items():
+            if NODE_LABELS.get(key) != value:
+                return "0/1 nodes are available: 1 node(s) didn't match Pod's node selector."
+        for container in spec["containers"]:
+            resources = container.get("resources") or {}
+            for name in {**(resources.get("requests") or {}), **(resources.get("limits") or {})}:
+                if "/" in name and name not in NODE_ALLOCATABLE:
+                    return f"0/1 nodes are available: 1 Insufficient {name}."
+        return None
 
     async def _bind(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
@@ -282,6 +319,17 @@ class NodeAgent:
 
     async def _start(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
+        container = pod["spec"]["containers"][0]
+        if UNPULLABLE in container.get("image", ""):
+            self._stuck.add(meta["uid"])
+            waiting = {"reason": "ErrImagePull", "message": f"rpc error: pulling image "
+                       f"\"{container['image']}\": not found"}  # fmt: skip
+            status = {"phase": "Pending", "containerStatuses": [{
+                "name": container["name"], "image": container["image"], "imageID": "",
+                "ready": False, "restartCount": 0, "state": {"waiting": waiting}}]}  # fmt: skip
+            await self.kube.patch(PODS, meta["namespace"], meta["name"], {"status": status},
+                                  sub="status")  # fmt: skip
+            return
         run = PodRun(meta["uid"], meta["namespace"], meta["name"], self._allocate_ip())
         self.runs[run.uid] = run
         try:

@@ -75,6 +75,8 @@ c.SandboxSpawner.profile_list += [
     {{{{"display_name": "Plain", "slug": "plain", "kubespawner_override": {{{{}}}}}}}},
     {{{{"display_name": "Missing", "slug": "missing-runtime", "kubespawner_override":
         {{{{"extra_pod_config": {{{{"runtimeClassName": "no-such-runtime"}}}}}}}}}}}},
+    {{{{"display_name": "Bad image", "slug": "bad-image", "kubespawner_override":
+        {{{{"image": "registry.invalid/no-such-image:1"}}}}}}}},
     {{{{"display_name": "No template", "slug": "missing-template", "kubespawner_override":
         {{{{"sandbox_template": "no-such-template"}}}}}}}},
     {{{{"display_name": "Templated", "slug": "templated", "kubespawner_override":

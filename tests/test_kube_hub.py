@@ -88,6 +88,24 @@ async def test_a_spawn_that_cannot_succeed_fails_fast_with_the_reason(kube_hub: 
     assert took < 30, f"failed after {took:.1f}s"
 
 
+async def test_an_image_that_cannot_be_pulled_and_a_pod_no_node_fits_fail_fast(
+    kube_hub: Hub,
+):
+    """KubeSpawner #795: these used to wait out start_timeout. The shipped GPU profile asks
+    for nvidia.com/gpu, which the test cluster's one node does not have."""
+    hub = kube_hub
+    for user, profile, expected in (("dee", "bad-image", "the image cannot be pulled"),
+                                    ("ed", "gpu", "Insufficient nvidia.com/gpu")):  # fmt: skip
+        await hub.api("POST", f"/users/{user}", raise_error=False)
+        started = time.monotonic()
+        await hub.api("POST", f"/users/{user}/server", {"profile": profile})
+        events = await hub.progress(user)
+        took = time.monotonic() - started
+        assert events[-1].get("failed") is True, events
+        assert expected in json.dumps(events[-1]), events[-1]
+        assert took < 30, f"{profile}: failed after {took:.1f}s"
+
+
 async def test_a_missing_sandbox_template_fails_fast(kube_hub: Hub):
     hub = kube_hub
     await hub.api("POST", "/users/cy", raise_error=False)
