@@ -171,6 +171,15 @@ class Hub:
             await asyncio.sleep(0.3)
         raise TimeoutError(f"{name}'s server was not ready:\n{self.log.read_text()[-5000:]}")
 
+    async def stops_within(self, name: str, timeout: float) -> bool:
+        """Whether ``name``'s server stops (is hibernated) within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not (await self.api("GET", f"/users/{name}")).get("servers"):
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
     async def wait_stopped(self, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,18 +7,8 @@ real Hub and proxy.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from hub_fixtures import Hub, supervisors
-
-
-async def wait_stopped(hub: Hub, name: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not (await hub.api("GET", f"/users/{name}")).get("servers"):
-            return True
-        await asyncio.sleep(0.5)
-    return False
 
 
 async def test_an_idle_server_hibernates_and_resumes_with_its_files(hibernating_hub: Hub):
@@ -27,7 +17,7 @@ async def test_an_idle_server_hibernates_and_resumes_with_its_files(hibernating_
     ivan = await hub.user_token("ivan")
     await hub.execute("ivan", ivan, "open('notes.txt', 'w').write('before the nap')")
     supervisor = (await hub.state("ivan"))["supervisor_pid"]
-    assert await wait_stopped(hub, "ivan", timeout=60), "an idle server hibernates"
+    assert await hub.stops_within("ivan", 60), "an idle server hibernates"
     assert supervisor not in supervisors(hub.root)  # no process of ivan's is left
     assert (hub.root / "homes" / "ivan" / "notes.txt").read_text() == "before the nap"
     # A Hub restart leaves a hibernated server hibernated.
@@ -46,6 +36,6 @@ async def test_a_busy_kernel_without_a_browser_keeps_its_server(hibernating_hub:
     await hub.spawn("judy")
     judy = await hub.user_token("judy")
     await hub.run_detached("judy", judy, "import time; time.sleep(14)")
-    assert not await wait_stopped(hub, "judy", timeout=10), "a busy kernel keeps its server"
+    assert not await hub.stops_within("judy", 10), "a busy kernel keeps its server"
     # Once the computation is over and the server quiet, it hibernates.
-    assert await wait_stopped(hub, "judy", timeout=60)
+    assert await hub.stops_within("judy", 60)

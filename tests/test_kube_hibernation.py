@@ -8,7 +8,6 @@ timeout shortened to 4 seconds, on the test cluster.
 from __future__ import annotations
 
 import asyncio
-import time
 
 from cluster_fixtures import Client, condition, wait_for
 from hub_fixtures import Hub
@@ -19,15 +18,6 @@ from agent_sandbox.kube import PODS, PVCS, SANDBOXES
 PLAIN = {"profile": "plain"}
 
 
-async def wait_stopped(hub: Hub, name: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not (await hub.api("GET", f"/users/{name}")).get("servers"):
-            return True
-        await asyncio.sleep(0.5)
-    return False
-
-
 async def test_an_idle_server_hibernates_and_a_visit_resumes_it(
     hibernating_kube_hub: Hub, k8s: Client, node_agent
 ):
@@ -35,7 +25,7 @@ async def test_an_idle_server_hibernates_and_a_visit_resumes_it(
     await hub.spawn("ivy", options=PLAIN)
     ivy = await hub.user_token("ivy")
     await hub.execute("ivy", ivy, "open('notes.txt', 'w').write('before the nap')")
-    assert await wait_stopped(hub, "ivy", timeout=60), "an idle server hibernates"
+    assert await hub.stops_within("ivy", 60), "an idle server hibernates"
     sandbox = k8s.get(SANDBOXES, ns, "jupyter-ivy")
     assert sandbox["spec"]["operatingMode"] == "Suspended"
     wait_for(lambda: condition(k8s.get(SANDBOXES, ns, "jupyter-ivy"), "Suspended")
@@ -70,8 +60,8 @@ async def test_a_busy_kernel_without_a_browser_keeps_its_sandbox(
     await hub.spawn("jon", options=PLAIN)
     jon = await hub.user_token("jon")
     await hub.run_detached("jon", jon, "import time\nfor _ in range(14): time.sleep(1)")
-    assert not await wait_stopped(hub, "jon", timeout=10), "a busy kernel keeps its server"
+    assert not await hub.stops_within("jon", 10), "a busy kernel keeps its server"
     assert k8s.get(SANDBOXES, ns, "jupyter-jon")["spec"]["operatingMode"] == "Running"
     # Once the computation is over and the server quiet, it hibernates.
-    assert await wait_stopped(hub, "jon", timeout=60)
+    assert await hub.stops_within("jon", 60)
     assert k8s.get(SANDBOXES, ns, "jupyter-jon")["spec"]["operatingMode"] == "Suspended"
