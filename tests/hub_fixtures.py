@@ -228,7 +228,9 @@ class Hub:
         ws.close()
 
     async def progress(self, name: str) -> list[dict]:
-        """The events of the progress stream of ``name``'s pending start, to its end."""
+        """The events of the progress stream of ``name``'s pending start, to its end; a
+        start that had already failed (faster than this request) reads as one failed
+        event with the Hub's logged reason."""
         events: list[dict] = []
 
         def on_chunk(chunk: bytes) -> None:
@@ -236,11 +238,19 @@ class Hub:
                 if line.startswith("data:"):
                     events.append(json.loads(line[5:]))
 
-        await AsyncHTTPClient().fetch(HTTPRequest(
+        response = await AsyncHTTPClient().fetch(HTTPRequest(
             f"{self.url}/hub/api/users/{name}/server/progress",
             headers={"Authorization": f"token {self.token}"}, streaming_callback=on_chunk,
             request_timeout=180,
-        ))  # fmt: skip
+        ), raise_error=False)  # fmt: skip
+        if response.code == 400 and not events:  # "not starting": it ended already
+            user = await self.api("GET", f"/users/{name}")
+            assert not user.get("servers"), user
+            failures = [line for line in self.log.read_text().splitlines()
+                        if f"Unhandled error starting {name}'s server" in line]  # fmt: skip
+            assert failures, f"{name}'s start ended without an error"
+            return [{"failed": True, "message": failures[-1]}]
+        assert response.code == 200, response.code
         return events
 
     async def execute(self, name: str, token: str, code: str, timeout: float = 60) -> str:
