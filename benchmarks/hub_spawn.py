@@ -121,7 +121,7 @@ async def bench(root: Path, users: int, runtime: str) -> int:
                 resume[mode].append(await start_and_time(hub, f"u{i}", tokens[mode, f"u{i}"]))
     finally:
         for hub in hubs.values():
-            hub.stop()
+            hub.close()
         end_supervisors(root / SANDBOX)
     anchor = statistics.median(spawn[ANCHOR])
     print(f"hub spawn -> server answers through the proxy, {users} users per spawner, "
@@ -203,7 +203,7 @@ async def bench_kubernetes(root: Path, users: int) -> int:
                                      ["items"]) for kind in (PODS, SANDBOXES, PVCS)}  # fmt: skip
     finally:
         for hub in hubs.values():
-            hub.stop()
+            hub.close()
         agent.stop()
         cluster.stop()
     anchor = statistics.median(spawn[ANCHOR])

@@ -146,6 +146,12 @@ class Hub:
             self.proc.wait(timeout=60)
         self.proc = None
 
+    def close(self) -> None:
+        """Stop the Hub and its proxy (which outlives a Hub's stop, as a restart needs)."""
+        self.stop()
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((self.root / "proxy.pid").read_text()), signal.SIGTERM)
+
     async def api(self, method: str, path: str, body: Any = None, token: str | None = None,
                   raise_error: bool = True) -> Any:  # fmt: skip
         """A request to the Hub API (as the tests' service, or with ``token``)."""
@@ -313,7 +319,7 @@ def hub(tmp_path_factory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("hub")
     hub = Hub(root).start()
     yield hub
-    hub.stop()
+    hub.close()
     end_supervisors(root)
 
 
@@ -327,7 +333,7 @@ def gvisor_hub(tmp_path_factory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("gvisor-hub")
     hub = Hub(root, runtime="gvisor").start()
     yield hub
-    hub.stop()
+    hub.close()
     end_supervisors(root)
 
 
@@ -340,7 +346,7 @@ def hibernating_hub(tmp_path_factory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("hibernating-hub")
     hub = Hub(root, hibernate_after=4).start()
     yield hub
-    hub.stop()
+    hub.close()
     end_supervisors(root)
 
 
@@ -364,7 +370,7 @@ def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600) -> 
 def kube_hub(tmp_path_factory, cluster, node_agent) -> Iterator[Hub]:
     hub = start_kube_hub(tmp_path_factory, cluster)
     yield hub
-    hub.stop()
+    hub.close()
     cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
 
 
@@ -373,7 +379,7 @@ def hibernating_kube_hub(tmp_path_factory, cluster, node_agent) -> Iterator[Hub]
     """The same, its service hibernating servers after 4 quiet seconds."""
     hub = start_kube_hub(tmp_path_factory, cluster, hibernate_after=4)
     yield hub
-    hub.stop()
+    hub.close()
     cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
 
 

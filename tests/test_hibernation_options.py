@@ -30,7 +30,7 @@ def make_hub(tmp_path_factory):
 
     yield make
     for hub in hubs:
-        hub.stop()
+        hub.close()
         end_supervisors(hub.root)
 
 
