@@ -16,6 +16,8 @@ per user and server, and so is its headless Service's.
   SandboxTemplate that does not exist.
 * ``stop`` hibernates: ``operatingMode: Suspended``; the pod goes, the
   Sandbox and the home PVC stay, and ``will_resume`` keeps the server's token.
+  Kernels the server ran in Sandboxes of their own (the per-kernel profile)
+  go with it: their claims are deleted if the server did not end them.
 * ``delete_forever`` (the user or named server is deleted) deletes the
   Sandbox; its home PVC, which it owns, goes with it.
 * ``poll`` and ``get_state``/``load_state`` go by the Sandbox, so a Hub
@@ -39,7 +41,8 @@ from kubespawner import KubeSpawner
 from traitlets import Bool, Float, Unicode, default
 
 from agent_sandbox import api
-from agent_sandbox.kube import JSON_PATCH, SANDBOXES, TEMPLATES, Kube, is_status
+from agent_sandbox.kube import CLAIMS, JSON_PATCH, SANDBOXES, TEMPLATES, Kube, is_status
+from sandbox_provisioner.runtimes.kubernetes import hub_server_id, server_selector
 
 from . import manifests
 from .starts import RecordsStarts
@@ -222,10 +225,20 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
             sandbox = await self.kube.get(SANDBOXES, self.namespace, self.sandbox_name)
             if sandbox is None or manifests.is_suspended(sandbox):
                 self.log.info("%s: hibernated", self._log_name)
+                await self._end_kernels()
                 return
             await asyncio.sleep(0.2)
         raise TimeoutError(f"the pod of Sandbox {self.namespace}/{self.sandbox_name} did not "
                            f"go within hibernate_timeout={self.hibernate_timeout}s")  # fmt: skip
+
+    async def _end_kernels(self) -> None:
+        """Delete the claims of this server's kernels (the per-kernel profile) that its
+        server did not end itself: a stopped server leaves no kernel Sandbox running."""
+        selector = server_selector(hub_server_id(self.user.name, self.name))
+        for claim in await self.kube.list(CLAIMS, self.namespace, labels=selector):
+            if await self.kube.delete(CLAIMS, self.namespace, claim["metadata"]["name"]):
+                self.log.info("%s: deleted the claim %s of a kernel the server left",
+                              self._log_name, claim["metadata"]["name"])  # fmt: skip
 
     async def poll(self) -> int | None:
         sandbox = await self.kube.get(SANDBOXES, self.namespace, self.sandbox_name)
@@ -259,6 +272,7 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
                           self._log_name, self.namespace, self.sandbox_name)  # fmt: skip
             return
         await self.kube.delete(SANDBOXES, self.namespace, self.sandbox_name)
+        await self._end_kernels()
         self.log.info("%s: deleted Sandbox %s/%s and its home", self._log_name,
                       self.namespace, self.sandbox_name)  # fmt: skip
 

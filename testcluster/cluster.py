@@ -65,8 +65,19 @@ class TestCluster:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
-    def start(self, crds: list[dict[str, Any]] | None = None) -> TestCluster:
+    def start(self, crds: list[dict[str, Any]] | None = None, audit: bool = False) -> TestCluster:
+        """Start etcd, the API server and the controller manager. ``audit``: the API server
+        logs every write (not reads) to :attr:`audit_log`, one JSON event per line."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        audit_flags = []
+        if audit:
+            policy = self.workdir / "audit-policy.json"
+            policy.write_text(json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                "omitStages": ["RequestReceived"], "rules": [
+                    {"level": "None", "verbs": ["get", "list", "watch"]},
+                    {"level": "Metadata"}]}))  # fmt: skip
+            audit_flags = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                           "--audit-log-format=json"]  # fmt: skip
         etcd_port, peer_port = free_port(), free_port()
         self._spawn(
             "etcd",
@@ -107,7 +118,7 @@ class TestCluster:
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
                 f"--secure-port={self.port}",
-                f"--cert-dir={self.workdir / 'certs'}",
+                f"--cert-dir={self.ca_file.parent}",
                 f"--token-auth-file={tokens}",
                 "--authorization-mode=RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc",
@@ -115,6 +126,7 @@ class TestCluster:
                 f"--service-account-signing-key-file={key}",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--disable-admission-plugins=ServiceAccount",
+                *audit_flags,
             ],
         )
         self._wait_ready()
@@ -164,6 +176,15 @@ class TestCluster:
         shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
 
     # -- the API ----------------------------------------------------------------------------
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    @property
+    def ca_file(self) -> Path:
+        """The API server's self-signed serving certificate; the file holds its CA too."""
+        return self.workdir / "certs" / "apiserver.crt"
+
     def kubeconfig_dict(self) -> dict[str, Any]:
         return {
             "apiVersion": "v1",

@@ -16,7 +16,15 @@ the pod's runtimeClassName says so, else bubblewrap):
   answers (other probes are ignored);
 * deletion: SIGTERM, the grace period, SIGKILL, then the pod is removed;
 * environment: values, ``fieldRef`` (name, namespace, podIP, nodeName) and
-  ``$(NAME)`` references to variables defined before, as the kubelet does.
+  ``$(NAME)`` references to variables defined before, as the kubelet does;
+  ``KUBERNETES_SERVICE_HOST``/``_PORT`` name the API server;
+* API credentials: the ServiceAccount admission plugin is off on the test
+  cluster, so a pod gets a token only when its spec says
+  ``automountServiceAccountToken: true``; then, as the kubelet does, a token
+  of its service account bound to the pod (TokenRequest API), the API
+  server's CA and the namespace are mounted read-only at
+  ``/var/run/secrets/kubernetes.io/serviceaccount``; ``secret`` volumes are
+  the Secret's keys as read-only files.
 
 Scheduling: a pod whose nodeSelector the node does not match, or that asks
 for a resource it does not have (a GPU), stays Pending with PodScheduled
@@ -26,13 +34,14 @@ this project's packages (as a kernel image has them installed). A
 container without a command runs its args (an entrypoint that runs its
 arguments, as Jupyter images' does), and with neither ``sleep infinity``.
 
-    python -m testcluster.node_agent --kubeconfig F --root DIR
+    python -m testcluster.node_agent --kubeconfig F --root DIR [--ca-file CA]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import logging
@@ -44,11 +53,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes_asyncio import client, watch
 
 import sandbox_provisioner
-from agent_sandbox.kube import NODES, PODS, Kube, is_status, timestamp
+from agent_sandbox.kube import NODES, PODS, SECRETS, Kube, is_status, timestamp
 from sandbox_provisioner import filesystem, identity, pyenv
 from sandbox_provisioner.runtimes import Sandbox, create_runtime
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
@@ -61,6 +71,8 @@ NODE_ALLOCATABLE = {"cpu": "2", "memory": "24Gi", "pods": "500"}
 #: Images under this (reserved, RFC 2606) domain cannot be pulled: the container waits in
 #: ErrImagePull, as the kubelet reports an image that does not exist.
 UNPULLABLE = ".invalid/"
+#: Where the kubelet mounts a pod's service account token.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 _FIRST_IP = int(ipaddress.ip_address("127.1.0.1"))
 #: Where this project's packages are: what a kernel image would have installed.
 PACKAGES = Path(sandbox_provisioner.__file__).resolve().parent.parent
@@ -81,8 +93,12 @@ class PodRun:
 
 
 class NodeAgent:
-    def __init__(self, kube: Kube, root: Path, node: str = NODE):
+    def __init__(self, kube: Kube, root: Path, node: str = NODE, ca_file: Path | None = None):
         self.kube, self.root, self.node = kube, root, node
+        #: The API server's CA, given to pods with their service account token.
+        self.ca_file = ca_file
+        api_server = urlsplit(kube.api.configuration.host)
+        self.api_host, self.api_port = api_server.hostname or "", api_server.port or 443
         self.runs: dict[str, PodRun] = {}
         self._next_ip = _FIRST_IP
         self._locks: dict[str, asyncio.Lock] = {}
@@ -236,28 +252,86 @@ class NodeAgent:
         self._next_ip += 1
         return ip
 
-    def _volumes(self, pod: dict[str, Any]) -> list[filesystem.ExtraMount]:
+    async def _volumes(self, pod: dict[str, Any]) -> list[filesystem.ExtraMount]:
         meta, spec = pod["metadata"], pod["spec"]
+        pod_dir = self.root / "pods" / meta["uid"]
         sources: dict[str, Path] = {}
+        read_only: set[str] = set()
         for volume in spec.get("volumes") or []:
+            name = volume["name"]
             if "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
-                sources[volume["name"]] = self.root / "pvc" / meta["namespace"] / claim
+                sources[name] = self.root / "pvc" / meta["namespace"] / claim
             elif "emptyDir" in volume:
-                sources[volume["name"]] = (
-                    self.root / "pods" / meta["uid"] / "empty" / volume["name"]
+                sources[name] = pod_dir / "empty" / name
+            elif "secret" in volume:
+                sources[name] = await self._secret_volume(
+                    meta["namespace"], volume["secret"], pod_dir / "secrets" / name
                 )
+                read_only.add(name)
         mounts = []
         container = spec["containers"][0]
         for vm in container.get("volumeMounts") or []:
             src = sources.get(vm["name"])
             if src is None:
                 continue
-            _owned_by_pods(src)
-            mounts.append(
-                filesystem.ExtraMount(str(src), vm["mountPath"], not vm.get("readOnly", False))
-            )
+            writable = not vm.get("readOnly", False) and vm["name"] not in read_only
+            if writable:
+                _owned_by_pods(src)
+            mounts.append(filesystem.ExtraMount(str(src), vm["mountPath"], writable))
+        token = await self._service_account(pod, pod_dir / "serviceaccount")
+        if token is not None:
+            mounts.append(filesystem.ExtraMount(str(token), SERVICE_ACCOUNT_DIR, False))
         return mounts
+
+    async def _secret_volume(self, namespace: str, source: dict[str, Any], into: Path) -> Path:
+        """The Secret's keys (or the listed ``items``) as files of ``defaultMode``."""
+        secret = await self.kube.get(SECRETS, namespace, source["secretName"])
+        if secret is None:
+            raise RuntimeError(f'MountVolume.SetUp failed: secret "{source["secretName"]}" '
+                               "not found")  # fmt: skip
+        data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        into.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            target = into / item["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data[item["key"]])
+            target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
+            _owned_by_pods(target)  # the kubelet gives them to the pod's fsGroup
+        return into
+
+    async def _service_account(self, pod: dict[str, Any], into: Path) -> Path | None:
+        """A token of the pod's service account, bound to the pod, with CA and namespace."""
+        meta, spec = pod["metadata"], pod["spec"]
+        if spec.get("automountServiceAccountToken") is not True:
+            return None
+        account = spec.get("serviceAccountName") or "default"
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": 3600,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            },
+        }
+        answer = await self.kube.call(
+            "POST", f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token",
+            body=request,
+        )  # fmt: skip
+        into.mkdir(parents=True, exist_ok=True)
+        (into / "token").write_text(answer["status"]["token"])
+        (into / "namespace").write_text(meta["namespace"])
+        if self.ca_file is not None:
+            shutil.copyfile(self.ca_file, into / "ca.crt")
+        for entry in into.iterdir():
+            entry.chmod(0o644)
+        return into
 
     async def _launch(self, pod: dict[str, Any], run: PodRun) -> Sandbox:
         meta, spec = pod["metadata"], pod["spec"]
@@ -278,6 +352,8 @@ class NodeAgent:
             "POD_NAME": meta["name"],
             "POD_NAMESPACE": meta["namespace"],
             "POD_IP": run.ip,
+            "KUBERNETES_SERVICE_HOST": self.api_host,
+            "KUBERNETES_SERVICE_PORT": str(self.api_port),
         }
         fields = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
                   "status.podIP": run.ip, "spec.nodeName": self.node}  # fmt: skip
@@ -296,7 +372,7 @@ class NodeAgent:
             ipc_dir=None,
             connection_file=None,
             etc_mounts=filesystem.synthetic_etc(state / "etc", meta["name"], 0, 0),
-            extra=self._volumes(pod),
+            extra=await self._volumes(pod),
             hidden_paths=(),
         )
         _owned_by_pods(self.root / "pods" / meta["uid"] / "scratch")
@@ -482,9 +558,9 @@ def _probe_port(container: dict[str, Any]) -> int | None:
     return int(port) if port is not None else None
 
 
-async def main_async(kubeconfig: str, root: Path) -> None:
+async def main_async(kubeconfig: str, root: Path, ca_file: Path | None = None) -> None:
     kube = await Kube.connect(kubeconfig)
-    agent = NodeAgent(kube, root)
+    agent = NodeAgent(kube, root, ca_file=ca_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -498,21 +574,23 @@ async def main_async(kubeconfig: str, root: Path) -> None:
     await kube.close()
 
 
-def _owned_by_pods(directory: Path) -> None:
-    """A volume directory, writable by the uid pods run as."""
-    directory.mkdir(parents=True, exist_ok=True)
+def _owned_by_pods(path: Path) -> None:
+    """A volume directory (made if missing) or file, owned by the uid pods run as."""
+    if not path.exists():
+        path.mkdir(parents=True)
     who = identity.resolve()
-    if who.separate and directory.stat().st_uid != who.uid:
-        os.chown(directory, who.uid, who.gid)
+    if who.separate and path.stat().st_uid != who.uid:
+        os.chown(path, who.uid, who.gid)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="stand-in kubelet for the test cluster")
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--ca-file", type=Path, help="the API server's CA, for pods' tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(message)s")
-    asyncio.run(main_async(args.kubeconfig, args.root))
+    asyncio.run(main_async(args.kubeconfig, args.root, args.ca_file))
 
 
 if __name__ == "__main__":

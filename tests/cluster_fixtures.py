@@ -8,6 +8,7 @@ is skipped on a developer machine with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent_sandbox import crds
+from agent_sandbox.kube import Resource
 from testcluster.cluster import REPO, TestCluster, free_port, kube_binaries
 
 
@@ -94,6 +97,8 @@ def node_agent(cluster: TestCluster) -> Iterator[Process]:
             str(cluster.kubeconfig),
             "--root",
             str(root),
+            "--ca-file",
+            str(cluster.ca_file),
         ],
         cluster.workdir,
     ).start()
@@ -220,3 +225,86 @@ def wait_condition(k8s: Client, res, ns: str, name: str, type_: str, *, status: 
 @pytest.fixture(scope="session")
 def k8s(cluster: TestCluster) -> Client:
     return Client(cluster)
+
+
+RBAC = REPO / "jupyter_config" / "kubernetes" / "rbac.yaml"
+_ACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
+_RBAC_PATHS = {
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+}
+
+
+def apply_rbac(cluster: TestCluster, namespace: str) -> list[str]:
+    """The shipped RBAC applied as ``kubectl apply -n namespace`` does; the paths of the
+    cluster-wide objects this call created (for the caller to delete)."""
+    created = []
+    for doc in yaml.safe_load_all(RBAC.read_text()):
+        path = _RBAC_PATHS[doc["kind"]].format(ns=namespace)
+        for subject in doc.get("subjects") or []:
+            subject.setdefault("namespace", namespace)
+        status, body = cluster.request("POST", path, doc)
+        assert status in (201, 409), body
+        if status == 201 and doc["kind"] == "ClusterRole":
+            created.append(f"{path}/{doc['metadata']['name']}")
+    return created
+
+
+#: A stand-in for the rules of the Role Zero to JupyterHub's chart gives the Hub's service account
+#: ("hub"): what KubeSpawner needs in the Hub's namespace. The shipped RBAC adds the rest.
+Z2JH_HUB_RULES = [
+    {"apiGroups": [""], "resources": ["pods", "persistentvolumeclaims", "secrets", "services"],
+     "verbs": ["get", "watch", "list", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "watch", "list"]},
+]  # fmt: skip
+
+
+def hub_service_account(cluster: TestCluster, namespace: str, into: Path,
+                        lease_namespace: str | None = None) -> Path:  # fmt: skip
+    """The Hub's service account "hub" with the chart's Role and the shipped RBAC, as a
+    Zero to JupyterHub install with this project's values has it: a kubeconfig with a token
+    of that account (and nothing more), written into ``into``. With ``lease_namespace``,
+    the account may also hold the controller's lease there (and nothing else there)."""
+    apply_rbac(cluster, namespace)
+    Client(cluster).create(_ACCOUNTS, namespace, {"metadata": {"name": "hub"}})
+    _grant(cluster, namespace, f"hub-{namespace}", namespace, Z2JH_HUB_RULES)
+    if lease_namespace:
+        leases = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                   "verbs": ["get", "create", "update"]}]  # fmt: skip
+        _grant(cluster, lease_namespace, f"hub-{namespace}", namespace, leases)
+    return service_account_kubeconfig(cluster, namespace, "hub", into)
+
+
+def _grant(cluster: TestCluster, where: str, name: str, account_namespace: str,
+           rules: list[dict]) -> None:  # fmt: skip
+    """A Role ``name`` in ``where`` with ``rules``, bound to ``account_namespace``'s hub."""
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{where}/"
+    binding = {
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "hub", "namespace": account_namespace}],
+    }
+    for kind, body in (("roles", {"metadata": {"name": name}, "rules": rules}),
+                       ("rolebindings", binding)):  # fmt: skip
+        status, out = cluster.request("POST", rbac + kind, body)
+        assert status == 201, out
+
+
+def service_account_kubeconfig(cluster: TestCluster, namespace: str, account: str,
+                               into: Path) -> Path:  # fmt: skip
+    """A kubeconfig that authenticates as ``account`` (a TokenRequest's token)."""
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+               "spec": {"expirationSeconds": 86400}}  # fmt: skip
+    status, out = cluster.request(
+        "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token", request
+    )
+    assert status == 201, out
+    config = cluster.kubeconfig_dict()
+    config["clusters"][0]["cluster"] = {"server": cluster.server,
+                                        "certificate-authority": str(cluster.ca_file)}  # fmt: skip
+    config["users"][0]["user"] = {"token": out["status"]["token"]}
+    path = into / f"kubeconfig-{namespace}-{account}.json"
+    path.write_text(json.dumps(config))
+    return path

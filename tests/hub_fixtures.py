@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_fixtures import hub_service_account
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -208,10 +209,11 @@ class Hub:
         """A request to ``name``'s server, through the proxy, with ``token``."""
         return await _request(f"{self.url}/user/{name}{path}", method, token, body)
 
-    async def _send_code(self, name: str, token: str, code: str) -> tuple[Any, str, str]:
+    async def _send_code(self, name: str, token: str, code: str,
+                         kernel_name: str = "python3") -> tuple[Any, str, str]:  # fmt: skip
         """A new kernel in ``name``'s server (through the proxy), ``code`` sent to it over
         its websocket: the websocket, the request's id and the kernel's id."""
-        kernel = await self.server_api(name, token, "POST", "/api/kernels", {"name": "python3"})
+        kernel = await self.server_api(name, token, "POST", "/api/kernels", {"name": kernel_name})
         url = f"ws://127.0.0.1:{self.proxy_port}/user/{name}/api/kernels/{kernel['id']}/channels"
         ws = await websocket_connect(HTTPRequest(
             f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {token}"}
@@ -226,12 +228,14 @@ class Hub:
         }))  # fmt: skip
         return ws, msg_id, kernel["id"]
 
-    async def run_detached(self, name: str, token: str, code: str) -> None:
+    async def run_detached(self, name: str, token: str, code: str,
+                           kernel_name: str = "python3") -> str:  # fmt: skip
         """Start ``code`` in a new kernel, then close the websocket: a computation that
-        goes on with no browser attached."""
-        ws, _, _ = await self._send_code(name, token, code)
+        goes on with no browser attached. The kernel's id."""
+        ws, _, kernel_id = await self._send_code(name, token, code, kernel_name)
         await asyncio.sleep(1)
         ws.close()
+        return kernel_id
 
     async def progress(self, name: str) -> list[dict]:
         """The events of the progress stream of ``name``'s pending start, to its end; a
@@ -250,8 +254,10 @@ class Hub:
             request_timeout=180,
         ), raise_error=False)  # fmt: skip
         if response.code == 400 and not events:  # "not starting": it ended already
-            user = await self.api("GET", f"/users/{name}")
-            assert not user.get("servers"), user
+            deadline = time.monotonic() + 15  # the Hub clears a failed start up after it
+            while (user := await self.api("GET", f"/users/{name}")).get("servers"):
+                assert time.monotonic() < deadline, user
+                await asyncio.sleep(0.1)
             failures = [line for line in self.log.read_text().splitlines()
                         if f"Unhandled error starting {name}'s server" in line]  # fmt: skip
             assert failures, f"{name}'s start ended without an error"
@@ -259,9 +265,10 @@ class Hub:
         assert response.code == 200, response.code
         return events
 
-    async def execute(self, name: str, token: str, code: str, timeout: float = 60) -> str:
+    async def execute(self, name: str, token: str, code: str, timeout: float = 60,
+                      kernel_name: str = "python3") -> str:  # fmt: skip
         """Start a kernel in ``name``'s server (through the proxy) and run ``code``; stdout."""
-        ws, msg_id, kernel_id = await self._send_code(name, token, code)
+        ws, msg_id, kernel_id = await self._send_code(name, token, code, kernel_name)
         out, deadline = "", time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -350,7 +357,8 @@ def hibernating_hub(tmp_path_factory) -> Iterator[Hub]:
     end_supervisors(root)
 
 
-def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600) -> Hub:
+def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600,
+                   extra_config: str = "") -> Hub:  # fmt: skip
     """A Hub with SandboxSpawner on the test cluster, in a namespace of its own. Its
     service runs the controller on the test session's lease: it leads when no other
     controller of the session does, else it stays passive."""
@@ -358,8 +366,13 @@ def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600) -> 
     status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
     assert status == 201, body
     root = tmp_path_factory.mktemp("kube-hub")
+    # The Hub and its service hold the Hub's service account's permissions and no more;
+    # the service's controller shares the test session's lease (in "default"), as a second
+    # controller of one cluster does, so one controller reconciles at a time.
+    kubeconfig = hub_service_account(cluster, namespace, root, lease_namespace="default")
     hub = Hub(root, config=KUBE_HUB_CONFIG, namespace=namespace, hibernate_after=hibernate_after,
-              env={"KUBECONFIG": str(cluster.kubeconfig), "POD_NAMESPACE": namespace,
+              extra_config=extra_config,
+              env={"KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": namespace,
                    "JUPYTER_SANDBOX_LEASE_NAMESPACE": "default"})  # fmt: skip
     hub.env["JUPYTER_SANDBOX_PROXY_URL"] = hub.url
     hub.namespace = namespace  # type: ignore[attr-defined]
@@ -410,5 +423,12 @@ def end_supervisors(root: Path, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-__all__ = ["HTTPClientError", "Hub", "end_supervisors", "hibernating_kube_hub", "hub", "kube_hub",
-           "supervisors"]
+__all__ = [
+    "HTTPClientError",
+    "Hub",
+    "end_supervisors",
+    "hibernating_kube_hub",
+    "hub",
+    "kube_hub",
+    "supervisors",
+]

@@ -1,13 +1,14 @@
 """The Hub service's controller: two replicas of sandbox-service (as two Hub replicas run
 them), one leads, the other stays passive until the leader dies, then takes over.
-Real processes on the test cluster; a leader is killed with SIGKILL."""
+Real processes on the test cluster, as the Hub's service account with the shipped RBAC;
+a leader is killed with SIGKILL."""
 
 from __future__ import annotations
 
 import signal
 import sys
 
-from cluster_fixtures import Client, Process, wait_for
+from cluster_fixtures import Client, Process, hub_service_account, wait_for
 
 from agent_sandbox.kube import LEASES, PODS, SANDBOXES
 
@@ -18,10 +19,12 @@ def holder(k8s: Client, ns: str) -> str:
 
 
 def test_two_services_one_leads_the_other_takes_over(cluster, node_agent, namespace,
-                                                      k8s: Client):  # fmt: skip
+                                                      k8s: Client, tmp_path):  # fmt: skip
     ns = namespace
+    # As the Hub's service account, with the shipped RBAC only.
+    kubeconfig = hub_service_account(cluster, ns, tmp_path)
     argv = [sys.executable, "-m", "sandbox_spawner.service", "--controller",
-            "--kubeconfig", str(cluster.kubeconfig), f"--namespace={ns}",
+            "--kubeconfig", str(kubeconfig), f"--namespace={ns}",
             f"--lease-namespace={ns}", "--lease-duration=3", "--lease-renew=1"]  # fmt: skip
     services = [Process(f"service-{i}-{ns}", argv, cluster.workdir).start() for i in (1, 2)]
     try:
@@ -39,6 +42,8 @@ def test_two_services_one_leads_the_other_takes_over(cluster, node_agent, namesp
         k8s.create(SANDBOXES, ns, {"metadata": {"name": "after-takeover"}, "spec": spec})
         wait_for(lambda: k8s.get(PODS, ns, "after-takeover"), 60, "the Sandbox's pod")
         assert "became leader" in passive.log()
+        for service in services:
+            assert "forbidden" not in service.log().lower(), service.log()
     finally:
         for service in services:
             service.stop()

@@ -6,31 +6,14 @@ Checked with SubjectAccessReviews, the API server's own answer."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
-import yaml
-
-RBAC = Path(__file__).resolve().parent.parent / "jupyter_config" / "kubernetes" / "rbac.yaml"
-PATHS = {
-    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
-    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
-    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
-    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
-}
+from cluster_fixtures import apply_rbac
 
 
 @pytest.fixture
 def applied(cluster, namespace):
-    created = []
-    for doc in yaml.safe_load_all(RBAC.read_text()):
-        path = PATHS[doc["kind"]].format(ns=namespace)
-        for subject in doc.get("subjects") or []:
-            subject.setdefault("namespace", namespace)  # as kubectl apply -n does
-        status, body = cluster.request("POST", path, doc)
-        assert status in (201, 409), body
-        if status == 201 and doc["kind"] == "ClusterRole":
-            created.append(f"{path}/{doc['metadata']['name']}")
+    created = apply_rbac(cluster, namespace)
     yield namespace
     for path in created:
         cluster.request("DELETE", path)

@@ -6,6 +6,7 @@ itself accepts."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from traitlets.config import Config
@@ -27,6 +28,7 @@ def test_extra_config_configures_the_spawner_and_the_service(monkeypatch):
     c = Config()
     c.JupyterHub.services = []  # as the chart leaves them
     c.JupyterHub.load_roles = []
+    c.KubeSpawner.profile_list = values["singleuser"]["profileList"]
     for code in values["hub"]["extraConfig"].values():
         exec(compile(code, "extraConfig", "exec"), {"c": c})
     assert c.JupyterHub.spawner_class == "sandbox"
@@ -43,3 +45,21 @@ def test_extra_config_configures_the_spawner_and_the_service(monkeypatch):
     traits = SandboxSpawner.class_traits()
     for profile in values["singleuser"]["profileList"]:
         assert set(profile["kubespawner_override"]) <= set(traits), profile
+
+    # The per-kernel profile, and only it, mounts the controller key beside the home.
+    home = {"name": "volume-{username}", "persistentVolumeClaim": {"claimName": "claim-x"}}
+    spawner = SimpleNamespace(volumes=[home], volume_mounts=[{"name": "volume-{username}",
+                              "mountPath": "/home/jovyan"}])  # fmt: skip
+    by_slug = {p["slug"]: p["kubespawner_override"] for p in c.KubeSpawner.profile_list}
+    kernels = by_slug.pop("kernels")
+    for _ in range(2):  # a spawner started twice gets the key once
+        spawner.volumes = kernels["volumes"](spawner)
+        spawner.volume_mounts = kernels["volume_mounts"](spawner)
+    assert [v["name"] for v in spawner.volumes] == ["volume-{username}", "controller-key"]
+    assert spawner.volumes[1]["secret"]["secretName"] == "jupyter-sandbox-controller-key"
+    assert [m["mountPath"] for m in spawner.volume_mounts] == [
+        "/home/jovyan", "/etc/jupyter-sandbox/controller-key"]  # fmt: skip
+    assert kernels["environment"]["JUPYTER_SANDBOX_CONTROLLER_KEY_FILE"].startswith(
+        "/etc/jupyter-sandbox/controller-key/"
+    )
+    assert not any("volumes" in override for override in by_slug.values())

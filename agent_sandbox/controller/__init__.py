@@ -260,6 +260,12 @@ async def _operate(
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
+    # A controller of named namespaces (a Hub's, bound by a RoleBinding) may not list
+    # namespaces and CRDs cluster-wide: it serves those namespaces and the kinds found at
+    # start instead of retrying for a minute before falling back to that.
+    settings.scanning.disabled = bool(namespaces) and not any(
+        set(ns) & set("*?[!") for ns in namespaces
+    )
     kopf_ready = asyncio.Event()
     kopf_stop = asyncio.Event()
     operator = asyncio.create_task(

@@ -161,7 +161,14 @@ async def _allowed_domains(ctx: Context, namespace: str) -> list[str]:
 
 async def _read_allowed_domains(ctx: Context, namespace: str) -> list[str]:
     for ns in (namespace, "agent-sandbox-system"):
-        cm = await ctx.kube.get(CONFIGMAPS, ns, api.CONFIG_MAP_NAME)
+        try:
+            cm = await ctx.kube.get(CONFIGMAPS, ns, api.CONFIG_MAP_NAME)
+        except Exception as exc:
+            if not is_status(exc, 403):
+                raise
+            # A controller bound to its own namespace (a Hub's) may not read the
+            # system namespace: that configuration is then not its.
+            continue
         value = ((cm or {}).get("data") or {}).get(api.CONFIG_KEY_ALLOWED_LABEL_DOMAINS)
         if value:
             return [d.strip() for d in value.split(",") if d.strip()]

@@ -13,6 +13,7 @@ Sandbox of their own. Environment variables are what differs per deployment.
 import os
 import sys
 
+from sandbox_spawner.profiles import with_controller_key
 from sandbox_spawner.service import hub_role
 
 c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
@@ -37,6 +38,16 @@ c.SandboxSpawner.volumes = [
 ]
 c.SandboxSpawner.volume_mounts = [{"name": "home", "mountPath": "/home/jovyan"}]
 
+# The per-kernel profile's servers claim kernels' Sandboxes with one controller key, the
+# Secret jupyter-sandbox-controller-key (mounted into that profile's servers only), whose
+# public half the warm pools' templates pin (kubernetes/python-gvisor.yaml). Make both once:
+#   jupyter sandbox controller-key --key-file=controller-ed25519.pem   # prints ed25519:...
+#   kubectl create secret generic jupyter-sandbox-controller-key \
+#       --from-file=controller-ed25519.pem
+# Every server of that profile holds the key: a user's code there could claim a warm kernel
+# sandbox before the server that asked for it connects (that kernel's start fails); it
+# gets nothing of another user's. The gVisor profile runs kernels inside the user's own
+# sandbox and needs no key.
 c.SandboxSpawner.profile_list = [
     {
         "display_name": "gVisor (untrusted code)",
@@ -59,14 +70,15 @@ c.SandboxSpawner.profile_list = [
         "slug": "kernels",
         "description": "A trusted server; every kernel runs in a Sandbox claimed from a warm "
         "pool (gVisor), labelled with your name and gone when your server stops.",
-        "kubespawner_override": {
+        # With the deployment's controller key mounted (see above).
+        "kubespawner_override": with_controller_key({
             # Claim rights in this namespace only (see kubernetes/rbac.yaml).
             "service_account": "jupyter-sandbox-kernels",
             "automount_service_account_token": True,
             # The image has this project and its cluster kernelspecs
             # (kubernetes/kernels/), whose warm pools live in this namespace.
             "environment": {"JUPYTER_SANDBOX_NAMESPACE": c.SandboxSpawner.namespace},
-        },
+        }),
     },
 ]
 

@@ -52,6 +52,18 @@ FATAL_REASONS = {
     api.Reason.SANDBOX_EXPIRED,
 }
 _IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+#: Where the controller key is, when not in the Jupyter data directory.
+CONTROLLER_KEY_FILE_ENV = "JUPYTER_SANDBOX_CONTROLLER_KEY_FILE"
+
+
+def hub_server_id(user: str, server_name: str = "") -> str:
+    """The server id of a Hub user's server, which its kernels' claims carry."""
+    return f"hub-{user}-{server_name}"
+
+
+def server_selector(server_id: str) -> str:
+    """A label selector for the claims of the kernels of one server."""
+    return f"{api.LABEL_KERNEL_SERVER}={api.label_value(server_id)}"
 
 
 class ClaimFailed(RuntimeError):
@@ -97,13 +109,16 @@ class KubernetesRuntime(SandboxRuntime):
 
     @default("controller_key_file")
     def _default_key_file(self) -> str:
-        return os.path.join(jupyter_data_dir(), "sandbox", "controller-ed25519.pem")
+        # A Hub's servers share one key, mounted from a Secret (see jupyter_config/kubernetes).
+        return os.environ.get(CONTROLLER_KEY_FILE_ENV) or os.path.join(
+            jupyter_data_dir(), "sandbox", "controller-ed25519.pem"
+        )
 
     @default("server_id")
     def _default_server_id(self) -> str:
         hub = os.environ.get("JUPYTERHUB_USER")
         if hub:
-            return f"hub-{hub}-{os.environ.get('JUPYTERHUB_SERVER_NAME', '')}"
+            return hub_server_id(hub, os.environ.get("JUPYTERHUB_SERVER_NAME", ""))
         return socket.gethostname()
 
     def availability(self) -> Availability:
@@ -304,9 +319,8 @@ async def sweep(kube: Kube, namespace: str, server_id: str, log: Any) -> list[st
     kernel of this process owns them (one it reconnected to through its provisioner info)."""
     from agent_sandbox.kube import parse_time
 
-    selector = f"{api.LABEL_KERNEL_SERVER}={api.label_value(server_id)}"
     deleted = []
-    for claim in await kube.list(_claims(), namespace, labels=selector):
+    for claim in await kube.list(_claims(), namespace, labels=server_selector(server_id)):
         meta = claim["metadata"]
         created = parse_time(meta.get("creationTimestamp"))
         if (
