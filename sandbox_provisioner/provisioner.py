@@ -411,7 +411,8 @@ class SandboxProvisioner(  # type: ignore[misc]
             if loop.time() > deadline:
                 raise SandboxStartError(
                     f"the sandboxed kernel ({self.runtime_instance.name}) did not open its "
-                    f"sockets within launch_timeout={self.launch_timeout:g}s. "
+                    f"sockets within launch_timeout={self.launch_timeout:g}s (on a slow or "
+                    "busy machine, raise SandboxProvisioner.launch_timeout). "
                     f"Its output:\n{self._log_tail()}"
                 )
             await asyncio.sleep(delay)

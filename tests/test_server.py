@@ -26,6 +26,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    yield from _server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def failing_server(tmp_path_factory):
+    """The shipped configuration, with a launch timeout no kernel can meet."""
+    yield from _server(tmp_path_factory, "--SandboxProvisioner.launch_timeout=0.001")
+
+
+def _server(tmp_path_factory, *args: str):
     root = tmp_path_factory.mktemp("server-root")
     (root / "project").mkdir()
     port, token = _free_port(), uuid.uuid4().hex
@@ -34,7 +44,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", f"--config={CONFIG}", "--no-browser",
          f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root"],
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root",
+         *args],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -58,7 +69,9 @@ def server(tmp_path_factory):
     log.close()
 
 
-async def api(server, method: str, path: str, body: object | None = None) -> object:
+async def api(server, method: str, path: str, body: object | None = None,
+              expect: int | None = None) -> object:  # fmt: skip
+    """The JSON answer; with ``expect``, the answer of a request that must get that code."""
     request = HTTPRequest(
         f"{server['base']}{path}",
         method=method,
@@ -66,7 +79,9 @@ async def api(server, method: str, path: str, body: object | None = None) -> obj
         body=None if body is None else json.dumps(body),
         allow_nonstandard_methods=True,
     )
-    response = await AsyncHTTPClient().fetch(request, raise_error=True)
+    response = await AsyncHTTPClient().fetch(request, raise_error=expect is None)
+    if expect is not None:
+        assert response.code == expect, (response.code, response.body)
     return json.loads(response.body) if response.body else None
 
 
@@ -139,3 +154,17 @@ async def test_session_execute_shutdown(server, kernel_name):
         await api(server, "DELETE", f"/api/sessions/{session['id']}")
     kernels = await api(server, "GET", "/api/kernels")
     assert kernel_id not in [k["id"] for k in kernels]
+
+
+async def test_a_failed_start_tells_the_client_why(failing_server):
+    """The REST answer (what JupyterLab's "Error Starting Kernel" dialog shows) carries the
+    sandbox's own message, not "Unhandled error"; no kernel is left."""
+    for path, body in (
+        ("/api/kernels", {"name": "sandboxed-python-bubblewrap"}),
+        ("/api/sessions", {"path": "project/a.ipynb", "type": "notebook", "name": "a.ipynb",
+                           "kernel": {"name": "sandboxed-python-bubblewrap"}}),
+    ):  # fmt: skip
+        answer = await api(failing_server, "POST", path, body, expect=500)
+        assert "launch_timeout=0.001s" in answer["message"], answer
+        assert "raise SandboxProvisioner.launch_timeout" in answer["message"], answer
+    assert await api(failing_server, "GET", "/api/kernels") == []

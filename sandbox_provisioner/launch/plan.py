@@ -20,6 +20,7 @@ from jupyter_core.paths import (
 )
 
 from .. import filesystem, identity, pyenv, templates
+from ..errors import SandboxError
 from ..limits import parse_size
 from ..spec import Mount, NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMode
 
@@ -38,7 +39,7 @@ def jupyter_dirs() -> tuple[str, ...]:
     return tuple(dict.fromkeys(os.path.abspath(p) for p in found))
 
 
-class SandboxStartError(RuntimeError):
+class SandboxStartError(SandboxError):
     """The sandboxed kernel did not come up; the message carries its last output."""
 
 

@@ -109,7 +109,15 @@ class PooledLaunch:
     ) -> KernelConnectionInfo:
         cmd = normalized(cmd)
         member_pool = self._pool(cmd, env)
-        member = await member_pool.take(self.launch_timeout)
+        try:
+            member = await member_pool.take(self.launch_timeout)
+        except TimeoutError:
+            raise SandboxStartError(
+                f"no pooled {self.runtime_instance.name} sandbox was ready within "
+                f"launch_timeout={self.launch_timeout:g}s: the pool is still starting its "
+                "members or they fail (the server log says why); try again, or raise "
+                "SandboxProvisioner.launch_timeout"
+            ) from None
         kernel_env = self._kernel_env(env, cmd)
         workspace, writable, kernel_cwd = self._workspace(cwd)
         self._workspace_host = workspace

@@ -16,10 +16,11 @@ from typing import Any, ClassVar
 
 from traitlets.config import LoggingConfigurable
 
+from ..errors import SandboxError
 from ..spec import SandboxSpec
 
 
-class RuntimeUnavailable(RuntimeError):
+class RuntimeUnavailable(SandboxError):
     """The requested runtime cannot run on this machine; the message says what to install."""
 
 

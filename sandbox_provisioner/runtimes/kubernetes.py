@@ -32,6 +32,7 @@ from traitlets import Float, Int, Unicode, default
 
 from agent_sandbox import api
 
+from ..errors import SandboxError
 from ..spec import SandboxSpec
 from .agent_driven import AgentDrivenSandbox
 from .base import Availability, Sandbox, SandboxRuntime
@@ -66,7 +67,7 @@ def server_selector(server_id: str) -> str:
     return f"{api.LABEL_KERNEL_SERVER}={api.label_value(server_id)}"
 
 
-class ClaimFailed(RuntimeError):
+class ClaimFailed(SandboxError):
     """The claim did not become a usable sandbox; the message says why."""
 
 
