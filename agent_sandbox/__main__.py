@@ -59,6 +59,8 @@ def add_run_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--namespace", action="append", help="watch only these (default: all)")
     parser.add_argument("--cluster-domain", default="cluster.local")
     parser.add_argument("--warm-pool-readiness-grace", type=float, default=300.0)
+    parser.add_argument("--burst-hold", type=float, help="at most this long (seconds; default "
+                        "2) work that no waiting claim needs waits for them")  # fmt: skip
     parser.add_argument("--no-leader-election", action="store_true")
     parser.add_argument("--lease-namespace", default="default")
     parser.add_argument("--lease-duration", type=float, default=15.0, help="seconds")
@@ -85,6 +87,7 @@ async def run_from_args(
         options=Options(
             cluster_domain=args.cluster_domain,
             warm_pool_readiness_grace=args.warm_pool_readiness_grace,
+            **({"burst_hold": args.burst_hold} if args.burst_hold is not None else {}),
         ),
         leader_election=not args.no_leader_election,
         lease_namespace=args.lease_namespace,

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.rest import ApiException
 
@@ -98,6 +99,23 @@ async def load_config(kubeconfig: str | None = None) -> client.Configuration:
 
 
 _AS_JSON = {200: "object", 201: "object", 202: "object"}
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                    "all_proxy")  # fmt: skip
+
+
+def _without_environment_lookups(api_client: client.ApiClient) -> None:
+    """kubernetes_asyncio's aiohttp session trusts the environment, so aiohttp looks up
+    proxies and ``~/.netrc`` in a worker thread for every request: a fifth of a busy
+    controller's CPU in a burst of claims. With no proxy in the environment the session is
+    made again without those lookups, on the same connection pool."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return
+    rest = api_client.rest_client
+    trusting = rest.pool_manager
+    rest.pool_manager = aiohttp.ClientSession(
+        connector=trusting.connector, trust_env=False, read_bufsize=2**21
+    )
+    trusting.detach()  # the connector now belongs to the new session
 
 
 class Kube:
@@ -114,6 +132,7 @@ class Kube:
             assert configuration is not None
             configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize, 64)
             api_client = client.ApiClient(configuration)
+            _without_environment_lookups(api_client)
         self.api = api_client
 
     @classmethod

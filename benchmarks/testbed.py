@@ -30,8 +30,10 @@ from testcluster.cluster import TestCluster, free_port  # noqa: E402
 
 
 @contextlib.asynccontextmanager
-async def running_cluster(workdir: Path) -> AsyncIterator[tuple[TestCluster, Kube]]:
-    cluster = TestCluster(workdir).start(crds=crds.all_crds())
+async def running_cluster(
+    workdir: Path, audit: bool = False
+) -> AsyncIterator[tuple[TestCluster, Kube]]:
+    cluster = TestCluster(workdir).start(crds=crds.all_crds(), audit=audit)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     kubeconfig = str(cluster.kubeconfig)
     helpers = {

@@ -107,13 +107,13 @@ def node_agent(cluster: TestCluster) -> Iterator[Process]:
     agent.stop()
 
 
-def controller_process(cluster: TestCluster, name: str = "controller") -> Process:
+def controller_process(cluster: TestCluster, name: str = "controller", *args: str) -> Process:
     """A controller process with short leases (tests kill leaders) and a metrics port."""
     webhook_port, metrics_port = free_port(), free_port()
     argv = [sys.executable, "-m", "agent_sandbox", "run", "--kubeconfig", str(cluster.kubeconfig),
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
             "--lease-duration", "3", "--lease-renew", "1", "--log-level", "INFO",
-            "--warm-pool-readiness-grace", "20"]  # fmt: skip
+            "--warm-pool-readiness-grace", "20", *args]  # fmt: skip
     proc = Process(name, argv, cluster.workdir)
     proc.webhook_port, proc.metrics_port = webhook_port, metrics_port  # type: ignore[attr-defined]
     return proc

@@ -20,7 +20,7 @@ from test_pool_controller import (
 )
 
 from agent_sandbox import api
-from agent_sandbox.kube import CLAIMS, LEASES, PODS, WARM_POOLS
+from agent_sandbox.kube import CLAIMS, LEASES, PODS, TEMPLATES, WARM_POOLS
 
 
 def _lease_holder(k8s) -> str:
@@ -116,3 +116,44 @@ def test_every_replica_serves_the_webhook_the_crds_trust(k8s, controller):
         assert converts(controller.webhook_port)
     finally:
         standby.stop()
+
+
+def test_killed_before_a_claims_deferred_writes_converges(k8s, namespace, controller):
+    """A warm claim's Ready costs three writes; the rest (its pod's labels, its Sandbox's
+    status, the Event, the refill) waits while other claims wait. A controller killed in
+    between leaves the claim Ready, and the next one finishes the work."""
+    ns = namespace
+    make_template(k8s, ns)
+    make_pool(k8s, ns, replicas=1)
+    # A claim that waits as long as this test needs: its cold sandbox is never scheduled.
+    container = {"name": "agent", "image": "python:3.11", "command": ["sleep", "infinity"]}
+    k8s.create(TEMPLATES, ns, {"metadata": {"name": "stuck"}, "spec": {"podTemplate": {
+        "spec": {"nodeSelector": {"no-such": "node"}, "containers": [container]}}}})  # fmt: skip
+    make_pool(k8s, ns, name="empty", replicas=0, template="stuck")
+    pool_ready(k8s, ns, 1)
+    (member,) = members(k8s, ns)
+    controller.stop()
+    holding = controller_process(k8s.cluster, "controller-holding", "--burst-hold", "120")
+    try:
+        holding.start()
+        wait_for_leader(k8s.cluster, holding)
+        k8s.create(CLAIMS, ns, claim_body("waiting", pool="empty"))
+        labels = {api.POD_LABEL_KERNEL_ID: "k-1"}
+        k8s.create(CLAIMS, ns, claim_body("served", additionalPodMetadata={"labels": labels}))
+        claim_condition(k8s, ns, "served")
+        claim = k8s.get(CLAIMS, ns, "served")
+        assert claim["status"]["sandbox"]["name"] == member["metadata"]["name"]
+        time.sleep(1)  # the deferred work would show now, were it not held
+        pod = k8s.get(PODS, ns, member["metadata"]["name"])
+        assert api.POD_LABEL_KERNEL_ID not in pod["metadata"]["labels"], "not held back"
+        assert len(members(k8s, ns)) == 0, "the refill waits behind the waiting claim"
+        holding.stop(signal.SIGKILL)
+    finally:
+        holding.stop()
+        controller.start()
+    wait_for_leader(k8s.cluster, controller)
+    wait_for(lambda: (k8s.get(PODS, ns, member["metadata"]["name"])["metadata"]["labels"]
+                      .get(api.POD_LABEL_KERNEL_ID) == "k-1"), 30, "the pod's labels")  # fmt: skip
+    pool_ready(k8s, ns, 1)  # refilled
+    claim = claim_condition(k8s, ns, "served")  # still Ready, on the same sandbox
+    assert claim["status"]["sandbox"]["name"] == member["metadata"]["name"]

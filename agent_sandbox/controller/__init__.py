@@ -28,6 +28,7 @@ from kubernetes_asyncio.client.rest import ApiException
 
 from .. import api, crds, webhook
 from ..kube import CRDS, SECRETS, Kube, controller_of, is_status, load_config
+from ..objects.conditions import is_true
 from . import claim, sandbox, template, warmpool
 from .context import Context, Options
 from .leader import LeaderElector
@@ -67,8 +68,21 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
     # belong to the event loop.
     def owner_trigger(body: Any, namespace: str) -> None:
         ref = controller_of(body)
-        if ref is not None:
+        if ref is None:
+            return
+        if ref["kind"] == api.SANDBOX.kind:
+            sandbox_changed(namespace, ref["name"], 0)
+        else:
             ctx.trigger(ref["kind"], namespace, ref["name"])
+
+    def sandbox_changed(namespace: str, name: str, delay: float) -> None:
+        """Reconcile the Sandbox after ``delay``; one that is Ready waits while claims do
+        (its follow-up work, such as an adopted pod's labels, serves none of them)."""
+        sandbox = ctx.store.get(api.SANDBOX.kind, namespace, name)
+        if sandbox is not None and is_true(sandbox, "Ready") and ctx.busy():
+            ctx.trigger_when_quiet(api.SANDBOX.kind, namespace, name, delay)
+        else:
+            ctx.trigger_after(api.SANDBOX.kind, namespace, name, delay)
 
     for kind in api.KINDS:
 
@@ -85,7 +99,7 @@ def registry_for(ctx: Context, cfg: Any) -> kopf.OperatorRegistry:
             ctx.store.seen(_kind, event.get("type"), event["object"])
             if _kind == api.SANDBOX.kind:
                 # A sandbox's events come in bursts (adoption, its pod's status): coalesce them.
-                ctx.trigger_after(_kind, namespace, name, ctx.options.sandbox_debounce)
+                sandbox_changed(namespace, name, ctx.options.sandbox_debounce)
             else:
                 ctx.trigger(_kind, namespace, name)
             if _kind == api.SANDBOX.kind:

@@ -36,9 +36,12 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     kube = ctx.kube
     claim = await ctx.read(CLAIMS, namespace, name)
     if claim is None or claim["metadata"].get("deletionTimestamp"):
+        ctx.claim_served(namespace, name)
         return None
     gen = claim["metadata"].get("generation")
     ready_now = find((claim.get("status") or {}).get("conditions"), "Ready") or {}
+    if ready_now.get("status") != "True":
+        ctx.claim_waiting(namespace, name)
     if ready_now.get("reason") == api.Reason.CLAIM_EXPIRED:
         return None  # expiry is final
     bound = await _bound_sandbox(ctx, claim)
@@ -86,6 +89,11 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     await _status(ctx, claim, bound, _ready_from(bound, gen))
     log.debug("claim %s/%s bound to %s", namespace, name, bound["metadata"]["name"])
     return requeue
+
+
+#: Reasons a claim stops waiting for: it will not be served by waiting.
+_FINAL = {api.Reason.CLAIM_EXPIRED, api.Reason.SANDBOX_EXPIRED, api.Reason.SANDBOX_MISSING,
+          api.Reason.WARM_POOL_NOT_FOUND, api.Reason.TEMPLATE_NOT_FOUND}  # fmt: skip
 
 
 async def _not_ready(ctx: Context, claim, reason: api.Reason, message: str = "") -> None:
@@ -136,9 +144,11 @@ async def _status(ctx: Context, claim, sandbox, ready) -> None:
         "conditions": merge(old.get("conditions"), conds),
         "sandbox": desired.claim_sandbox_status(sandbox),
     }
+    meta = claim["metadata"]
+    if ready["status"] == "True" or ready.get("reason") in _FINAL:
+        ctx.claim_served(meta["namespace"], meta["name"])
     if not await ctx.write_status(CLAIMS, claim, status):
         return
-    meta = claim["metadata"]
     was_ready = (find(old.get("conditions"), "Ready") or {}).get("status") == "True"
     if ready["status"] == "True" and not was_ready:
         launch = ((sandbox or {}).get("metadata", {}).get("labels") or {}).get(
@@ -184,11 +194,11 @@ async def _cold_start(ctx: Context, claim, template):
         if not is_status(exc, 409):
             raise
         return await ctx.kube.get(SANDBOXES, ns, body["metadata"]["name"])
-    await ctx.kube.event(
+    ctx.after_burst(ctx.kube.event(
         claim,
         api.EventReason.SANDBOX_PROVISIONED,
         f"cold-started sandbox {sandbox['metadata']['name']}",
-    )
+    ))  # fmt: skip
     return sandbox
 
 
@@ -235,11 +245,12 @@ async def _take(ctx: Context, claim, candidate, pool):
         if not is_status(exc, 409, 404):
             raise
         return None, 0.01  # the member changed or went meanwhile: pick again
-    ctx.background(
+    # The Event and the refill wait until the waiting claims are served (Context.busy):
+    # a burst of claims then costs one refill, behind it.
+    ctx.after_burst(
         kube.event(claim, api.EventReason.SANDBOX_ADOPTED, f"adopted warm sandbox {name}")
     )
-    # Refill a moment later: a burst of claims then costs one refill, not one per claim.
-    ctx.trigger_after(
+    ctx.trigger_when_quiet(
         api.SANDBOX_WARM_POOL.kind, ns, pool["metadata"]["name"], ctx.options.refill_delay
     )
     return sandbox, 0

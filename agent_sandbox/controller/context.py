@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,10 @@ class Options:
     refill_delay: float = 0.5
     #: Sandbox events within this window cost one reconcile.
     sandbox_debounce: float = 0.2
+    #: While claims wait for a sandbox, work none of them needs (Events, the follow-up
+    #: reconcile of Ready sandboxes, refills) waits until they are served, at most this long:
+    #: a burst of claims then has the API server and the CPU to itself.
+    burst_hold: float = 2.0
 
 
 @dataclass
@@ -42,7 +47,10 @@ class Context:
     #: The status each object was last given, by (kind, namespace, name): the store can lag
     #: behind our own writes, and comparing against it alone would write the same status again.
     written: dict[tuple[str, str, str], Obj] = field(default_factory=dict)
+    #: Claims waiting for a sandbox, by (namespace, name): since when (monotonic).
+    waiting: dict[tuple[str, str], float] = field(default_factory=dict)
     _background: set[asyncio.Task] = field(default_factory=set)
+    _held: set[tuple[str, str, str]] = field(default_factory=set)
 
     # -- reading ----------------------------------------------------------------------------
     async def read(self, res: Resource, namespace: str, name: str) -> Obj | None:
@@ -91,6 +99,54 @@ class Context:
         queue = self.queues.get(kind)
         if queue is not None:
             queue.requeue_after((namespace, name), seconds)
+
+    # -- bursts of claims -------------------------------------------------------------------
+    def claim_waiting(self, namespace: str, name: str) -> None:
+        self.waiting.setdefault((namespace, name), time.monotonic())
+
+    def claim_served(self, namespace: str, name: str) -> None:
+        self.waiting.pop((namespace, name), None)
+
+    def busy(self) -> bool:
+        """Claims are waiting (each counts for ``burst_hold`` at most: a claim that cannot
+        be served, such as one naming a missing pool, does not hold work back for long)."""
+        if not self.waiting:
+            return False
+        oldest = time.monotonic() - self.options.burst_hold
+        for key in [k for k, since in self.waiting.items() if since < oldest]:
+            del self.waiting[key]
+        return bool(self.waiting)
+
+    async def quiet(self) -> None:
+        """Return when no claim waits, or after ``burst_hold`` seconds."""
+        deadline = time.monotonic() + self.options.burst_hold
+        while self.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def after_burst(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` once the waiting claims are served (best-effort writes: Events)."""
+
+        async def later() -> None:
+            await self.quiet()
+            await coro
+
+        self.background(later())
+
+    def trigger_when_quiet(self, kind: str, namespace: str, name: str, seconds: float) -> None:
+        """Reconcile ``seconds`` after the waiting claims are served; once per object."""
+        key = (kind, namespace, name)
+        if key in self._held:
+            return
+        self._held.add(key)
+
+        async def later() -> None:
+            try:
+                await self.quiet()
+            finally:
+                self._held.discard(key)
+            self.trigger_after(kind, namespace, name, seconds)
+
+        self.background(later())
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` without waiting for it (best-effort writes such as Events)."""

@@ -32,6 +32,9 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> float | None:
     pool = await ctx.read(WARM_POOLS, namespace, name)
     if pool is None or pool["metadata"].get("deletionTimestamp"):
         return None
+    if ctx.busy():  # claims are waiting: refilling now would compete with them
+        ctx.trigger_when_quiet(api.SANDBOX_WARM_POOL.kind, namespace, name, 0)
+        return None
     spec = pool.get("spec") or {}
     replicas = int(spec.get("replicas", 1))
     template = await ctx.read(TEMPLATES, namespace, spec["sandboxTemplateRef"]["name"])

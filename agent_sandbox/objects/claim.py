@@ -160,8 +160,10 @@ def pick_candidate(members: list[Obj]) -> Obj | None:
 
 
 def adoption_patch(sandbox: Obj, claim: Obj) -> Obj:
-    """The merge patch that moves a pool member to a claim."""
-    spec = {"podTemplate": copy.deepcopy(sandbox["spec"]["podTemplate"])}
+    """The merge patch that moves a pool member to a claim (only the pod template's
+    metadata changes: the patch names nothing else, which keeps it small in a burst)."""
+    pod_meta = copy.deepcopy(sandbox["spec"]["podTemplate"].get("metadata") or {})
+    spec = {"podTemplate": {"metadata": pod_meta}}
     apply_claim_metadata(spec, claim, api.LAUNCH_WARM)
     # A merge patch keeps keys it does not name: the pool's eviction hint must be removed.
     spec["podTemplate"]["metadata"]["annotations"][api.ANNOTATION_SAFE_TO_EVICT] = None
