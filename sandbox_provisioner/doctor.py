@@ -30,9 +30,14 @@ class RuntimeReport:
     started: bool | None = None
     seconds: float | None = None
     error: str = ""
+    #: False for a runtime of clusters (kubernetes): not having it here is no fault.
+    local: bool = True
 
     def line(self) -> str:
         mark = "ok " if self.available and self.started is not False else "NO "
+        if not self.local and not self.available:
+            where = "for kernels on a Kubernetes cluster, not used here"
+            return f"--  {self.name:<11} {where} ({self.detail})"
         text = f"{mark} {self.name:<11} {self.detail}"
         if self.started:
             text += f"; kernel ran code (ready in {self.seconds:.2f}s)"
@@ -77,7 +82,7 @@ async def diagnose(full: bool = True, parent: Any = None) -> list[RuntimeReport]
     reports = []
     for name, cls in runtime_classes().items():
         found = cls(parent=parent).availability()
-        report = RuntimeReport(name, found.available, str(found))
+        report = RuntimeReport(name, found.available, str(found), local=cls.local)
         if full and found.available:
             try:
                 report.seconds = await start_kernel_once(

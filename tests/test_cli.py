@@ -47,6 +47,10 @@ def test_doctor_reports_each_runtime():
     assert any(line.startswith("ok  bubblewrap") for line in lines), result.stdout
     assert any("gvisor" in line for line in lines)
     assert "'auto' uses:" in result.stdout
+    # A cluster runtime is not a local fault.
+    assert any(line.startswith("--  kubernetes  for kernels on a Kubernetes cluster")
+               for line in lines), result.stdout  # fmt: skip
+    assert not any(line.startswith("NO  kubernetes") for line in lines)
 
 
 def test_doctor_full_check_starts_a_kernel():
