@@ -19,6 +19,7 @@ from jupyter_client.manager import AsyncKernelManager
 from . import identity
 from .kernelspecs import RuntimeKernelSpecManager
 from .limits import cgroups_available
+from .pool import close_pools
 from .runtimes import runtime_classes
 
 
@@ -54,7 +55,10 @@ async def start_kernel_once(runtime: str, timeout: float = 60, config: Any = Non
         **({"config": config} if config is not None else {}),
     )
     with tempfile.TemporaryDirectory(prefix="sandbox-doctor-") as workdir:
-        return await _run_once(km, workdir, timeout)
+        try:
+            return await _run_once(km, workdir, timeout)
+        finally:
+            await close_pools()  # the pools its start made, and their cgroups
 
 
 async def _run_once(km: AsyncKernelManager, workdir: str, timeout: float) -> float:

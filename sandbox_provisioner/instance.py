@@ -10,7 +10,8 @@ own directory only.
 
 A server that died without cleaning up (SIGKILL, a crash) leaves its directory
 unlocked. :func:`sweep` removes those, and only those: a directory whose lock
-another process holds is alive, whatever its age.
+another process holds is alive, whatever its age. The cgroups its sandboxes had
+go too (:func:`~.limits.sweep_cgroups`: only groups no process is in).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+from .limits import sweep_cgroups
 
 _LOCK = ".lock"
 #: Per state root: (directory, the open lock file) of this process.
@@ -37,6 +41,10 @@ def directory(state_root: str | Path) -> Path:
     servers = Path(state_root) / "servers"
     servers.mkdir(mode=0o711, parents=True, exist_ok=True)
     sweep(servers)
+    swept = sweep_cgroups()  # dead servers' sandboxes' cgroups (root only: else none)
+    if swept:
+        logging.getLogger(__name__).info("removed %d cgroups left by sandboxes that are gone",
+                                         len(swept))  # fmt: skip
     mine = servers / uuid.uuid4().hex[:12]
     mine.mkdir(mode=0o711)
     fd = os.open(mine / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

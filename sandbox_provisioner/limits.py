@@ -8,11 +8,13 @@ cgroup v2 through a delegated systemd scope is not implemented yet.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 from .spec import ResourceLimits
@@ -118,10 +120,28 @@ class CgroupV1:
         """Remove the cgroups (every controller, as runsc creates them in all)."""
         remove_cgroup_dirs(self.relpath)
 
+    async def destroy_when_empty(self) -> bool:
+        return await remove_cgroup_dirs_when_empty(self.relpath)
 
-def remove_cgroup_dirs(relpath: str) -> None:
-    """rmdir ``relpath`` (and then its parent, when empty) in every v1 hierarchy."""
+
+async def remove_cgroup_dirs_when_empty(relpath: str, timeout: float = 5.0) -> bool:
+    """:func:`remove_cgroup_dirs`, again until the groups' last processes have exited (a
+    sandbox's own processes, such as gVisor's Sentry, end a moment after the one that was
+    waited for) or ``timeout`` passes; True when no group is left."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not remove_cgroup_dirs(relpath):
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def remove_cgroup_dirs(relpath: str) -> bool:
+    """rmdir ``relpath`` (and then its parent, when empty) in every v1 hierarchy; True
+    when none is left (False: a process is still in one)."""
     roots = [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.is_dir() else []
+    left = False
     for root in roots:
         path = root / relpath
         if not path.is_dir():
@@ -131,10 +151,53 @@ def remove_cgroup_dirs(relpath: str) -> None:
             if sub.is_dir():
                 with contextlib.suppress(OSError):
                     sub.rmdir()
-        with contextlib.suppress(OSError):
+        try:
             path.rmdir()
+        except OSError:
+            left = True
+            continue
         with contextlib.suppress(OSError):
             path.parent.rmdir()  # fails (EBUSY) while other sandboxes live: fine
+    return not left
+
+
+#: A sandbox joins its cgroup as it starts: an empty one older than this is left over.
+STALE_CGROUP_AGE = 60.0
+
+
+def sweep_cgroups(older_than: float = STALE_CGROUP_AGE, prefix: str = "") -> list[str]:
+    """Remove sandbox cgroups that no process is in and that were made more than
+    ``older_than`` seconds ago, in every v1 hierarchy; the removed (``controller/path``).
+
+    What they are: the groups of sandboxes whose server died (SIGKILL) or whose runsc
+    monitor was killed before either could clean up. Whose they were does not matter:
+    the kernel refuses to remove a cgroup a process is in (EBUSY), so no running
+    sandbox of any server loses its group, and the age spares one being made right now.
+    ``prefix`` limits the sweep to groups whose name starts with it.
+    """
+    removed: list[str] = []
+    if not CGROUP_ROOT.is_dir():
+        return removed
+    now = time.time()
+    for root in CGROUP_ROOT.iterdir():
+        parent = root / CGROUP_PARENT
+        if not parent.is_dir():
+            continue
+        groups = sorted((p for p in parent.glob(f"{prefix}*") if p.is_dir()),
+                        key=lambda p: len(p.parts))  # fmt: skip
+        groups = sorted((p for g in groups for p in [*g.rglob("*"), g] if p.is_dir()),
+                        key=lambda p: len(p.parts), reverse=True)  # fmt: skip
+        for group in groups:  # children first
+            try:
+                if now - group.stat().st_ctime < older_than:
+                    continue
+                if (group / "cgroup.procs").read_text().strip():
+                    continue
+                group.rmdir()
+            except OSError:
+                continue
+            removed.append(str(group.relative_to(CGROUP_ROOT)))
+    return removed
 
 
 def rlimit_argv(limits: ResourceLimits, argv: list[str]) -> list[str]:

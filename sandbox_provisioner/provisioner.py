@@ -47,7 +47,7 @@ from traitlets import (
     validate,
 )
 
-from . import filesystem, identity, pool, pyenv
+from . import filesystem, identity, pool, pyenv, templates
 from .launch.plan import SandboxPlan, SandboxStartError, normalized
 from .launch.pooled import PooledLaunch
 from .launch.remote import RemoteLaunch
@@ -342,23 +342,35 @@ class SandboxProvisioner(  # type: ignore[misc]
                       runtime.name, how, self._workspace_host or "scratch")  # fmt: skip
         if restore is not None:
             self._write_ctl(spec)
+        if template is not None and restore is not None:
+            try:
+                return await self._start_sandbox(restore(spec, template.image), restored=True)
+            except Exception as exc:  # the restore failed: a cold start instead
+                self.log.warning("Kernel %s: restoring gVisor template %s failed (%s); it "
+                                 "starts cold, and the template is built again", self.kernel_id,
+                                 template.key, str(exc).splitlines()[0] if str(exc) else
+                                 type(exc).__name__)  # fmt: skip
+                await self._discard_sandbox()
+                templates.discard(template)
+                self._template(spec, cmd)  # its build starts again, in the background
         try:
-            if template is not None and restore is not None:
-                self._sandbox = await restore(spec, template.image)
-                (self.kernel_dir / "ipc" / "go").touch()
-            else:
-                self._sandbox = await runtime.launch(spec)
-        except OSError as exc:  # a bind refused (a path swapped after the plan), a fork failed
-            await self._discard_failed_start()
-            raise SandboxStartError(
-                f"the {runtime.name} sandbox could not be prepared: {exc}"
-            ) from None
-        self._exited = False
-        try:
-            await self._wait_for_sockets()
+            return await self._start_sandbox(runtime.launch(spec))
         except BaseException:
             await self._discard_failed_start()
             raise
+
+    async def _start_sandbox(self, starting: Any, restored: bool = False) -> KernelConnectionInfo:
+        """Await the sandbox ``starting`` (a launch or a restore) and its kernel's sockets."""
+        try:
+            self._sandbox = await starting
+        except OSError as exc:  # a bind refused (a path swapped after the plan), a fork failed
+            raise SandboxStartError(
+                f"the {self.runtime_instance.name} sandbox could not be prepared: {exc}"
+            ) from None
+        if restored:
+            (self.kernel_dir / "ipc" / "go").touch()
+        self._exited = False
+        await self._wait_for_sockets()
         return self.connection_info
 
     async def _restart_in_place(
@@ -419,11 +431,19 @@ class SandboxProvisioner(  # type: ignore[misc]
             delay = min(delay * 1.5, 0.05)
 
     async def _discard_failed_start(self) -> None:
+        await self._discard_sandbox()
+        shutil.rmtree(self.kernel_dir, ignore_errors=True)
+
+    async def _discard_sandbox(self) -> None:
+        """End the sandbox of a start that failed; the kernel's directory stays, without
+        the sockets and the restore's go-ahead."""
         if self._sandbox is not None:
             await self._sandbox.cleanup()
         self._sandbox = None
         self._exited = True
-        shutil.rmtree(self.kernel_dir, ignore_errors=True)
+        for path in [*self._socket_paths(), str(self.kernel_dir / "ipc" / "go")]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         with contextlib.suppress(Exception):
             self.parent.cleanup_connection_file()
 

@@ -95,6 +95,14 @@ def ensure_template(
     return template
 
 
+def discard(template: Template) -> None:
+    """Forget a template a restore failed from: the next kernel of its layout builds it
+    again. (A kernel restoring from it at this moment may fail too; it then starts cold.)"""
+    if _TEMPLATES.get(template.key) is template:
+        del _TEMPLATES[template.key]
+    shutil.rmtree(template.directory, ignore_errors=True)
+
+
 async def wait_for_file(path: Path, alive: Callable[[], Awaitable[bool]], timeout: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

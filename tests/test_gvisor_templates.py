@@ -112,3 +112,29 @@ async def test_templates_are_removed_with_the_server(start_kernel):
     await kernel.stop()
     await templates.forget_templates()
     assert not template.directory.exists()
+
+
+async def test_a_failed_restore_starts_cold_and_the_template_is_built_again(
+    start_kernel, caplog
+):
+    first = await start_kernel("gvisor", snapshot_templates=True)
+    broken = await template_ready()
+    await first.stop()
+    # Damage the checkpoint, as a disk error or a runsc that cannot read it would.
+    for item in broken.image.iterdir():
+        if item.is_file():
+            item.write_bytes(b"not a checkpoint")
+    kernel = await start_kernel("gvisor", snapshot_templates=True)
+    assert "(cold start)" in await banner(kernel)
+    assert (await kernel.run("print(6 * 7)")).stdout.strip() == "42"
+    assert f"restoring gVisor template {broken.key} failed" in caplog.text
+    assert templates._TEMPLATES.get(broken.key) is not broken  # forgotten
+    # Built again for that layout, and later kernels restore from the new one.
+    rebuilt = await template_ready()
+    assert rebuilt is not broken and rebuilt.key == broken.key
+    assert b"not a checkpoint" not in b"".join(
+        f.read_bytes()[:16] for f in rebuilt.image.iterdir() if f.is_file()
+    )
+    await kernel.stop()
+    again = await start_kernel("gvisor", snapshot_templates=True)
+    assert "(from a template)" in await banner(again)

@@ -142,3 +142,42 @@ def test_claims_left_by_a_crashed_run_are_deleted_at_start(k8s, namespace, clust
         proc.terminate()
         proc.wait(timeout=60)
     assert "left behind by an earlier run" in log.read_text()
+
+
+def test_the_sweep_removes_only_cgroups_no_sandbox_is_in():
+    """What a SIGKILLed server's sandboxes leave: empty cgroups in every v1 hierarchy. The
+    sweep every server runs when it starts removes those once they are a minute old, and
+    never a group a process is in (another server's running sandbox) or one just made."""
+    import os
+    import subprocess
+    import uuid
+
+    from sandbox_provisioner.limits import CgroupV1, sweep_cgroups
+    from sandbox_provisioner.spec import ResourceLimits
+
+    if not cgroups_available():
+        if os.environ.get("CI"):
+            pytest.fail("cgroup v1 is not available to this (root) test run")
+        pytest.skip("cgroup v1 groups need root")
+    prefix = f"kernel-sweeptest-{uuid.uuid4().hex[:8]}"
+    limits = ResourceLimits(memory_bytes=256 << 20, cpus=1.0, pids=64)
+    left, live = CgroupV1(f"{prefix}-left"), CgroupV1(f"{prefix}-live")
+    left.create(limits)
+    live.create(limits)
+    sleeper = subprocess.Popen(live.join_argv(["sleep", "60"]))
+    try:
+        wait_for(lambda: live.pids(), 10, "the process in its group")
+        dirs = lambda group: list(CGROUP_ROOT.glob(f"*/{group.relpath}"))  # noqa: E731
+        assert len(dirs(left)) >= 3 and len(dirs(live)) >= 3
+        assert sweep_cgroups(prefix=prefix) == []  # both are younger than a minute
+        left_dirs = {str(d.relative_to(CGROUP_ROOT)) for d in dirs(left)}
+        removed = sweep_cgroups(older_than=0, prefix=prefix)
+        assert dirs(left) == []
+        assert set(removed) == left_dirs  # and nothing of the live group
+        assert all(d.is_dir() for d in dirs(live)) and dirs(live)  # a process is in it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    wait_for(lambda: not live.pids(), 10, "the process to go")
+    sweep_cgroups(older_than=0, prefix=prefix)
+    assert list(CGROUP_ROOT.glob(f"*/{CGROUP_PARENT}/{prefix}*")) == []

@@ -37,6 +37,7 @@ import ctypes
 import hmac
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -461,6 +462,7 @@ async def serve(
         with contextlib.suppress(Exception):
             await agent._stop(1.0)
         zygote.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def block_stop_signals() -> None:

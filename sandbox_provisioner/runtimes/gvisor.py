@@ -34,7 +34,7 @@ from typing import Any
 from traitlets import CaselessStrEnum, List, Unicode
 
 from ..identity import resolve
-from ..limits import cgroup_relpath, cgroups_available, remove_cgroup_dirs
+from ..limits import cgroup_relpath, cgroups_available, remove_cgroup_dirs_when_empty
 from ..spec import Mount, MountKind, NetworkMode, SandboxSpec
 from . import staging
 from .base import Availability, Sandbox, SandboxRuntime
@@ -90,7 +90,7 @@ class GVisorSandbox(LocalSandbox):
         await super().cleanup()
         # runsc leaves its state files and cgroups behind when its monitor is killed.
         shutil.rmtree(self.state_root, ignore_errors=True)
-        remove_cgroup_dirs(cgroup_relpath(self.container_id))
+        await remove_cgroup_dirs_when_empty(cgroup_relpath(self.container_id))
 
     def info(self) -> dict[str, Any]:
         return {

@@ -171,12 +171,8 @@ class LocalSandbox(Sandbox):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wait(), timeout=10)
         if self.cgroup is not None:
-            # The pid namespace dies with its init; give the kernel a moment to reap it.
-            for _ in range(100):
-                if not self.cgroup.pids():
-                    break
-                await asyncio.sleep(0.02)
-            self.cgroup.destroy()
+            # The pid namespace dies with its init; the kernel reaps it a moment later.
+            await self.cgroup.destroy_when_empty()
 
     def info(self) -> dict[str, Any]:
         return {
