@@ -167,6 +167,13 @@ class SandboxProvisioner(  # type: ignore[misc]
         help="gVisor: restore kernels from a checkpoint of a template sandbox that imported "
         "ipykernel already, one per filesystem layout (built after the first cold start).",
     )
+    max_templates = Int(
+        4,
+        config=True,
+        help="gVisor: at most this many templates per server (one per filesystem layout: a "
+        "notebook directory and its options; each an image of about 10 MB built with a few "
+        "seconds of CPU); the least recently used is removed to make room. 0: no limit.",
+    )
     state_root = Unicode(
         config=True,
         help="Host directory holding each kernel's private directory (sockets, logs). "
@@ -233,10 +240,12 @@ class SandboxProvisioner(  # type: ignore[misc]
                              f"invalid {name} {value!r}: must be >= 0")  # fmt: skip
         return value
 
-    @validate("pool_size")
-    def _check_pool_size(self, proposal: Any) -> int:
+    @validate("pool_size", "max_templates")
+    def _check_count(self, proposal: Any) -> int:
         if proposal["value"] < 0:
-            raise TraitError(f"invalid pool_size {proposal['value']!r}: must be >= 0")
+            raise TraitError(
+                f"invalid {proposal['trait'].name} {proposal['value']!r}: must be >= 0"
+            )
         return proposal["value"]
 
     @validate("pids_limit")

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ class Template:
     ready: bool = False
     failed: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: When a kernel last restored from it (monotonic): the least recently used goes first.
+    used: float = field(default_factory=time.monotonic)
 
     @property
     def image(self) -> Path:
@@ -68,16 +71,37 @@ def layout_key(spec: SandboxSpec, state_dir: Path) -> str:
 
 def ready_template(key: str) -> Template | None:
     found = _TEMPLATES.get(key)
-    return found if found is not None and found.ready else None
+    if found is None or not found.ready:
+        return None
+    found.used = time.monotonic()
+    return found
 
 
 def ensure_template(
-    key: str, root: Path, build: Callable[[Template], Awaitable[None]], log: Any
-) -> Template:
-    """The template for ``key``, its build started in the background if there is none."""
+    key: str,
+    root: Path,
+    build: Callable[[Template], Awaitable[None]],
+    log: Any,
+    limit: int = 0,
+) -> Template | None:
+    """The template for ``key``, its build started in the background if there is none.
+
+    ``limit`` (0: none) bounds this process's templates: to make room, the least recently
+    used ready ones are removed; when every one is still being built, none is started
+    (the kernel just starts cold) and None is returned.
+    """
     found = _TEMPLATES.get(key)
     if found is not None:
         return found
+    if limit:
+        for old in sorted((t for t in _TEMPLATES.values() if t.ready), key=lambda t: t.used):
+            if len(_TEMPLATES) < limit:
+                break
+            log.info("gVisor template %s removed to make room (max_templates=%d): the least "
+                     "recently used", old.key, limit)  # fmt: skip
+            discard(old)
+        if len(_TEMPLATES) >= limit:
+            return None
     template = _TEMPLATES[key] = Template(key, root / key)
 
     async def run() -> None:

@@ -138,3 +138,21 @@ async def test_a_failed_restore_starts_cold_and_the_template_is_built_again(
     await kernel.stop()
     again = await start_kernel("gvisor", snapshot_templates=True)
     assert "(from a template)" in await banner(again)
+
+
+async def test_templates_are_bounded_least_recently_used_out(start_kernel, tmp_path: Path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    k1 = await start_kernel("gvisor", cwd=one, snapshot_templates=True, max_templates=1)
+    first = await template_ready()
+    await k1.stop()
+    # Another notebook directory: another layout; with room for one, the first goes.
+    k2 = await start_kernel("gvisor", cwd=two, snapshot_templates=True, max_templates=1)
+    assert "(cold start)" in await banner(k2)
+    assert not first.directory.exists() and first.key not in templates._TEMPLATES
+    second = await template_ready()
+    assert list(templates._TEMPLATES) == [second.key] != [first.key]
+    await k2.stop()
+    k3 = await start_kernel("gvisor", cwd=two, snapshot_templates=True, max_templates=1)
+    assert "(from a template)" in await banner(k3)

@@ -25,6 +25,7 @@ class TemplateLaunch:
     parent: Any
     log: Any
     state_root: str
+    max_templates: int
     kernel_dir: Path
     runtime_instance: Any
     _layout: tuple[str | None, bool, bool]
@@ -74,8 +75,9 @@ class TemplateLaunch:
         # In this server's own directory: another server's template of the same layout is
         # another template, and neither's exit touches the other's.
         templates.ensure_template(
-            key, instance.directory(self.state_root) / "templates", build, self.log
-        )
+            key, instance.directory(self.state_root) / "templates", build, self.log,
+            limit=self.max_templates,
+        )  # fmt: skip
         return None
 
     def _write_ctl(self, spec: SandboxSpec) -> None:
