@@ -1,0 +1,6 @@
+"""Binder-style links: a URL names a repository at a ref; it opens, running, in a sandbox.
+
+This package holds the parts that do not depend on a Hub: :mod:`.links` reads
+BinderHub's link forms into a :class:`~.links.RepoLink` (and refuses what must not
+be fetched), :mod:`.refs` resolves a ref to a commit with ``git ls-remote``.
+"""

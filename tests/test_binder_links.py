@@ -1,0 +1,173 @@
+"""Binder-style links: BinderHub's link forms read as mybinder.org reads them, what must
+not be fetched refused, and refs resolved to commits against a real git server (dumb
+HTTP, served from this machine's loopback by the test; never the internet)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import subprocess
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from sandbox_spawner.binder.links import BadLink, LinkPolicy, launch_path
+from sandbox_spawner.binder.refs import resolve
+from testcluster.cluster import free_port
+
+POLICY = LinkPolicy()
+
+
+@pytest.mark.parametrize(
+    ("provider", "spec", "url", "ref"),
+    [
+        ("gh", "binder-examples/requirements/main",
+         "https://github.com/binder-examples/requirements", "main"),
+        ("gh", "org/repo.git/HEAD", "https://github.com/org/repo", "HEAD"),
+        ("gh", "org/repo/feature%2Fx", "https://github.com/org/repo", "feature/x"),
+        ("gl", "group%2Fsub%2Fproject/v1.0", "https://gitlab.com/group/sub/project", "v1.0"),
+        ("gist", "someone/0123abcd", "https://gist.github.com/someone/0123abcd.git", "HEAD"),
+        ("gist", "someone/0123abcd/main", "https://gist.github.com/someone/0123abcd.git", "main"),
+        ("git", f"{quote('https://github.com/org/repo.git', safe='')}/abc",
+         "https://github.com/org/repo.git", "abc"),
+    ],
+)  # fmt: skip
+def test_link_forms(provider, spec, url, ref):
+    link = POLICY.parse(provider, spec)
+    assert (link.url, link.ref, link.provider) == (url, ref, provider)
+
+
+@pytest.mark.parametrize(
+    ("provider", "spec", "reason"),
+    [
+        ("zenodo", "10.5281/zenodo.1", "unknown-provider"),
+        ("gh", "org/repo", "malformed"),  # no ref
+        ("gh", "org/../x/main", "malformed"),
+        ("gh", "org/repo/--upload-pack=evil", "malformed"),  # not an option to git
+        ("gl", "project/main", "malformed"),  # a namespace has a group
+        ("git", quote("file:///etc", safe="") + "/main", "disallowed-host"),
+        ("git", quote("ext::sh -c touch% /tmp/pwned", safe="") + "/main", "disallowed-host"),
+        ("git", quote("ssh://github.com/org/repo", safe="") + "/main", "disallowed-host"),
+        ("git", quote("https://evil.example/repo.git", safe="") + "/main", "disallowed-host"),
+    ],
+)  # fmt: skip
+def test_bad_links_say_why(provider, spec, reason):
+    with pytest.raises(BadLink) as error:
+        POLICY.parse(provider, spec)
+    assert error.value.reason == reason, error.value
+    assert str(error.value)
+
+
+def test_allowed_hosts_are_the_deployments():
+    policy = LinkPolicy(allowed_hosts=["git.example.org", "*.uni.example"])
+    assert policy.parse("git", quote("https://lab.uni.example/r.git", safe="") + "/main")
+    with pytest.raises(BadLink, match="not allowed here"):
+        policy.parse("gh", "org/repo/main")  # github.com is not in this deployment's list
+
+
+@pytest.mark.parametrize(
+    ("query", "path"),
+    [
+        ({"urlpath": "lab/tree/index.ipynb"}, "lab/tree/index.ipynb"),
+        ({"urlpath": "/voila/render/a.ipynb?x=1"}, "voila/render/a.ipynb?x=1"),
+        ({"labpath": "notebooks/a.ipynb"}, "doc/tree/notebooks/a.ipynb"),
+        ({"filepath": "/data/b.csv"}, "tree/data/b.csv"),
+        ({"urlpath": "lab/../../../hub/admin"}, "hub/admin"),  # stays relative to the server
+        ({}, ""),
+    ],
+)  # fmt: skip
+def test_launch_path(query, path):
+    assert launch_path(**query) == path
+
+
+@pytest.mark.parametrize("urlpath", ["//evil.example/x", "https://evil.example/", "\\\\evil"])
+def test_launch_path_is_no_open_redirect(urlpath):
+    with pytest.raises(BadLink):
+        launch_path(urlpath=urlpath)
+
+
+# -- refs against a real git server ---------------------------------------------------------
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served_repo(tmp_path_factory):
+    """A repository with a branch, a lightweight and an annotated tag, served over dumb
+    HTTP on loopback: (its URL, the commits by name)."""
+    root = tmp_path_factory.mktemp("git")
+    work = root / "work"
+    work.mkdir()
+    ident = ["-c", "user.name=t", "-c", "user.email=t@example.org"]
+    git("init", "-q", "-b", "main", cwd=work)
+    (work / "requirements.txt").write_text("numpy\n")
+    git(*ident, "add", ".", cwd=work)
+    git(*ident, "commit", "-q", "-m", "one", cwd=work)
+    first = git("rev-parse", "HEAD", cwd=work)
+    git(*ident, "tag", "-a", "v1", "-m", "first release", cwd=work)
+    git("tag", "light", cwd=work)
+    (work / "extra.txt").write_text("x\n")
+    git(*ident, "add", ".", cwd=work)
+    git(*ident, "commit", "-q", "-m", "two", cwd=work)
+    second = git("rev-parse", "HEAD", cwd=work)
+    git("branch", "old", first, cwd=work)
+    served = root / "served"
+    served.mkdir()
+    git("clone", "-q", "--bare", str(work), str(served / "repo.git"), cwd=root)
+    git("update-server-info", cwd=served / "repo.git")
+    port = free_port()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{port}/repo.git", {"main": second, "old": first, "v1": first,
+                                                  "light": first, "HEAD": second}  # fmt: skip
+    server.shutdown()
+
+
+LOCAL = LinkPolicy(allowed_hosts=["127.0.0.1"])
+
+
+def link_to(url: str, ref: str):
+    return LOCAL.parse("git", f"{quote(url, safe='')}/{quote(ref, safe='')}")
+
+
+@pytest.mark.parametrize("ref", ["main", "old", "v1", "light", "HEAD"])
+async def test_refs_resolve_to_commits(served_repo, ref):
+    url, commits = served_repo
+    assert await resolve(link_to(url, ref)) == commits[ref]
+
+
+async def test_a_commit_is_taken_as_it_is(served_repo):
+    url, commits = served_repo
+    assert await resolve(link_to(url, commits["old"])) == commits["old"]
+
+
+async def test_a_missing_ref_and_an_unreachable_host_say_so(served_repo):
+    url, _ = served_repo
+    with pytest.raises(BadLink) as error:
+        await resolve(link_to(url, "no-such-branch"))
+    assert error.value.reason == "unresolvable-ref" and "no-such-branch" in str(error.value)
+    nobody = f"http://127.0.0.1:{free_port()}/repo.git"
+    with pytest.raises(BadLink) as error:
+        await resolve(link_to(nobody, "main"), timeout=20)
+    assert error.value.reason == "unreachable"
+
+
+async def test_resolving_runs_no_command_from_the_link(tmp_path: Path):
+    """git's ext:: transport runs a command; the policy refuses it, and git itself is
+    told to allow only http(s) and git even if a URL got through."""
+    marker = tmp_path / "pwned"
+    with pytest.raises(BadLink):
+        link_to(f"ext::sh -c 'touch {marker}'", "main")
+    from sandbox_spawner.binder.links import RepoLink
+
+    forged = RepoLink("git", f"ext::sh -c 'touch {marker}'", "main", "forged")
+    with pytest.raises(BadLink):
+        await resolve(forged, timeout=20)
+    await asyncio.sleep(0.2)
+    assert not marker.exists()
