@@ -171,3 +171,76 @@ async def test_resolving_runs_no_command_from_the_link(tmp_path: Path):
         await resolve(forged, timeout=20)
     await asyncio.sleep(0.2)
     assert not marker.exists()
+
+
+# -- the repository's environment ------------------------------------------------------------
+def make(tree: dict[str, str], root: Path) -> Path:
+    for name, text in tree.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_binder_dir_first_then_root(tmp_path: Path):
+    from sandbox_spawner.binder.environment import read_environment
+
+    repo = make({"requirements.txt": "pandas\n", "binder/requirements.txt": "numpy  # why\n",
+                 "binder/postBuild": "#!/bin/sh\n", "binder/start": "#!/bin/sh\n"},
+                tmp_path)  # fmt: skip
+    env = read_environment(repo, installed=set())
+    assert env.config_dir == repo / "binder"
+    assert env.requirements == ["numpy"]  # the root's file is not read
+    assert env.post_build == repo / "binder/postBuild" and env.start == repo / "binder/start"
+    assert env.unsupported == []
+    root_only = make({"requirements.txt": "pandas\n"}, tmp_path / "other")
+    assert read_environment(root_only, installed=set()).requirements == ["pandas"]
+
+
+def test_what_is_not_prepared_is_named(tmp_path: Path):
+    import sys
+
+    from sandbox_spawner.binder.environment import read_environment
+
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    repo = make({
+        ".binder/environment.yml": "dependencies:\n  - python=" + here + "\n  - numpy\n"
+                                   "  - pip:\n    - requests==2.*\n",
+        ".binder/apt.txt": "coreutils\nno-such-package-here\n",
+        ".binder/Dockerfile": "FROM scratch\n",
+        ".binder/runtime.txt": "python-2.7\n",  # beside environment.yml: ignored, as upstream
+    }, tmp_path)  # fmt: skip
+    env = read_environment(repo, installed={"coreutils"})
+    assert env.requirements == ["requests==2.*"] and env.python == here
+    assert env.apt_packages == ["coreutils"]
+    text = "\n".join(env.unsupported)
+    assert "conda package 'numpy'" in text and "no-such-package-here" in text
+    assert "Dockerfile: not supported" in text and "2.7" not in text
+
+
+def test_contradictions_and_links_out_of_the_repository_are_refused(tmp_path: Path):
+    from sandbox_spawner.binder.environment import BadRepository, read_environment
+
+    both = make({"binder/requirements.txt": "a\n", ".binder/requirements.txt": "b\n"},
+                tmp_path / "both")  # fmt: skip
+    with pytest.raises(BadRepository, match=r"both binder/ and \.binder/"):
+        read_environment(both, installed=set())
+    leaky = make({"binder/postBuild": "#!/bin/sh\n"}, tmp_path / "leaky")
+    (leaky / "binder/requirements.txt").symlink_to("/etc/passwd")
+    with pytest.raises(BadRepository, match="symbolic link"):
+        read_environment(leaky, installed=set())
+    bad_yaml = make({"environment.yml": "dependencies: [\n"}, tmp_path / "yaml")
+    with pytest.raises(BadRepository, match="not valid YAML"):
+        read_environment(bad_yaml, installed=set())
+
+
+async def test_fetch_checks_out_the_commit(served_repo, tmp_path: Path):
+    from sandbox_spawner.binder.refs import fetch
+
+    url, commits = served_repo
+    into = await fetch(link_to(url, "old"), commits["old"], tmp_path / "checkout")
+    assert git("rev-parse", "HEAD", cwd=into) == commits["old"]
+    assert (into / "requirements.txt").read_text() == "numpy\n"
+    assert not (into / "extra.txt").exists()  # added by the later commit
+    with pytest.raises(BadLink) as error:
+        await fetch(link_to(url, "main"), "0" * 40, tmp_path / "missing")
+    assert error.value.reason == "unresolvable-ref"

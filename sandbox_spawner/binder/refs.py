@@ -1,4 +1,4 @@
-"""A link's ref resolved to a commit, with ``git ls-remote`` and nothing else.
+"""A link's ref resolved to a commit (``git ls-remote``), and the repository fetched at it.
 
 The commit names what a launch prepares and caches (one environment per repository
 and commit). git runs with no prompt, no credential helper, no config of the user's,
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+from pathlib import Path
 
 from .links import BadLink, RepoLink
 
@@ -31,11 +32,34 @@ async def resolve(link: RepoLink, timeout: float = 30.0) -> str:
     cannot be reached (``unreachable``) or has no such ref (``unresolvable-ref``)."""
     if _SHA.match(link.ref):
         return link.ref
+    out = await git(["ls-remote", "--", link.url], link.url, timeout)
+    refs = _advertised(out)
+    for name in _candidates(link.ref):
+        if name in refs:
+            return refs[name]
+    raise BadLink("unresolvable-ref", f"{link.url} has no branch, tag or ref {link.ref!r}")
+
+
+async def fetch(link: RepoLink, commit: str, into: Path, timeout: float = 300.0) -> Path:
+    """The repository at ``commit``, checked out in ``into`` (made; it must not exist)."""
+    into.parent.mkdir(parents=True, exist_ok=True)
+    await git(["clone", "--quiet", "--no-checkout", "--", link.url, str(into)], link.url,
+              timeout)  # fmt: skip
+    try:
+        await git(["-C", str(into), "checkout", "--quiet", "--detach", commit], link.url,
+                  timeout)  # fmt: skip
+    except BadLink:
+        raise BadLink("unresolvable-ref", f"{link.url} has no commit {commit}") from None
+    return into
+
+
+async def git(args: list[str], url: str, timeout: float) -> str:
+    """Run git on ``url``'s behalf; its output, or :class:`BadLink` (``unreachable``)."""
     env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}, **_QUIET_ENV,
            "HOME": "/nonexistent"}  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
-        *_GIT, "ls-remote", "--", link.url, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        *_GIT, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -43,16 +67,12 @@ async def resolve(link: RepoLink, timeout: float = 30.0) -> str:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
-        raise BadLink("unreachable", f"{link.url} did not answer within {timeout:g}s") from None
+        raise BadLink("unreachable", f"{url} did not answer within {timeout:g}s") from None
     if proc.returncode != 0:
         lines = err.decode(errors="replace").strip().splitlines()
         detail = lines[-1] if lines else f"git exited with {proc.returncode}"
-        raise BadLink("unreachable", f"cannot read {link.url}: {detail}")
-    refs = _advertised(out.decode(errors="replace"))
-    for name in _candidates(link.ref):
-        if name in refs:
-            return refs[name]
-    raise BadLink("unresolvable-ref", f"{link.url} has no branch, tag or ref {link.ref!r}")
+        raise BadLink("unreachable", f"cannot read {url}: {detail}")
+    return out.decode(errors="replace")
 
 
 def _advertised(listing: str) -> dict[str, str]:
