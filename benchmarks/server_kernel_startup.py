@@ -1,0 +1,166 @@
+"""Kernel start-up through a real jupyter_server, as a JupyterLab user waits for it.
+
+Two servers run side by side on loopback: one with the shipped configuration
+(``jupyter_config/jupyter_server_config.py``: sandboxed kernelspecs only, pools and
+templates as shipped) and a plain one whose ``python3`` kernel is started by
+jupyter_client's local-provisioner (the baseline). Each measured start is what the
+browser does: ``POST /api/kernels``, open the kernel's websocket, ``kernel_info`` until
+it answers, execute ``1 + 1``; the clock runs from the POST to the ``execute_reply``.
+Kernels are shut down between runs (not timed). Modes run round-robin after one
+warm-up each, so machine noise hits all alike; medians and ratios to the baseline:
+
+    .venv/bin/python benchmarks/server_kernel_startup.py [--runs 7]
+        [--kernels sandboxed-python,sandboxed-python-bubblewrap,sandboxed-python-gvisor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "jupyter_config" / "jupyter_server_config.py"
+BASELINE = "python3 (local-provisioner)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A jupyter_server process on loopback with a token."""
+
+    def __init__(self, root: Path, config: Path | None):
+        self.root, self.config = root, config
+        self.port, self.token = free_port(), uuid.uuid4().hex
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        args = [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+                f"--ServerApp.port={self.port}", "--ServerApp.ip=127.0.0.1",
+                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}"]
+        if self.config is not None:
+            args.append(f"--config={self.config}")
+        log = open(self.root / "server.log", "w")  # noqa: SIM115 (the process keeps it)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"jupyter_server did not start; see {self.root / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+    async def api(self, method: str, path: str, body: object = None) -> object:
+        response = await AsyncHTTPClient().fetch(HTTPRequest(
+            f"{self.base}{path}", method=method, headers={"Authorization": f"token {self.token}"},
+            body=None if body is None else json.dumps(body), allow_nonstandard_methods=True,
+            request_timeout=300))  # fmt: skip
+        return json.loads(response.body) if response.body else None
+
+
+def message(kind: str, content: dict, session: str) -> tuple[str, str]:
+    msg_id = uuid.uuid4().hex
+    return msg_id, json.dumps({
+        "header": {"msg_id": msg_id, "msg_type": kind, "username": "bench", "session": session,
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "content": content})  # fmt: skip
+
+
+async def start_and_execute(server: Server, kernel_name: str) -> float:
+    """Seconds from POST /api/kernels to the first execute_reply."""
+    started = time.perf_counter()
+    kernel = await server.api("POST", "/api/kernels", {"name": kernel_name})
+    session = uuid.uuid4().hex
+    url = server.base.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"  # type: ignore[index]
+    ws = await websocket_connect(HTTPRequest(
+        f"{url}?session_id={session}", headers={"Authorization": f"token {server.token}"}))
+    try:
+        info_id, info = message("kernel_info_request", {}, session)
+        ws.write_message(info)
+        exec_id = None
+        while True:
+            raw = await asyncio.wait_for(ws.read_message(), 120)
+            if raw is None:
+                raise RuntimeError("the kernel's websocket closed")
+            msg = json.loads(raw)
+            parent = msg.get("parent_header", {}).get("msg_id")
+            if parent == info_id and msg["msg_type"] == "kernel_info_reply" and exec_id is None:
+                exec_id, execute = message("execute_request", {
+                    "code": "1 + 1", "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False}, session)  # fmt: skip
+                ws.write_message(execute)
+            elif parent == exec_id and msg["msg_type"] == "execute_reply":
+                return time.perf_counter() - started
+    finally:
+        ws.close()
+        await server.api("DELETE", f"/api/kernels/{kernel['id']}")  # type: ignore[index]
+
+
+async def run(runs: int, kernels: list[str]) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        roots = {name: Path(tmp) / name for name in ("sandboxed", "plain")}
+        for root in roots.values():
+            root.mkdir()
+        sandboxed = Server(roots["sandboxed"], CONFIG).start()
+        plain = Server(roots["plain"], None).start()
+        modes = [(BASELINE, plain, "python3"), *((k, sandboxed, k) for k in kernels)]
+        times: dict[str, list[float]] = {label: [] for label, _, _ in modes}
+        try:
+            for _label, server, name in modes:  # warm-up: pools fill, templates build
+                await start_and_execute(server, name)
+            await asyncio.sleep(10)  # let pools refill and templates finish
+            for _ in range(runs):
+                for label, server, name in modes:
+                    times[label].append(await start_and_execute(server, name))
+                    await asyncio.sleep(1.0)  # a pool refills between a user's kernels
+        finally:
+            sandboxed.stop()
+            plain.stop()
+    base = statistics.median(times[BASELINE])
+    print(f"kernel start through jupyter_server (POST -> first execute_reply), {runs} runs, "
+          f"{'root' if os.geteuid() == 0 else 'not root'}")  # fmt: skip
+    print(f"{'kernelspec':<34} {'median':>8} {'min':>8} {'ratio':>7}")
+    for label, values in times.items():
+        median = statistics.median(values)
+        print(f"{label:<34} {median:8.3f} {min(values):8.3f} {median / base:6.2f}x")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--kernels", default="sandboxed-python,sandboxed-python-bubblewrap,"
+                        "sandboxed-python-gvisor")  # fmt: skip
+    args = parser.parse_args()
+    return asyncio.run(run(args.runs, args.kernels.split(",")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
