@@ -11,7 +11,9 @@ own directory only.
 A server that died without cleaning up (SIGKILL, a crash) leaves its directory
 unlocked. :func:`sweep` removes those, and only those: a directory whose lock
 another process holds is alive, whatever its age. The cgroups its sandboxes had
-go too (:func:`~.limits.sweep_cgroups`: only groups no process is in).
+go too (:func:`~.limits.sweep_cgroups`: only groups no process is in), and its
+kernels' directories in the state root (:func:`sweep_kernel_dirs`: only those no
+kernel listens in).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -42,9 +46,11 @@ def directory(state_root: str | Path) -> Path:
     servers.mkdir(mode=0o711, parents=True, exist_ok=True)
     sweep(servers)
     swept = sweep_cgroups()  # dead servers' sandboxes' cgroups (root only: else none)
-    if swept:
-        logging.getLogger(__name__).info("removed %d cgroups left by sandboxes that are gone",
-                                         len(swept))  # fmt: skip
+    kernels = sweep_kernel_dirs(Path(state_root))
+    if swept or kernels:
+        logging.getLogger(__name__).info("removed %d cgroups and %d kernel directories left "
+                                         "by sandboxes that are gone", len(swept),
+                                         len(kernels))  # fmt: skip
     mine = servers / uuid.uuid4().hex[:12]
     mine.mkdir(mode=0o711)
     fd = os.open(mine / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -72,6 +78,43 @@ def sweep(servers: Path) -> list[Path]:
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
+
+
+#: A kernel's directory with no kernel listening in it, untouched for this long, is left
+#: over: a starting kernel binds its sockets within its launch timeout (seconds, not this).
+STALE_KERNEL_DIR_AGE = 600.0
+
+
+def sweep_kernel_dirs(state_root: Path, older_than: float = STALE_KERNEL_DIR_AGE) -> list[Path]:
+    """Remove kernels' directories in ``state_root`` that a dead server left (SIGKILL): no
+    socket in their ``ipc`` directory accepts a connection, and none changed for
+    ``older_than`` seconds. A running kernel of any server listens on its sockets, so it
+    keeps its directory; the removed."""
+    removed = []
+    now = time.time()
+    for entry in state_root.iterdir() if state_root.is_dir() else ():
+        if entry.name == "servers" or not (entry / "ipc").is_dir():
+            continue
+        try:
+            ipc = entry / "ipc"
+            if now - max(entry.stat().st_mtime, ipc.stat().st_mtime) < older_than:
+                continue
+            if any(_listening(sock) for sock in ipc.iterdir() if sock.is_socket()):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 @atexit.register

@@ -333,6 +333,14 @@ class SandboxProvisioner(  # type: ignore[misc]
                 return info
         if not self.runtime_instance.local:
             return await self._launch_remote(cmd, kwargs.get("env", {}))
+        try:
+            return await self._launch_local(cmd, kwargs)
+        except BaseException:  # whatever failed, the start leaves nothing: no sandbox, no dir
+            await self._discard_failed_start()
+            raise
+
+    async def _launch_local(self, cmd: list[str], kwargs: dict[str, Any]) -> KernelConnectionInfo:
+        """A pooled start where one can serve, else from a template, else cold."""
         if self._poolable(kwargs.get("cwd")):
             try:
                 return await self._launch_pooled(cmd, kwargs.get("env", {}), kwargs.get("cwd"))
@@ -362,11 +370,7 @@ class SandboxProvisioner(  # type: ignore[misc]
                 await self._discard_sandbox()
                 templates.discard(template)
                 self._template(spec, cmd)  # its build starts again, in the background
-        try:
-            return await self._start_sandbox(runtime.launch(spec))
-        except BaseException:
-            await self._discard_failed_start()
-            raise
+        return await self._start_sandbox(runtime.launch(spec))
 
     async def _start_sandbox(self, starting: Any, restored: bool = False) -> KernelConnectionInfo:
         """Await the sandbox ``starting`` (a launch or a restore) and its kernel's sockets."""

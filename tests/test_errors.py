@@ -120,6 +120,8 @@ async def test_kernel_dying_at_start_reports_its_output(cold_runtime, tmp_path):
 
 async def test_filesystem_root_is_refused_as_workspace(cold_runtime):
     runtime = cold_runtime
+    before = state_dirs()
     km = manager(runtime)
     with pytest.raises(SandboxStartError, match="whole filesystem"):
         await km.start_kernel(cwd="/")
+    assert state_dirs() == before

@@ -181,3 +181,39 @@ def test_the_sweep_removes_only_cgroups_no_sandbox_is_in():
     wait_for(lambda: not live.pids(), 10, "the process to go")
     sweep_cgroups(older_than=0, prefix=prefix)
     assert list(CGROUP_ROOT.glob(f"*/{CGROUP_PARENT}/{prefix}*")) == []
+
+
+def test_the_sweep_removes_only_kernel_dirs_no_kernel_listens_in(tmp_path: Path):
+    """A SIGKILLed server leaves its kernels' directories in the shared state root; the
+    next server's sweep removes those once untouched for a while, and never the
+    directory of a running kernel (of any server: its sockets accept) nor a new one."""
+    import os
+    import socket
+    import time
+
+    from sandbox_provisioner.instance import sweep_kernel_dirs
+
+    def kernel_dir(name: str, listening: bool, age: float) -> tuple[Path, socket.socket]:
+        ipc = tmp_path / name / "ipc"
+        ipc.mkdir(parents=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(ipc / "k-1"))
+        if listening:
+            sock.listen()
+        else:
+            sock.close()  # its file stays, as a dead kernel's does
+        old = time.time() - age
+        for path in (ipc, ipc.parent):
+            os.utime(path, (old, old))
+        return ipc.parent, sock
+
+    dead, _ = kernel_dir("dead", listening=False, age=3600)
+    live, server = kernel_dir("live", listening=True, age=3600)
+    new, _ = kernel_dir("new", listening=False, age=0)
+    (tmp_path / "servers").mkdir()
+    try:
+        assert sweep_kernel_dirs(tmp_path) == [dead]
+        assert not dead.exists() and live.is_dir() and new.is_dir()
+        assert (tmp_path / "servers").is_dir()
+    finally:
+        server.close()

@@ -118,6 +118,8 @@ class PooledLaunch:
                 "members or they fail (the server log says why); try again, or raise "
                 "SandboxProvisioner.launch_timeout"
             ) from None
+        # Ours from here: a failed start ends it (the provisioner's launch_kernel).
+        self._sandbox, self._exited = member, False
         kernel_env = self._kernel_env(env, cmd)
         workspace, writable, kernel_cwd = self._workspace(cwd)
         self._workspace_host = workspace
@@ -130,18 +132,13 @@ class PooledLaunch:
         self.log.info("Starting kernel %s in a pooled %s sandbox (%s, workspace %s)",
                       self.kernel_id, self.runtime_instance.name,
                       "warm" if member.warm else "waited for", workspace or "scratch")  # fmt: skip
-        self._sandbox, self._exited = member, False
         try:
             await member.start_kernel(self._agent_spec(cmd, kernel_env, kernel_cwd))
         except AgentError as exc:
-            await self._discard_failed_start()
             raise SandboxStartError(
                 f"the sandboxed kernel ({member.describe()}) did not start: {exc}. "
                 f"Its output:\n{exc.log.strip() or '(no output)'}"
             ) from None
-        except BaseException:
-            await self._discard_failed_start()
-            raise
         return self._agent_connection()
 
     def _agent_spec(self, cmd: list[str], kernel_env: dict[str, str], cwd: str) -> SandboxSpec:
