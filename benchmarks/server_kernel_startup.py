@@ -32,14 +32,12 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from testcluster.cluster import free_port  # noqa: E402
+
 CONFIG = REPO / "jupyter_config" / "jupyter_server_config.py"
 BASELINE = "python3 (local-provisioner)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

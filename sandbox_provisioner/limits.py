@@ -183,11 +183,8 @@ def sweep_cgroups(older_than: float = STALE_CGROUP_AGE, prefix: str = "") -> lis
         parent = root / CGROUP_PARENT
         if not parent.is_dir():
             continue
-        groups = sorted((p for p in parent.glob(f"{prefix}*") if p.is_dir()),
-                        key=lambda p: len(p.parts))  # fmt: skip
-        groups = sorted((p for g in groups for p in [*g.rglob("*"), g] if p.is_dir()),
-                        key=lambda p: len(p.parts), reverse=True)  # fmt: skip
-        for group in groups:  # children first
+        groups = [p for g in parent.glob(f"{prefix}*") for p in [*g.rglob("*"), g] if p.is_dir()]
+        for group in sorted(groups, key=lambda p: len(p.parts), reverse=True):  # children first
             try:
                 if now - group.stat().st_ctime < older_than:
                     continue

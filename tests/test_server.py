@@ -159,11 +159,9 @@ async def test_session_execute_shutdown(server, kernel_name):
 async def test_a_failed_start_tells_the_client_why(failing_server):
     """The REST answer (what JupyterLab's "Error Starting Kernel" dialog shows) carries the
     sandbox's own message, not "Unhandled error"; no kernel is left, nor its directory."""
-    from sandbox_provisioner.provisioner import SandboxProvisioner
+    from test_errors import state_dirs
 
-    state = Path(SandboxProvisioner().state_root)
-    kernel_dirs = lambda: {p.name for p in state.iterdir() if p.name != "servers"}  # noqa: E731
-    before = kernel_dirs()
+    before = state_dirs()
     for path, body in (
         ("/api/kernels", {"name": "sandboxed-python-bubblewrap"}),
         ("/api/sessions", {"path": "project/a.ipynb", "type": "notebook", "name": "a.ipynb",
@@ -173,4 +171,4 @@ async def test_a_failed_start_tells_the_client_why(failing_server):
         assert "launch_timeout=0.001s" in answer["message"], answer
         assert "raise SandboxProvisioner.launch_timeout" in answer["message"], answer
     assert await api(failing_server, "GET", "/api/kernels") == []
-    assert kernel_dirs() - before == set()
+    assert state_dirs() - before == set()
