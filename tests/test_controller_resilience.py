@@ -137,6 +137,12 @@ def test_killed_before_a_claims_deferred_writes_converges(k8s, namespace, contro
     try:
         holding.start()
         wait_for_leader(k8s.cluster, holding)
+        # Its first reconciles of what exists (queued before any claim waits) are done.
+        url = f"http://127.0.0.1:{holding.metrics_port}/metrics"  # type: ignore[attr-defined]
+        wait_for(lambda: 'agent_sandbox_reconcile_total{kind="Sandbox"}'
+                 in urllib.request.urlopen(url, timeout=5).read().decode(), 30,
+                 "the first Sandbox reconcile")  # fmt: skip
+        time.sleep(1)
         k8s.create(CLAIMS, ns, claim_body("waiting", pool="empty"))
         labels = {api.POD_LABEL_KERNEL_ID: "k-1"}
         k8s.create(CLAIMS, ns, claim_body("served", additionalPodMetadata={"labels": labels}))

@@ -54,7 +54,7 @@ async def test_invalid_config_is_named(option, value, message, tmp_path):
         await km.start_kernel(cwd=str(tmp_path))
     assert message in str(error.value)
     assert not km.has_kernel
-    assert state_dirs() == before
+    assert state_dirs() <= before  # nothing new (a sweep may remove a dead server's)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ async def test_launch_timeout_ends_in_clear_error(tmp_path):
     km = manager("gvisor", launch_timeout=0.2, snapshot_templates=False)
     with pytest.raises(SandboxStartError, match=r"within launch_timeout=0.2s"):
         await km.start_kernel(cwd=str(tmp_path))
-    assert state_dirs() == before
+    assert state_dirs() <= before  # nothing new (a sweep may remove a dead server's)
     assert not Path(km.connection_file).exists()
 
 
@@ -115,7 +115,7 @@ async def test_kernel_dying_at_start_reports_its_output(cold_runtime, tmp_path):
         await km.start_kernel(cwd=str(tmp_path))
     assert "exited with code 1 while starting" in str(error.value)
     assert "kernel refused to start" in str(error.value)
-    assert state_dirs() == before
+    assert state_dirs() <= before  # nothing new (a sweep may remove a dead server's)
 
 
 async def test_filesystem_root_is_refused_as_workspace(cold_runtime):
@@ -124,4 +124,4 @@ async def test_filesystem_root_is_refused_as_workspace(cold_runtime):
     km = manager(runtime)
     with pytest.raises(SandboxStartError, match="whole filesystem"):
         await km.start_kernel(cwd="/")
-    assert state_dirs() == before
+    assert state_dirs() <= before  # nothing new (a sweep may remove a dead server's)
