@@ -1,0 +1,345 @@
+"""A repository's environment, prepared once per commit in a sandbox, and cached.
+
+``Preparer.prepare(link, commit)`` fetches the repository at the commit (on the
+host, with :mod:`.refs`' safe git), reads what it asks for (:mod:`.environment`),
+and, when it asks for packages or a ``postBuild``, runs those in a sandbox of this
+project's runtimes (gVisor or bubblewrap):
+
+* as an unprivileged user (the sandbox uid when the Hub is root), with the
+  repository writable at ``/home/jovyan`` (as repo2docker lays it out) and the
+  environment's prefix writable at :data:`ENV_PATH`; the system and the Python
+  read-only; nothing else of the host;
+* with no network but the egress proxy (:mod:`.egress`): only the package index
+  and the repository's host (and what the deployment adds) can be reached;
+* with a time limit, memory, CPU and process limits (cgroups as root), and a disk
+  limit checked as it runs.
+
+The result goes to ``<cache>/<repository key>/<commit>/`` (``repo/``, ``env/``,
+``prepared.json``), moved there in one rename once complete, and is never
+written again: every launch of that commit, by any user, uses it read-only. A
+lock per commit makes concurrent launches of one commit prepare it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sandbox_provisioner import filesystem, identity, pyenv
+from sandbox_provisioner.launch.plan import own_module
+from sandbox_provisioner.runtimes import AUTO, create_runtime
+from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
+
+from . import refs
+from .egress import Allowlist, EgressProxy
+from .environment import BadRepository, read_environment
+from .inside import site_dir
+from .links import RepoLink
+
+#: Where the prepared environment's prefix is, in the preparation and in every server.
+ENV_PATH = "/srv/binder"
+#: Where the repository is, in the preparation (and, the user's copy, in their server).
+REPO_PATH = "/home/jovyan"
+_EGRESS_DIR = "/run/jupyter-sandbox-egress"
+_PLAN_DIR = "/run/jupyter-sandbox-build"
+PREPARED = "prepared.json"
+#: Hosts a preparation may always reach: the Python Package Index.
+DEFAULT_EGRESS = ("pypi.org", "files.pythonhosted.org")
+
+Emit = Callable[[str, str], None]
+
+
+class PreparationFailed(RuntimeError):
+    """The repository's environment could not be prepared; the message says why."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared commit: read-only, shared by every launch of it."""
+
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def repo(self) -> Path:
+        return self.path / "repo"
+
+    @property
+    def env(self) -> Path:
+        return self.path / "env"
+
+
+@dataclass
+class PrepareLimits:
+    timeout: float = 600.0
+    memory_bytes: int = 2 << 30
+    disk_bytes: int = 5 << 30
+    cpus: float = 1.0
+    pids: int = 512
+
+
+@dataclass
+class Preparer:
+    cache_root: Path
+    runtime: str = AUTO
+    #: Hosts (``host`` or ``host:port``, fnmatch patterns) the preparation may reach, beside
+    #: the repository's own host.
+    egress: tuple[str, ...] = DEFAULT_EGRESS
+    #: pip's index (``--index-url``); None: pip's default (PyPI).
+    index_url: str | None = None
+    limits: PrepareLimits = field(default_factory=PrepareLimits)
+    python: str = sys.executable
+
+    def entry(self, link: RepoLink, commit: str) -> Path:
+        return self.cache_root / repo_key(link.url) / commit
+
+    def cached(self, link: RepoLink, commit: str) -> Prepared | None:
+        return load(self.entry(link, commit))
+
+    async def prepare(self, link: RepoLink, commit: str, emit: Emit) -> tuple[Prepared, bool]:
+        """The prepared commit, and whether it came from the cache."""
+        entry = self.entry(link, commit)
+        entry.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        async with _locked(entry.parent / f"{commit}.lock", emit):
+            found = load(entry)
+            if found is not None:
+                return found, True
+            began = time.monotonic()
+            name = f"{entry.parent.name}-{commit[:12]}-{secrets.token_hex(4)}"
+            work = self.cache_root / ".work" / name
+            work.mkdir(mode=0o700, parents=True)
+            try:
+                record = await self._prepare(link, commit, work, emit)
+                record["seconds"] = round(time.monotonic() - began, 3)
+                (work / PREPARED).write_text(json.dumps(record, indent=1))
+                _seal(work)
+                os.rename(work, entry)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return Prepared(entry, record), False
+
+    async def _prepare(self, link: RepoLink, commit: str, work: Path, emit: Emit) -> dict:
+        emit("fetching", f"Fetching {link.url} at {commit[:12]}")
+        await refs.fetch(link, commit, work / "repo")
+        try:
+            wanted = read_environment(work / "repo")
+        except BadRepository as exc:
+            raise PreparationFailed(str(exc)) from None
+        for message in wanted.unsupported:
+            emit("building", f"Not prepared: {message}")
+        (work / "env").mkdir(mode=0o755)
+        config = wanted.config_dir.relative_to(work / "repo")
+        record: dict[str, Any] = {
+            "url": link.url, "commit": commit, "requirements": wanted.requirements,
+            "site": os.path.relpath(site_dir(ENV_PATH), ENV_PATH),
+            "start": str(config / "start") if wanted.start else None,
+            "unsupported": wanted.unsupported, "post_build": bool(wanted.post_build),
+        }  # fmt: skip
+        if not wanted.requirements and not wanted.post_build:
+            emit("building", "Nothing to install: the repository asks for no packages")
+            return record
+        plan = {"proxy_socket": f"{_EGRESS_DIR}/proxy.sock", "prefix": ENV_PATH,
+                "repo": REPO_PATH, "index_url": self.index_url,
+                "requirements": None, "post_build": None,
+                "env": {"HOME": REPO_PATH, "USER": "jovyan", "LANG": "C.UTF-8",
+                        "PATH": f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin",
+                        "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}}  # fmt: skip
+        (work / "plan").mkdir(mode=0o755)
+        if wanted.requirements:
+            (work / "plan" / "requirements.txt").write_text("\n".join(wanted.requirements) + "\n")
+            plan["requirements"] = f"{_PLAN_DIR}/requirements.txt"
+        if wanted.post_build:
+            wanted.post_build.chmod(0o755)  # as repo2docker does
+            plan["post_build"] = f"{REPO_PATH}/{config / 'postBuild'}"
+        (work / "plan" / "plan.json").write_text(json.dumps(plan))
+        allow = Allowlist((*self.egress, *_repo_hosts(link.url), *_index_hosts(self.index_url)))
+        await self._run_sandbox(work, allow, emit)
+        return record
+
+    async def _run_sandbox(self, work: Path, allow: Allowlist, emit: Emit) -> None:
+        runtime = create_runtime(self.runtime)
+        runtime.require()
+        who = identity.resolve()
+        # The proxy's socket: in a short private directory (a socket's path is short).
+        egress = Path(tempfile.mkdtemp(prefix="jupyter-sandbox-egress-"))
+        for sub in (work / "repo", work / "env", egress):
+            sub.mkdir(mode=0o700, exist_ok=True)
+            if who.separate:
+                _chown_tree(sub, who.uid, who.gid)
+        proxy = EgressProxy(allow)
+        await proxy.start(str(egress / "proxy.sock"))
+        spec = self._spec(work, egress, runtime.name, who)
+        emit("building", f"Preparing in a {runtime.name} sandbox (network: "
+             f"{', '.join(allow.entries)} only)")  # fmt: skip
+        code: int | None = None
+        try:
+            sandbox = await runtime.launch(spec)
+            try:
+                code = await self._watch(sandbox, spec.log_path, work, emit)
+            finally:
+                await sandbox.cleanup()
+        finally:
+            await proxy.close()
+            shutil.rmtree(egress, ignore_errors=True)
+            if who.separate:
+                _chown_tree(work, os.getuid(), os.getgid())
+        if proxy.denied:
+            refused = ", ".join(sorted(set(proxy.denied)))
+            emit("building", f"Refused by the egress allowlist: {refused}")
+        if code != 0:
+            raise PreparationFailed(f"preparing the environment failed (exit code {code}); "
+                                    "the log above says where")  # fmt: skip
+
+    async def _watch(self, sandbox: Any, log: Path, work: Path, emit: Emit) -> int | None:
+        """Stream the log until the sandbox ends; enforce the time and disk limits."""
+        deadline = time.monotonic() + self.limits.timeout
+        offset, partial, next_disk = 0, b"", 0.0
+        waiting = asyncio.ensure_future(sandbox.wait())
+        try:
+            while True:
+                done = waiting.done()
+                with contextlib.suppress(OSError), open(log, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    offset += len(chunk)
+                    *lines, partial = (partial + chunk).split(b"\n")
+                    for line in lines:
+                        emit("building", line.decode(errors="replace").rstrip())
+                if done:
+                    if partial:
+                        emit("building", partial.decode(errors="replace"))
+                    return waiting.result()
+                now = time.monotonic()
+                if now > deadline:
+                    await sandbox.kill()
+                    raise PreparationFailed(f"preparing took longer than {self.limits.timeout:g}s")
+                if now >= next_disk:
+                    next_disk = now + 1.0
+                    used = _disk_usage(work / "repo") + _disk_usage(work / "env")
+                    if used > self.limits.disk_bytes:
+                        await sandbox.kill()
+                        raise PreparationFailed(
+                            f"preparing used more than {self.limits.disk_bytes >> 20} MiB of disk")
+                await asyncio.wait({waiting}, timeout=0.2)
+        finally:
+            waiting.cancel()
+
+    def _spec(
+        self, work: Path, egress: Path, runtime: str, who: identity.SandboxIdentity
+    ) -> SandboxSpec:
+        inside_uid = identity.INSIDE_UID if runtime == "bubblewrap" else who.uid
+        etc = filesystem.synthetic_etc(work / "etc", "binder", inside_uid, inside_uid,
+                                       user="jovyan", home=REPO_PATH)  # fmt: skip
+        runner, module_mounts = own_module(self.python, "sandbox_spawner.binder.inside")
+        mounts = filesystem.build_mounts(
+            python_paths=list(pyenv.python_dirs(self.python)),
+            workspace=None, workspace_writable=True, scratch_dir=None, ipc_dir=None,
+            connection_file=None, etc_mounts=etc,
+            extra=[filesystem.ExtraMount(str(work / "repo"), REPO_PATH, True),
+                   filesystem.ExtraMount(str(work / "env"), ENV_PATH, True),
+                   filesystem.ExtraMount(str(egress), _EGRESS_DIR, True),
+                   filesystem.ExtraMount(str(work / "plan"), _PLAN_DIR, False),
+                   *module_mounts],
+            hidden_paths=(),
+        )  # fmt: skip
+        (work / "state").mkdir(mode=0o700, exist_ok=True)
+        return SandboxSpec(
+            kernel_id=f"binder-{work.name}",
+            argv=[*runner, f"{_PLAN_DIR}/plan.json"],
+            env={"PATH": f"{os.path.dirname(self.python)}:/usr/bin:/bin", "LANG": "C.UTF-8",
+                 "HOME": REPO_PATH},
+            cwd=REPO_PATH,
+            mounts=mounts,
+            network=NetworkMode.NONE,
+            limits=ResourceLimits(memory_bytes=self.limits.memory_bytes or None,
+                                  cpus=self.limits.cpus or None,
+                                  pids=self.limits.pids or None),
+            state_dir=work / "state",
+            log_path=work / "build.log",
+            hostname="binder",
+            identity=who if who.separate else None,
+            host_sockets=True,  # the egress proxy's socket
+        )
+
+
+def repo_key(url: str) -> str:
+    """A directory name for a repository: readable, and unique by its URL."""
+    parts = urlsplit(url)
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{parts.hostname}{parts.path}").strip("-.")
+    return f"{readable[:60]}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+
+
+def load(entry: Path) -> Prepared | None:
+    try:
+        return Prepared(entry, json.loads((entry / PREPARED).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _repo_hosts(url: str) -> list[str]:
+    parts = urlsplit(url)
+    port = parts.port or {"https": 443, "http": 80, "git": 9418}.get(parts.scheme, 443)
+    return [f"{parts.hostname}:{port}"] if parts.hostname else []
+
+
+def _index_hosts(url: str | None) -> list[str]:
+    return _repo_hosts(url) if url else []
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    for path in (root, *root.rglob("*")):
+        with contextlib.suppress(OSError):
+            os.lchown(path, uid, gid)
+
+
+def _seal(work: Path) -> None:
+    """Keep what servers use (the repository, the environment, the record), readable by
+    every user's server (read-only there: it is bound so)."""
+    for sub in ("state", "plan", "etc"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    for path in (work, work / "repo", work / "env"):
+        path.chmod(0o755)
+
+
+def _disk_usage(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+@contextlib.asynccontextmanager
+async def _locked(path: Path, emit: Emit):
+    """An exclusive lock on ``path``, waited for without blocking the event loop."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    told = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    emit("waiting", "Another launch is preparing this commit; waiting for it")
+                    told = True
+                await asyncio.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)

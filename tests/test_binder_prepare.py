@@ -1,0 +1,183 @@
+"""A repository's environment prepared in a sandbox, behind an enforced egress allowlist,
+and cached by commit: real git (dumb HTTP) and a real package index on loopback, real
+pip, real bubblewrap and gVisor sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from binder_fixtures import git_repo, package_index, serve, wheel
+from conftest import require_runtime
+
+from sandbox_spawner.binder.egress import Allowlist
+from sandbox_spawner.binder.links import LinkPolicy
+from sandbox_spawner.binder.prepare import PreparationFailed, PrepareLimits, Preparer
+
+#: postBuild: the package is importable; it tries the outside both ways (directly, and
+#: through the proxy), and records what it is and what happened, in the repository.
+POST_BUILD = """#!/usr/bin/env python3
+import os, socket, urllib.request
+import demo_pkg
+results = ["value=" + demo_pkg.VALUE, "uid=%d" % os.getuid()]
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=5)
+    results.append("direct=connected")
+except OSError as exc:
+    results.append("direct=" + type(exc).__name__)
+try:
+    urllib.request.urlopen("http://127.0.0.1:{port}/", timeout=10)
+    results.append("proxied=fetched")
+except Exception as exc:
+    results.append("proxied=" + str(getattr(exc, "code", type(exc).__name__)))
+results.append("shadow=" + str(os.path.exists("/etc/shadow")))
+open("postbuild-ran.txt", "w").write("\\n".join(results) + "\\n")
+print("postBuild done")
+"""
+
+
+class Listener:
+    """A TCP port on the host's loopback that counts the connections it accepts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0)
+        self.port = self.sock.getsockname()[1]
+
+    def accepted(self) -> int:
+        count = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return count
+            conn.close()
+            count += 1
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("binder")
+    wheels = root / "wheels"
+    wheels.mkdir()
+    index_root = root / "index"
+    package_index(index_root, [wheel(wheels, "demo_pkg", "1.0", "VALUE = 'from the index'\n")])
+    index = serve(index_root)
+    repos = root / "repos"
+    repos.mkdir()
+    git = serve(repos)
+    yield {"root": root, "repos": repos, "git": git, "index": index}
+    index.close()
+    git.close()
+
+
+def link(served, name: str, ref: str = "main"):
+    url = f"{served['git'].url}/{name}.git"
+    return LinkPolicy(allowed_hosts=["127.0.0.1"]).parse("git", f"{quote(url, safe='')}/{ref}")
+
+
+def preparer(served, tmp_path: Path, runtime: str, **limits) -> Preparer:
+    return Preparer(tmp_path / "cache", runtime=runtime, egress=(),
+                    index_url=f"{served['index'].url}/simple/",
+                    limits=PrepareLimits(**{"timeout": 120, **limits}))  # fmt: skip
+
+
+def events() -> tuple[list[tuple[str, str]], object]:
+    seen: list[tuple[str, str]] = []
+    return seen, lambda phase, message: seen.append((phase, message))
+
+
+@pytest.mark.parametrize("runtime", ["bubblewrap", "gvisor"])
+async def test_prepared_in_a_sandbox_behind_the_allowlist_and_cached(served, tmp_path, runtime):
+    require_runtime(runtime)
+    outside = Listener()
+    name = f"prep-{runtime}"
+    commit = git_repo(served["repos"], name, {
+        "binder/requirements.txt": "demo_pkg==1.0\n",
+        "binder/postBuild": POST_BUILD.format(port=outside.port),
+        "notebook.ipynb": "{}",
+    }, executable=("binder/postBuild",))  # fmt: skip
+    prep = preparer(served, tmp_path, runtime)
+    seen, emit = events()
+    prepared, cached = await prep.prepare(link(served, name), commit, emit)
+    log = "\n".join(m for _, m in seen)
+    assert not cached, log
+    results = (prepared.repo / "postbuild-ran.txt").read_text().splitlines()
+    assert "value=from the index" in results, results
+    assert "direct=ConnectionRefusedError" in results, results  # no network of its own
+    assert "proxied=403" in results, results  # the proxy refuses what is not allowed
+    assert "shadow=False" in results
+    assert "uid=0" not in results, results
+    assert outside.accepted() == 0  # nothing reached the host port, by any way
+    assert f"127.0.0.1:{outside.port}" in log and "Refused by the egress allowlist" in log
+    site = prepared.env / prepared.record["site"]
+    assert (site / "demo_pkg.py").is_file(), sorted(p.name for p in site.parent.rglob("*"))
+    assert prepared.record["commit"] == commit and prepared.record["post_build"]
+    assert {p for p, _ in seen} >= {"fetching", "building"}
+    # Shared and read-only from here: the second launch of the commit prepares nothing.
+    seen2, emit2 = events()
+    again, cached = await prep.prepare(link(served, name), commit, emit2)
+    assert cached and again.path == prepared.path
+    assert not any("postBuild" in m or "pip" in m for _, m in seen2), seen2
+    assert os.listdir(tmp_path / "cache" / ".work") == []
+    assert oct((prepared.path).stat().st_mode & 0o777) == oct(0o755)
+
+
+async def test_concurrent_launches_of_a_commit_prepare_it_once(served, tmp_path):
+    require_runtime("bubblewrap")
+    commit = git_repo(served["repos"], "concurrent", {"requirements.txt": "demo_pkg\n"})
+    prep = preparer(served, tmp_path, "bubblewrap")
+    (seen1, emit1), (seen2, emit2) = events(), events()
+    (one, cached1), (two, cached2) = await asyncio.gather(
+        prep.prepare(link(served, "concurrent"), commit, emit1),
+        prep.prepare(link(served, "concurrent"), commit, emit2),
+    )
+    assert one.path == two.path
+    assert sorted([cached1, cached2]) == [False, True]
+    waited = seen2 if cached2 else seen1
+    assert any(phase == "waiting" for phase, _ in waited), waited
+
+
+@pytest.mark.parametrize(
+    ("files", "limits", "says"),
+    [
+        ({"requirements.txt": "no_such_package_here\n"}, {}, "exit code"),
+        ({"postBuild": "#!/bin/sh\nsleep 60\n"}, {"timeout": 3}, "longer than 3s"),
+        ({"postBuild": "#!/bin/sh\nhead -c 80000000 /dev/zero > big\nsleep 30\n"},
+         {"disk_bytes": 20 << 20}, "MiB of disk"),
+        ({"binder/requirements.txt": "x\n", ".binder/requirements.txt": "y\n"}, {},
+         "both binder/ and .binder/"),
+    ],
+    ids=["missing-package", "time-limit", "disk-limit", "two-config-dirs"],
+)  # fmt: skip
+async def test_a_failed_preparation_says_why_and_leaves_nothing(served, tmp_path, files, limits,
+                                                                 says):  # fmt: skip
+    require_runtime("bubblewrap")
+    name = f"failing-{abs(hash(tuple(files))) % 10**8}"
+    executable = tuple(p for p in files if p.endswith("postBuild"))
+    commit = git_repo(served["repos"], name, files, executable=executable)
+    prep = preparer(served, tmp_path, "bubblewrap", **limits)
+    _, emit = events()
+    with pytest.raises(PreparationFailed, match=says):
+        await prep.prepare(link(served, name), commit, emit)
+    assert prep.cached(link(served, name), commit) is None
+    assert os.listdir(tmp_path / "cache" / ".work") == []
+    leftover = subprocess.run(["pgrep", "-f", "sandbox_spawner.binder.inside"],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert leftover == []
+
+
+def test_allowlist_entries():
+    allow = Allowlist(("pypi.org", "*.pythonhosted.org", "127.0.0.1:8080", "[::1]:9"))
+    assert allow.allows("pypi.org", 443) and allow.allows("PyPI.org.", 80)
+    assert not allow.allows("pypi.org", 22)  # a host without a port: web ports only
+    assert allow.allows("files.pythonhosted.org", 443)
+    assert not allow.allows("evilpypi.org", 443)
+    assert allow.allows("127.0.0.1", 8080) and not allow.allows("127.0.0.1", 8081)
