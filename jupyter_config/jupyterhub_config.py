@@ -54,13 +54,32 @@ c.JupyterHub.cleanup_servers = False
 # is stopped; its home stays, and visiting it starts it again. The service also serves
 # Prometheus metrics at /metrics on its URL (servers running and hibernated, start and
 # resume durations).
+#
+# Binder links: <hub>/services/sandbox-service/v2/gh/<org>/<repo>/<ref> opens a repository,
+# running, in a named server of the user's own (their persistent copy of it), with the
+# packages it asks for prepared once per commit in a sandbox that reaches only the package
+# index and the repository's host. A form that makes links and badges:
+# <hub>/services/sandbox-service/binder. Options: python -m sandbox_spawner.service --help.
 hibernate_after = os.environ.get("JUPYTER_SANDBOX_HIBERNATE_AFTER", "3600")
 service_port = os.environ.get("JUPYTER_SANDBOX_SERVICE_PORT", "10101")
+binder_cache = str(data / "binder")  # prepared environments, shared by the spawner
+anonymous = False  # True: visitors launch links without logging in, as temporary users
 c.JupyterHub.services = [{
     "name": "sandbox-service",
     "url": f"http://127.0.0.1:{service_port}",
     "command": [sys.executable, "-m", "sandbox_spawner.service",
-                f"--proxy-url={c.JupyterHub.bind_url}", f"--timeout={hibernate_after}"],
+                f"--proxy-url={c.JupyterHub.bind_url}", f"--timeout={hibernate_after}",
+                "--binder-links", f"--binder-cache={binder_cache}",
+                "--binder-allowed-hosts=github.com,gitlab.com,gist.github.com",
+                "--binder-per-repo-limit=20", *(["--binder-anonymous"] if anonymous else [])],
+    "oauth_no_confirm": True,  # its pages know who is launching through the Hub's login
 }]  # fmt: skip
-c.JupyterHub.load_roles = [hub_role()]  # its Hub permissions, and no more
+c.JupyterHub.load_roles = [
+    hub_role(binder=True, anonymous=anonymous),  # the service's permissions, and no more
+    # Users may use the service's pages (Binder links), beside their own resources.
+    {"name": "user", "scopes": ["self", "access:services!service=sandbox-service"]},
+]
 c.JupyterHub.implicit_spawn_seconds = 1  # a visit to a hibernated server resumes it
+c.LocalSandboxSpawner.binder_cache = binder_cache
+c.JupyterHub.allow_named_servers = True  # a launched repository is a named server
+c.JupyterHub.named_server_limit_per_user = 5

@@ -69,6 +69,11 @@ class Hibernator:
     exempt_profiles: set[str] = field(default_factory=set)
     #: Log what would hibernate; stop nothing.
     dry_run: bool = False
+    #: Temporary users (anonymous Binder launches) have names starting with this: their
+    #: servers hibernate after ``temporary_timeout``, and a temporary user with no server
+    #: running is deleted, home and all.
+    temporary_prefix: str = ""
+    temporary_timeout: float = 600
     metrics: Any = None
     _starts_seen: set[tuple[str, str, str]] = field(default_factory=set)
 
@@ -100,8 +105,10 @@ class Hibernator:
             offset = nxt["offset"]
 
     # -- one server -------------------------------------------------------------------------
-    async def verdict(self, server: dict[str, Any], now: datetime.datetime) -> Verdict:
+    async def verdict(self, server: dict[str, Any], now: datetime.datetime,
+                      timeout: float | None = None) -> Verdict:  # fmt: skip
         """Whether ``server`` (the Hub's server model) is idle, and why (not)."""
+        timeout = self.timeout if timeout is None else timeout
         base = self.proxy_url.rstrip("/") + server["url"]
 
         async def get(path: str) -> Any:
@@ -131,7 +138,7 @@ class Hibernator:
         if self.max_age and age > self.max_age:
             return Verdict(True, f"running for {age:.0f}s (max age), no busy kernel")
         quiet = (now - last).total_seconds()
-        if quiet < self.timeout:
+        if quiet < timeout:
             return Verdict(False, f"active {quiet:.0f}s ago")
         return Verdict(True, f"idle for {quiet:.0f}s, no busy kernel, no terminal")
 
@@ -151,6 +158,9 @@ class Hibernator:
         users = await self.users()
         self._observe(users)
         for user in users:
+            temporary = self._temporary(user)
+            if temporary and await self._delete_if_done(user, now):
+                continue
             for name, server in (user.get("servers") or {}).items():
                 if not server.get("ready") or server.get("pending"):
                     continue
@@ -158,7 +168,8 @@ class Hibernator:
                     continue
                 label = f"{user['name']}/{name}" if name else user["name"]
                 try:
-                    verdict = await self.verdict(server, now)
+                    timeout = self.temporary_timeout if temporary else None
+                    verdict = await self.verdict(server, now, timeout)
                 except Exception as exc:  # unreachable, or an error: never stop on doubt
                     log.warning("cannot tell whether %s is idle: %s", label, exc)
                     self._count("errors")
@@ -179,6 +190,26 @@ class Hibernator:
                 self._count("hibernations")
                 stopped.append(label)
         return stopped
+
+    def _temporary(self, user: dict[str, Any]) -> bool:
+        return bool(self.temporary_prefix) and user["name"].startswith(self.temporary_prefix)
+
+    async def _delete_if_done(self, user: dict[str, Any], now: datetime.datetime) -> bool:
+        """Delete a temporary user whose server has stopped, or who has had none for ten
+        minutes (a launch makes its server within minutes of the user)."""
+        servers = (user.get("servers") or {}).values()
+        if any(s.get("ready") or s.get("pending") for s in servers):
+            return False
+        created = parse_time(user.get("created"))
+        launched = any(s.get("stopped") for s in servers)  # its server ran, and stopped
+        if not launched and (created is None or (now - created).total_seconds() < 600):
+            return False  # perhaps a launch still making its server
+        if self.dry_run:
+            log.info("would delete the temporary user %s (dry run)", user["name"])
+            return True
+        log.info("deleting the temporary user %s: its server has stopped", user["name"])
+        await self._fetch(f"{self.api_url}/users/{quote(user['name'])}", method="DELETE")
+        return True
 
     def _count(self, what: str) -> None:
         if self.metrics is not None:

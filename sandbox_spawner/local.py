@@ -61,6 +61,7 @@ from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
 from . import supervisor
+from .binder import server as binder_server
 from .starts import RecordsStarts
 
 #: Inside every user's sandbox: the run directory (the server's and the Hub API's sockets).
@@ -124,6 +125,15 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         "(built in the background after the first start).",
     )  # fmt: skip
 
+    binder_cache = Unicode(
+        config=True, help="Where Binder launches' prepared environments are (the Hub "
+        "service's --binder-cache): a launch's server uses one of them, read-only.",
+    )  # fmt: skip
+
+    @default("binder_cache")
+    def _default_binder_cache(self) -> str:
+        return str(self._data_root() / "binder")
+
     @default("homes_root")
     def _default_homes_root(self) -> str:
         return str(self._data_root() / "homes")
@@ -148,6 +158,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         self.state_dir: str = ""
         self._process: subprocess.Popen | None = None
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._binder: binder_server.BinderServer | None = None
 
     # -- where things are ------------------------------------------------------------------
     @property
@@ -197,8 +208,11 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         began, resumed = time.monotonic(), self.home.exists()
         self._events = asyncio.Queue()
         self._event(10, "Preparing the home directory")
+        self._binder = binder_server.from_user_options(self.user_options or {},
+                                                       Path(self.binder_cache))  # fmt: skip
         who = self.identity()
         self._prepare_home(who)
+        home = self._binder.copy_for(self.home, who.uid, who.gid) if self._binder else None
         state = self._state_dir()
         shutil.rmtree(state, ignore_errors=True)
         run = state / "run"
@@ -212,9 +226,9 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         self.server.port, self.server.ip = port, "127.0.0.1"
         runtime = create_runtime(self.runtime)
         runtime.require()
-        spec = self._spec(state, runtime.name, who)
+        spec = self._spec(state, runtime.name, who, home=home)
         template = None
-        if runtime.name == "gvisor" and self.server_templates:
+        if runtime.name == "gvisor" and self.server_templates and self._binder is None:
             template = self._template(spec, runtime, who)
             if template is not None:
                 self._write_start(state, spec, who)
@@ -294,7 +308,10 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
 
     def delete_forever(self) -> None:
         shutil.rmtree(self._state_dir(), ignore_errors=True)
-        if self.delete_home_on_user_delete and not self.name:  # named servers share the home
+        options = (self.user_options or {}).get(binder_server.OPTION)
+        if isinstance(options, dict) and options.get("anonymous"):
+            shutil.rmtree(self.home, ignore_errors=True)  # a launch's temporary user: all goes
+        elif self.delete_home_on_user_delete and not self.name:  # named servers share the home
             shutil.rmtree(self.home, ignore_errors=True)
 
     # -- the sandbox ----------------------------------------------------------------------
@@ -337,6 +354,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
                 filesystem.ExtraMount(str(home or self.home), self.inside_home, True),
                 filesystem.ExtraMount(str(state / "run"), RUN_DIR, True),
                 *(ctl if runtime == "gvisor" else []),
+                *(self._binder.mounts() if self._binder else []),
             ],
             hidden_paths=(),
         )
@@ -347,10 +365,16 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         )
         argv = [python, "-m", "jupyterhub.singleuser", f"--config={SERVER_CONFIG}",
                 f"--ServerApp.root_dir={self.inside_home}", *self.get_args()]  # fmt: skip
+        env = self._env(python)
+        if self._binder is not None:
+            argv = self._binder.argv(argv, self.inside_home)
+            env.update(self._binder.env(env["PATH"]))
+            if self._binder.anonymous:  # a launch's temporary user arrives with a token
+                env["JUPYTERHUB_ALLOW_TOKEN_IN_URL"] = "1"
         return SandboxSpec(
             kernel_id=f"hub-{self.user.id}-{slug(self.name) if self.name else 'default'}",
             argv=argv,
-            env=self._env(python),
+            env=env,
             cwd=self.inside_home,
             mounts=mounts,
             network=NetworkMode(self.network),

@@ -11,7 +11,9 @@ needs nothing installed beside it:
   (LocalSandboxSpawner, SandboxSpawner) make a stop a hibernation;
 * **metrics** on the service's URL at ``/metrics`` (Prometheus text): servers
   running and hibernated, hibernations, start and resume durations, and the
-  controller's own.
+  controller's own;
+* **Binder links** (``--binder-links``, :mod:`.binder.web`): ``/v2/...`` on the
+  service's URL opens a repository, running, in a sandbox.
 
 Its Hub role (:data:`HUB_SCOPES`, :func:`hub_role`) needs ``list:users``,
 ``read:users``, ``read:servers``, ``admin:server_state`` (the spawners' start
@@ -30,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 from urllib.parse import urlparse
 
@@ -44,9 +47,18 @@ HUB_SCOPES = ["list:users", "read:users", "read:servers", "admin:server_state",
               "delete:servers", "access:servers"]  # fmt: skip
 
 
-def hub_role(service: str = "sandbox-service") -> dict:
+#: With Binder links: start users' servers; with anonymous launches, make and delete
+#: temporary users and give each a token for its server.
+BINDER_SCOPES = ["servers"]
+ANONYMOUS_SCOPES = ["admin:users", "tokens"]
+
+
+def hub_role(service: str = "sandbox-service", binder: bool = False,
+             anonymous: bool = False) -> dict:  # fmt: skip
     """The ``c.JupyterHub.load_roles`` entry for the service named ``service``."""
-    return {"name": service, "services": [service], "scopes": list(HUB_SCOPES)}
+    scopes = [*HUB_SCOPES, *(BINDER_SCOPES if binder else []),
+              *(ANONYMOUS_SCOPES if binder and anonymous else [])]  # fmt: skip
+    return {"name": service, "services": [service], "scopes": scopes}
 
 
 class MetricsHandler(web.RequestHandler):
@@ -66,14 +78,20 @@ class StatusHandler(web.RequestHandler):
         self.write(json.dumps(self.status))
 
 
-def serve(url: str, status: dict) -> None:
+def serve(url: str, status: dict, args: argparse.Namespace) -> None:
     """The service's pages on ``url`` (``JUPYTERHUB_SERVICE_URL``), under its prefix."""
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/").rstrip("/")
+    routes: list = []
+    if args.binder:
+        from .binder import web as binder_web
+
+        routes = binder_web.routes(binder_web.launcher_from_args(args), prefix)
     app = web.Application([
         (rf"{prefix}/metrics", MetricsHandler),
         (r"/metrics", MetricsHandler),  # Prometheus scrapes the service directly
         (rf"{prefix}/?", StatusHandler, {"status": status}),
-    ])  # fmt: skip
+        *routes,
+    ], cookie_secret=secrets.token_bytes(32))  # fmt: skip
     where = urlparse(url)
     app.listen(where.port or 80, address=where.hostname or "127.0.0.1")
     log.info("serving /metrics on %s", url)
@@ -84,12 +102,16 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    status: dict = {"controller": bool(args.controller), "hibernation": bool(args.proxy_url)}
+    status: dict = {"controller": bool(args.controller), "hibernation": bool(args.proxy_url),
+                    "binder": bool(args.binder)}  # fmt: skip
     if os.environ.get("JUPYTERHUB_SERVICE_URL"):
-        serve(os.environ["JUPYTERHUB_SERVICE_URL"], status)
+        serve(os.environ["JUPYTERHUB_SERVICE_URL"], status, args)
     tasks = []
     if args.proxy_url:
         sleeper, interval = hibernator.from_args(args, hibernator.metrics())
+        if args.binder and args.binder_anonymous:  # launches' temporary users
+            sleeper.temporary_prefix = args.binder_anonymous_prefix
+            sleeper.temporary_timeout = args.binder_anonymous_timeout
         log.info("hibernating servers idle for %ss (checks every %ss%s)", args.timeout,
                  interval, ", dry run" if args.dry_run else "")  # fmt: skip
         tasks.append(asyncio.create_task(hibernator.run(sleeper, interval, stop)))
@@ -98,8 +120,11 @@ async def run(args: argparse.Namespace) -> None:
 
         quiet_client_logs()
         tasks.append(asyncio.create_task(run_from_args(args, stop)))
+    if args.binder:
+        tasks.append(asyncio.create_task(stop.wait()))  # the pages are the work
     if not tasks:
-        raise SystemExit("nothing to do: give --proxy-url (hibernation) or --controller")
+        raise SystemExit("nothing to do: give --proxy-url (hibernation), --controller or "
+                         "--binder-links")  # fmt: skip
     done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
     for task in done:  # a part that ended on its own ends the service (the Hub restarts it)
@@ -122,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
     from agent_sandbox.__main__ import add_run_arguments
 
     add_run_arguments(controller)
+    from .binder.web import add_arguments as add_binder_arguments
+
+    add_binder_arguments(parser.add_argument_group("Binder links"))
     parser.add_argument("--log-level", default="INFO")
     return parser
 

@@ -13,11 +13,17 @@ import base64
 import functools
 import hashlib
 import http.server
+import json
 import subprocess
 import threading
 import zipfile
 from pathlib import Path
+from urllib.parse import quote
 
+from hub_fixtures import Hub, end_supervisors
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from sandbox_spawner.hub_api import event_stream
 from testcluster.cluster import free_port
 
 IDENT = ["-c", "user.name=t", "-c", "user.email=t@example.org"]
@@ -111,3 +117,83 @@ def package_index(root: Path, wheels: list[Path]) -> Path:
         (page / built.name).write_bytes(built.read_bytes())
         (page / "index.html").write_text(f'<a href="{built.name}">{built.name}</a>\n')
     return root / "simple"
+
+
+# -- Binder launches on a real Hub ------------------------------------------------------------
+SERVICE = "/services/sandbox-service"
+NOTEBOOK = {
+    "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+               "source": "import demo_pkg\nprint('package says', demo_pkg.VALUE)"}],
+    "metadata": {}, "nbformat": 4, "nbformat_minor": 5,
+}  # fmt: skip
+POST_BUILD = "#!/bin/sh\necho ran >> postbuild-runs.txt\n"
+
+
+class BinderHub:
+    """A Hub (the shipped configuration, Binder links on, anonymous launches allowed) with a
+    repository and a package index to launch from, all on loopback."""
+
+    def __init__(self, root: Path, runtime: str = "bubblewrap", args: tuple[str, ...] = ()):
+        self.root = root
+        self.hub, self.git, self.index = _start(root, runtime, args)
+        self.repos = root / "repos"
+        self.repo_url = f"{self.git.url}/demo.git"
+
+    def close(self) -> None:
+        self.hub.close()
+        end_supervisors(self.root)
+        self.git.close()
+        self.index.close()
+
+
+def _start(root: Path, runtime: str, args: tuple[str, ...]) -> tuple[Hub, Served, Served]:
+    wheels = root / "wheels"
+    wheels.mkdir()
+    package_index(root / "index", [wheel(wheels, "demo_pkg", "1.0", "VALUE = 'from the index'\n")])
+    index = serve(root / "index")
+    repos = root / "repos"
+    repos.mkdir()
+    git = serve(repos)
+    git_repo(repos, "demo", {
+        "binder/requirements.txt": "demo_pkg\n", "binder/postBuild": POST_BUILD,
+        "index.ipynb": json.dumps(NOTEBOOK),
+    }, executable=("binder/postBuild",))  # fmt: skip
+    extra = f"""
+from sandbox_spawner.service import hub_role
+c.JupyterHub.services[0]["command"] += [
+    "--binder-allowed-hosts=127.0.0.1", "--binder-index-url={index.url}/simple/",
+    "--binder-egress=", "--binder-runtime={runtime}", "--binder-anonymous",
+    "--binder-anonymous-timeout=4", "--interval=1", "--binder-per-repo-limit=3",
+    *{list(args)!r}]
+c.JupyterHub.load_roles[0] = hub_role(binder=True, anonymous=True)
+"""
+    return Hub(root, runtime=runtime, extra_config=extra).start(), git, index
+
+
+def spec(url: str, ref: str = "main") -> str:
+    return f"{quote(url, safe='')}/{ref}"
+
+
+async def launch(hub: Hub, provider: str, what: str, token: str | None = None,
+                 urlpath: str = "index.ipynb") -> list[dict]:  # fmt: skip
+    """The launch's event stream, to its end."""
+    events: list[dict] = []
+    query = f"?urlpath={quote(urlpath, safe='')}" if urlpath else ""
+    response = await AsyncHTTPClient().fetch(HTTPRequest(
+        f"{hub.url}{SERVICE}/build/{provider}/{what}{query}",
+        headers={"Authorization": f"token {token}"} if token else {},
+        streaming_callback=event_stream(events.append), request_timeout=300,
+    ), raise_error=False)  # fmt: skip
+    assert response.code == 200, (response.code, response.body)
+    assert events and events[-1]["phase"] in ("ready", "failed"), events
+    return events
+
+
+def phases(events: list[dict]) -> list[str]:
+    return list(dict.fromkeys(e["phase"] for e in events))
+
+
+def server_of(event: dict) -> tuple[str, str]:
+    """(user, server name) of a ready event's URL (/user/<user>/<server>/...)."""
+    parts = event["url"].split("?")[0].split("/")
+    return parts[2], parts[3]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,6 +303,29 @@ async def _request(url: str, method: str, token: str, body: Any = None,
     if not raise_error:
         return response
     return json.loads(response.body) if response.body else None
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+async def browser():
+    """Debian's Chromium, headless, driven by Playwright."""
+    if not os.path.exists(CHROMIUM):
+        message = "Chromium is not installed (scripts/setup installs it for the tests)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        yield browser
+        await browser.close()
 
 
 def processes_of(uid: int) -> list[int]:

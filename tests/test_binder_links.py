@@ -244,3 +244,21 @@ async def test_fetch_checks_out_the_commit(served_repo, tmp_path: Path):
     with pytest.raises(BadLink) as error:
         await fetch(link_to(url, "main"), "0" * 40, tmp_path / "missing")
     assert error.value.reason == "unresolvable-ref"
+
+
+def test_this_repositorys_own_binder_dir(tmp_path: Path):
+    """The examples are launchable: binder/ asks for what they import and nothing this
+    project does not prepare; postBuild (for repo2docker) stands aside in a preparation."""
+    import os
+
+    from sandbox_spawner.binder.environment import read_environment
+
+    repo = Path(__file__).resolve().parent.parent
+    env = read_environment(repo, installed={"bubblewrap"})
+    assert env.config_dir == repo / "binder"
+    assert sorted(r.split(">=")[0] for r in env.requirements) == ["matplotlib", "numpy"]
+    assert env.unsupported == [] and env.post_build is not None
+    ran = subprocess.run([str(env.post_build)], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "JUPYTER_SANDBOX_PREPARE": "1"})
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "" and not list(tmp_path.iterdir())

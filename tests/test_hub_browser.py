@@ -6,32 +6,7 @@ Debian's Chromium, driven by Playwright, against the real Hub and proxy.
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import pytest
 from hub_fixtures import Hub
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.fixture
-async def browser():
-    if not os.path.exists(CHROMIUM):
-        message = "Chromium is not installed (scripts/setup installs it for the tests)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
-        yield browser
-        await browser.close()
 
 
 async def test_login_spawn_progress_and_resume_by_visiting(hub: Hub, browser):

@@ -158,7 +158,9 @@ class Preparer:
                 "requirements": None, "post_build": None,
                 "env": {"HOME": REPO_PATH, "USER": "jovyan", "LANG": "C.UTF-8",
                         "PATH": f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin",
-                        "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}}  # fmt: skip
+                        "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
+                        # postBuild can tell this preparation from repo2docker's build.
+                        "JUPYTER_SANDBOX_PREPARE": "1"}}  # fmt: skip
         (work / "plan").mkdir(mode=0o755)
         if wanted.requirements:
             (work / "plan" / "requirements.txt").write_text("\n".join(wanted.requirements) + "\n")

@@ -1,0 +1,103 @@
+"""A launched repository's server: what a spawner adds to a user's sandbox for it.
+
+The launcher starts a named server with ``user_options = {"binder": {"repo": KEY,
+"commit": SHA, "anonymous": bool}}``. The spawner reads them here (a user may send
+any options: only a prepared commit of the cache is accepted, named by key and
+commit, never by path) and gives the server
+
+* the user's own copy of the repository as its home (``<home>/binder/<KEY>`` on the
+  host, at ``/home/jovyan`` inside, as repo2docker lays it out): made from the
+  prepared commit on the first launch and kept, with the user's changes, for the
+  next (anonymous users' copies go with the user);
+* the prepared environment read-only at :data:`~.prepare.ENV_PATH`, first on
+  ``PYTHONPATH`` and ``PATH`` (so kernels import the repository's packages);
+* the repository's ``start`` script, when it has one, run before the server with
+  the server's command as its arguments (``exec "$@"``), as on mybinder.org.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandbox_provisioner import filesystem
+
+from .prepare import ENV_PATH, Prepared, load
+
+OPTION = "binder"
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,80}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class BadBinderOptions(ValueError):
+    """``user_options["binder"]`` names no prepared commit; the message says why."""
+
+
+@dataclass(frozen=True)
+class BinderServer:
+    prepared: Prepared
+    key: str
+    anonymous: bool
+
+    @property
+    def site(self) -> str:
+        return f"{ENV_PATH}/{self.prepared.record['site']}"
+
+    def env(self, path: str) -> dict[str, str]:
+        """The server's variables for the environment, ``path`` being the server's PATH."""
+        return {"PYTHONPATH": self.site, "PATH": f"{ENV_PATH}/bin:{path}",
+                "BINDER_REPO_URL": self.prepared.record["url"],
+                "BINDER_REF": self.prepared.record["commit"]}  # fmt: skip
+
+    def mounts(self) -> list[filesystem.ExtraMount]:
+        return [filesystem.ExtraMount(str(self.prepared.env), ENV_PATH, False)]
+
+    def argv(self, argv: list[str], home: str) -> list[str]:
+        start = self.prepared.record.get("start")
+        return [f"{home}/{start}", *argv] if start else argv
+
+    def copy_for(self, home: Path, uid: int, gid: int) -> Path:
+        """The user's copy of the repository (made now from the prepared commit if the user
+        has none), owned by the user."""
+        copy = home / "binder" / self.key
+        if copy.exists():
+            return copy
+        copy.parent.mkdir(mode=0o755, exist_ok=True)
+        staging = copy.parent / f".{self.key}.{secrets.token_hex(4)}"
+        try:
+            shutil.copytree(self.prepared.repo, staging, symlinks=True)
+            for path in (copy.parent, staging, *staging.rglob("*")):
+                with contextlib.suppress(OSError):
+                    os.lchown(path, uid, gid)
+                if not path.is_symlink():
+                    with contextlib.suppress(OSError):
+                        path.chmod(path.stat().st_mode | 0o200)  # the user's to change
+            os.rename(staging, copy)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return copy
+
+
+def from_user_options(options: dict[str, Any], cache_root: Path) -> BinderServer | None:
+    """The launched repository the options name, None for a server that is no launch."""
+    raw = options.get(OPTION)
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BadBinderOptions("user_options['binder'] must be a mapping")
+    key, commit = raw.get("repo"), raw.get("commit")
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise BadBinderOptions(f"user_options['binder']['repo']: {key!r} is no repository key")
+    if not isinstance(commit, str) or not _COMMIT.match(commit):
+        raise BadBinderOptions(f"user_options['binder']['commit']: {commit!r} is no commit")
+    prepared = load(cache_root / key / commit)
+    if prepared is None:
+        raise BadBinderOptions(f"{key} at {commit[:12]} has not been prepared: launch it "
+                               "through its Binder link")  # fmt: skip
+    return BinderServer(prepared, key, bool(raw.get("anonymous")))

@@ -1,0 +1,205 @@
+"""Binder links on the Hub service's URL: the launch page, its event stream, a page that
+makes links and badges.
+
+Under the service's prefix (``/services/sandbox-service``):
+
+* ``/v2/<provider>/<spec>?urlpath=...``: the launch page (BinderHub's link form). A
+  bad link gets an error page (400) at once; a good one a page that follows the
+  event stream and then goes to the server;
+* ``/build/<provider>/<spec>``: the event stream (server-sent events, as BinderHub's
+  ``/build``), a ``:heartbeat`` every 30 s;
+* ``/binder``: a form that makes a link and its badge (Markdown, reStructuredText);
+  ``/badge.svg``: the badge.
+
+Who is launching comes from the Hub's login (OAuth, as every Hub service; an API
+token in the ``Authorization`` header works too). Without one, the page sends the
+visitor to log in, unless the deployment launches anonymously (``--binder-anonymous``):
+then a visitor logged in to the Hub still launches as themself (through the Hub's
+login, at once), and one who is not as a temporary user (``?login=1`` asks to log in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+from tornado import iostream, web
+
+from ..hub_api import HubAPI
+from .launch import Launcher, LaunchSettings
+from .links import DEFAULT_BASES, BadLink, LinkPolicy
+from .prepare import DEFAULT_EGRESS, PrepareLimits, Preparer
+
+PAGES = Path(__file__).parent / "pages"
+_QUERY = ("urlpath", "labpath", "filepath")
+HEARTBEAT = 30.0
+#: The Hub's session cookie (path "/": this service sees it): the visitor is logged in.
+HUB_SESSION_COOKIE = "jupyterhub-session-id"
+
+
+class _BinderHandler(HubOAuthenticated, web.RequestHandler):
+    def initialize(self, launcher: Launcher, prefix: str) -> None:
+        self.launcher, self.prefix = launcher, prefix
+
+    def user_name(self) -> str | None:
+        model = self.get_current_user()
+        if not model or model.get("kind", "user") != "user":
+            return None
+        return model["name"]
+
+    def query(self) -> dict[str, str]:
+        return {k: self.get_argument(k) for k in _QUERY if self.get_argument(k, "")}
+
+    def get_template_path(self) -> str:
+        return str(PAGES)
+
+
+class LaunchPage(_BinderHandler):
+    async def get(self, provider: str, spec: str) -> None:
+        try:
+            link, _ = self.launcher.check(provider, spec, self.query())
+        except BadLink as exc:
+            self.set_status(400)
+            self.render("launch.html", error=str(exc), reason=exc.reason, prefix=self.prefix,
+                        repo="", ref="", build_url="")  # fmt: skip
+            return
+        if self.user_name() is None and (
+            not self.launcher.settings.anonymous or self.get_cookie(HUB_SESSION_COOKIE)
+            or self.get_argument("login", "")
+        ):  # fmt: skip
+            # Through the Hub's login (at once, for a visitor logged in to the Hub): a user
+            # launches as themself; anonymously only who is not logged in.
+            self.redirect(self.get_login_url())
+            return
+        # The stream is fetched by the page (not a navigation): the Hub's login accepts its
+        # cookie there only with the xsrf token.
+        query = urlencode({**self.query(), "_xsrf": self.xsrf_token.decode()})
+        build = f"{self.prefix}/build/{provider}/{spec}?{query}"
+        self.render("launch.html", error="", reason="", prefix=self.prefix, repo=link.url,
+                    ref=link.ref, build_url=build)  # fmt: skip
+
+
+class BuildStream(_BinderHandler):
+    async def get(self, provider: str, spec: str) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        user = self.user_name()
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            async for event in self.launcher.launch(provider, spec, self.query(), user):
+                self.write(f"data: {json.dumps(event)}\n\n")
+                await self.flush()
+        except iostream.StreamClosedError:
+            pass  # the page went away: the launch is cancelled with the generator
+        finally:
+            beat.cancel()
+
+    async def _heartbeat(self) -> None:
+        with contextlib.suppress(iostream.StreamClosedError):
+            while True:
+                await asyncio.sleep(HEARTBEAT)
+                self.write(":heartbeat\n\n")
+                await self.flush()
+
+
+class HomePage(_BinderHandler):
+    def get(self) -> None:
+        self.render("home.html", prefix=self.prefix,
+                    allowed_hosts=self.launcher.policy.allowed_hosts)  # fmt: skip
+
+
+class Badge(web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "image/svg+xml")
+        self.set_header("Cache-Control", "max-age=86400")
+        self.write((PAGES / "badge.svg").read_bytes())
+
+
+def routes(launcher: Launcher, prefix: str) -> list[tuple[Any, ...]]:
+    """The service's Binder routes under ``prefix``."""
+    args = {"launcher": launcher, "prefix": prefix}
+    return [
+        (rf"{prefix}/v2/([^/]+)/(.+)", LaunchPage, args),
+        (rf"{prefix}/build/([^/]+)/(.+)", BuildStream, args),
+        (rf"{prefix}/binder/?", HomePage, args),
+        (rf"{prefix}/badge.svg", Badge),
+        (rf"{prefix}/oauth_callback", HubOAuthCallbackHandler),
+    ]
+
+
+def default_cache() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/jupyter-sandbox/binder"
+    return os.path.expanduser("~/.local/share/jupyter-sandbox/binder")
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """The service's Binder options."""
+
+    def option(name: str, **kwargs: Any) -> None:
+        group.add_argument(f"--binder-{name}", **kwargs)
+
+    option("links", dest="binder", action="store_true",
+           help="serve Binder links (/v2/...) on the service's URL")  # fmt: skip
+    option("allowed-hosts", default="github.com,gitlab.com,gist.github.com",
+           help="hosts repositories may come from (comma-separated fnmatch patterns)")
+    option("base", action="append", default=[], metavar="PROVIDER=URL",
+           help="where a provider's repositories are, e.g. gl=https://gitlab.example.org")
+    option("egress", default=",".join(DEFAULT_EGRESS),
+           help="hosts (host or host:port) preparations may reach besides the repository's "
+           "host and the index (comma-separated)")  # fmt: skip
+    option("index-url", default=None, help="pip's index for preparations (default: PyPI)")
+    option("cache", default=default_cache(), help="where prepared environments are kept")
+    option("runtime", default="auto", help="the preparations' sandbox: auto, gvisor, bubblewrap")
+    option("prepare-timeout", type=float, default=600, help="seconds a preparation may take")
+    option("prepare-memory", type=int, default=2048, help="MiB a preparation may use")
+    option("prepare-disk", type=int, default=5120, help="MiB of disk a prepared commit may use")
+    option("anonymous", action="store_true",
+           help="visitors who are not logged in launch as temporary users")  # fmt: skip
+    option("anonymous-prefix", default="binder-", help="temporary users' names start so")
+    option("anonymous-timeout", type=float, default=600,
+           help="seconds of idleness after which a temporary user's server stops and the "
+           "user is deleted")  # fmt: skip
+    option("per-repo-limit", type=int, default=0,
+           help="servers of one repository running at once, all users (0: no limit)")
+    option("per-user-limit", type=int, default=2, help="launches in flight per user")
+    option("launch-timeout", type=float, default=300, help="seconds a server has to start")
+
+
+def launcher_from_args(args: argparse.Namespace) -> Launcher:
+    bases = dict(DEFAULT_BASES)
+    for item in args.binder_base:
+        provider, _, url = item.partition("=")
+        if provider not in bases or not url:
+            raise SystemExit(f"--binder-base {item!r}: expected gh=URL, gl=URL or gist=URL")
+        bases[provider] = url.rstrip("/")
+    policy = LinkPolicy(allowed_hosts=_names(args.binder_allowed_hosts), bases=bases)
+    limits = PrepareLimits(timeout=args.binder_prepare_timeout,
+                           memory_bytes=args.binder_prepare_memory << 20,
+                           disk_bytes=args.binder_prepare_disk << 20)  # fmt: skip
+    preparer = Preparer(Path(args.binder_cache), runtime=args.binder_runtime,
+                        egress=tuple(_names(args.binder_egress)),
+                        index_url=args.binder_index_url, limits=limits)  # fmt: skip
+    settings = LaunchSettings(anonymous=args.binder_anonymous,
+                              anonymous_prefix=args.binder_anonymous_prefix,
+                              per_repo_limit=args.binder_per_repo_limit,
+                              per_user_limit=args.binder_per_user_limit,
+                              launch_timeout=args.binder_launch_timeout)  # fmt: skip
+    return Launcher(policy, preparer, HubAPI(), settings)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def link_for(prefix: str, provider: str, spec: str, urlpath: str = "") -> str:
+    """A launch link's path (for messages and tests)."""
+    return f"{prefix}/v2/{provider}/{quote(spec, safe='/%')}" + (
+        f"?urlpath={quote(urlpath, safe='')}" if urlpath else "")  # fmt: skip

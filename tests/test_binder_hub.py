@@ -1,0 +1,186 @@
+"""Binder links on a real JupyterHub on one machine (LocalSandboxSpawner, bubblewrap): the
+event stream from link to running server, the repository's package importable in the
+launched notebook's kernel, the second launch of a commit cached, users' own copies,
+anonymous launches and their removal, bad links, and the launch page in a real browser.
+
+The repository is served by git's dumb HTTP protocol and the package by a PEP 503 index,
+both from this machine's loopback (never the internet)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+from binder_fixtures import SERVICE, BinderHub, launch, phases, server_of, spec
+from hub_fixtures import Hub
+from tornado.httpclient import AsyncHTTPClient
+
+from testcluster.cluster import free_port
+
+
+@pytest.fixture(scope="module")
+def binder_hub(tmp_path_factory) -> Iterator[Hub]:
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    setup = BinderHub(tmp_path_factory.mktemp("binder-hub"))
+    setup.hub.repo_url = setup.repo_url  # type: ignore[attr-defined]
+    yield setup.hub
+    setup.close()
+
+
+async def test_bad_links_fail_clearly_and_leave_nothing(binder_hub: Hub):
+    hub = binder_hub
+    token = await user_token(hub, "erin")
+    users_before = {u["name"] for u in await hub.api("GET", "/users")}
+    page = await AsyncHTTPClient().fetch(f"{hub.url}{SERVICE}/v2/zenodo/10.5281/x",
+                                         raise_error=False)  # fmt: skip
+    assert page.code == 400 and b"unknown provider" in page.body
+    assert b'data-reason="unknown-provider"' in page.body
+    url = hub.repo_url  # type: ignore[attr-defined]
+    closed = f"http://127.0.0.1:{free_port()}/demo.git"
+    cases = {
+        "unresolvable-ref": ("git", spec(url, "no-such-branch")),
+        "disallowed-host": ("git", spec("https://elsewhere.example/r.git")),
+        "unreachable": ("git", spec(closed)),
+        "malformed": ("gh", "only-an-org"),
+        "unknown-provider": ("svn", "x/y/z"),
+    }
+    for reason, (provider, what) in cases.items():
+        events = await launch(hub, provider, what, token)
+        assert events[-1]["phase"] == "failed", events
+        assert events[-1]["reason"] == reason, events[-1]
+        assert events[-1]["message"]
+    assert {u["name"] for u in await hub.api("GET", "/users")} == users_before
+    assert not list((hub.root / "binder").glob("*/*/prepared.json"))  # nothing prepared
+
+
+async def test_a_link_opens_running_with_its_packages(binder_hub: Hub):
+    hub = binder_hub
+    token = await user_token(hub, "alice")
+    events = await launch(hub, "git", spec(hub.repo_url), token)  # type: ignore[attr-defined]
+    assert phases(events) == ["waiting", "fetching", "building", "launching", "ready"], events
+    log = "\n".join(e["message"] for e in events)
+    assert "running postBuild" in log and "installing the repository's packages" in log
+    ready = events[-1]
+    user, server = server_of(ready)
+    assert user == "alice" and server.startswith("b-demo-")
+    assert ready["url"].endswith("/index.ipynb") and "token" not in ready
+    # The notebook at urlpath, run in the launched server's sandbox.
+    notebook = await hub.server_api(f"alice/{server}", token, "GET", "/api/contents/index.ipynb")
+    code = notebook["content"]["cells"][0]["source"]
+    out = await hub.execute(f"alice/{server}", token, code)
+    assert "package says from the index" in out, out
+    runs = await hub.server_api(f"alice/{server}", token, "GET",
+                                "/api/contents/postbuild-runs.txt")  # fmt: skip
+    assert runs["content"].split() == ["ran"]
+    # It runs with no network of its own: the repository's code reaches no host port.
+    out = await hub.execute(f"alice/{server}", token,
+                            "import socket\ntry:\n socket.create_connection(('127.0.0.1', "
+                            f"{hub.proxy_port}), timeout=3); print('connected')\n"
+                            "except OSError as e: print('blocked', type(e).__name__)")  # fmt: skip
+    assert "blocked" in out, out
+
+
+async def test_second_launch_is_cached_and_keeps_the_users_changes(binder_hub: Hub):
+    hub = binder_hub
+    token = await user_token(hub, "alice")
+    first = await launch(hub, "git", spec(hub.repo_url), token)  # type: ignore[attr-defined]
+    _, server = server_of(first[-1])
+    await hub.server_api(f"alice/{server}", token, "PUT", "/api/contents/my-notes.txt",
+                         {"type": "file", "format": "text", "content": "mine"})  # fmt: skip
+    await hub.api("DELETE", f"/users/alice/servers/{server}")
+    await wait_for(lambda: server_stopped(hub, "alice", server))
+    began = time.monotonic()
+    events = await launch(hub, "git", spec(hub.repo_url), token)  # type: ignore[attr-defined]
+    assert events[-1]["phase"] == "ready", events
+    assert any(e.get("cached") for e in events), events
+    log = "\n".join(e["message"] for e in events)
+    assert "postBuild" not in log and "pip" not in log, log
+    notes = await hub.server_api(f"alice/{server}", token, "GET", "/api/contents/my-notes.txt")
+    assert notes["content"] == "mine"
+    runs = await hub.server_api(f"alice/{server}", token, "GET",
+                                "/api/contents/postbuild-runs.txt")  # fmt: skip
+    assert runs["content"].split() == ["ran"]  # postBuild ran once, at preparation
+    print(f"cached launch after hibernation: {time.monotonic() - began:.2f}s")
+    # Another user shares the prepared commit, with a copy of their own.
+    bob = await user_token(hub, "bob")
+    events = await launch(hub, "git", spec(hub.repo_url), bob)  # type: ignore[attr-defined]
+    assert events[-1]["phase"] == "ready" and any(e.get("cached") for e in events), events
+    _, bob_server = server_of(events[-1])
+    listing = await hub.server_api(f"bob/{bob_server}", bob, "GET", "/api/contents/")
+    assert "my-notes.txt" not in {item["name"] for item in listing["content"]}
+
+
+async def test_anonymous_launch_gets_a_temporary_user_removed_after_idle(binder_hub: Hub):
+    hub = binder_hub
+    events = await launch(hub, "git", spec(hub.repo_url))  # type: ignore[attr-defined]
+    ready = events[-1]
+    assert ready["phase"] == "ready" and ready["token"], events
+    user, _ = server_of(ready)
+    assert user.startswith("binder-")
+    response = await AsyncHTTPClient().fetch(
+        f"{hub.url}{ready['url'].replace('index.ipynb', 'api/status')}", raise_error=False)
+    assert response.code == 200, response.code  # the token in the URL opens the server
+    home = hub.root / "homes" / user
+    assert (home / "binder").is_dir()
+    # Idle for the temporary users' timeout: the server stops and the user goes, home and all.
+    assert await wait_for(lambda: user_gone(hub, user), timeout=90), user
+    assert not home.exists()
+
+
+async def test_the_launch_page_in_a_browser(binder_hub: Hub, browser):
+    hub = binder_hub
+    page = await browser.new_page()
+    await page.goto(f"{hub.url}/hub/login")
+    await page.fill("input[name=username]", "carol")
+    await page.fill("input[name=password]", hub.password)
+    await page.click("#login_submit")
+    await page.wait_for_url(lambda url: "/hub/login" not in url, timeout=30_000)
+    link = f"{hub.url}{SERVICE}/v2/git/{spec(hub.repo_url)}?urlpath=lab"  # type: ignore[attr-defined]
+    await page.goto(link)
+    # The page streams the launch, then goes to JupyterLab in carol's server for the repo.
+    await page.wait_for_url("**/user/carol/b-demo-*/lab**", timeout=180_000)
+    await page.wait_for_selector("#jp-main-dock-panel", timeout=60_000)
+    # A bad link: an error page that says why.
+    await page.goto(f"{hub.url}{SERVICE}/v2/git/{spec(hub.repo_url, 'nope')}")
+    error = page.locator("#error")
+    await error.wait_for(state="visible", timeout=60_000)
+    assert "no branch, tag or ref 'nope'" in await error.inner_text()
+    assert await error.get_attribute("data-reason") == "unresolvable-ref"
+    # The form makes a link and its badge.
+    await page.goto(f"{hub.url}{SERVICE}/binder")
+    await page.select_option("#provider", "gh")
+    await page.fill("#repo", "org/repo")
+    await page.fill("#ref", "main")
+    value = await page.input_value("#markdown")
+    assert value == (f"[![Launch in a sandbox]({hub.url}{SERVICE}/badge.svg)]"
+                     f"({hub.url}{SERVICE}/v2/gh/org/repo/main)")  # fmt: skip
+
+
+# -- helpers ---------------------------------------------------------------------------------
+async def user_token(hub: Hub, name: str) -> str:
+    await hub.api("POST", f"/users/{name}", raise_error=False)
+    return await hub.user_token(name)
+
+
+async def server_stopped(hub: Hub, user: str, server: str) -> bool:
+    model = await hub.api("GET", f"/users/{user}")
+    return server not in (model.get("servers") or {})
+
+
+async def user_gone(hub: Hub, name: str) -> bool:
+    response = await hub.api("GET", f"/users/{name}", raise_error=False)
+    return response.code == 404
+
+
+async def wait_for(check, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
