@@ -228,7 +228,11 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         runtime.require()
         spec = self._spec(state, runtime.name, who, home=home)
         template = None
-        if runtime.name == "gvisor" and self.server_templates and self._binder is None:
+        # A launched repository's servers share a template of their own (one more mount);
+        # one with a start script runs it before the server: it starts cold.
+        if runtime.name == "gvisor" and self.server_templates and not (
+            self._binder and self._binder.prepared.record.get("start")
+        ):  # fmt: skip
             template = self._template(spec, runtime, who)
             if template is not None:
                 self._write_start(state, spec, who)

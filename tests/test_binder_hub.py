@@ -184,3 +184,63 @@ async def wait_for(check, timeout: float = 60) -> bool:
         await asyncio.sleep(0.5)
     return False
 
+
+
+async def test_launch_limits_per_user_and_per_repository(binder_hub: Hub):
+    """Abuse controls: launches in flight per user (2 here), servers of one repository
+    across users (3 here); reopening one's own running server is never refused."""
+    hub = binder_hub
+    for user in await hub.api("GET", "/users?state=active"):  # earlier tests' servers stop
+        for name in user.get("servers") or {}:
+            if name.startswith("b-demo-"):
+                await hub.api("DELETE", f"/users/{user['name']}/servers/{name}")
+                await wait_for(lambda u=user["name"], n=name: server_stopped(hub, u, n))
+    token = await user_token(hub, "lim-a")
+    results = await asyncio.gather(*(launch(hub, "git", spec(hub.repo_url), token)  # type: ignore[attr-defined]
+                                     for _ in range(3)))  # fmt: skip
+    outcomes = sorted(r[-1].get("reason", r[-1]["phase"]) for r in results)
+    assert outcomes == ["ready", "ready", "too-many-launches"], [r[-1] for r in results]
+
+    async def running() -> int:
+        users = await hub.api("GET", "/users?state=active")
+        return sum(1 for u in users for name, server in (u.get("servers") or {}).items()
+                   if name.startswith("b-demo-") and server.get("ready"))  # fmt: skip
+
+    for i in range(3 - await running()):
+        events = await launch(hub, "git", spec(hub.repo_url),  # type: ignore[attr-defined]
+                              await user_token(hub, f"lim-{i}"))  # fmt: skip
+        assert events[-1]["phase"] == "ready", events
+    assert await running() == 3
+    events = await launch(hub, "git", spec(hub.repo_url), await user_token(hub, "lim-x"))  # type: ignore[attr-defined]
+    assert events[-1]["reason"] == "too-many-launches", events[-1]
+    assert "lim-x" not in {u["name"] for u in await hub.api("GET", "/users?state=active")}
+    events = await launch(hub, "git", spec(hub.repo_url), token)  # type: ignore[attr-defined]
+    assert events[-1]["phase"] == "ready", events  # lim-a's own server, running
+
+
+async def test_a_link_on_a_gvisor_hub(tmp_path_factory):
+    """The default runtime as root: preparation and servers under gVisor; once the launched
+    servers' template is built, a cached launch is restored from it, and imports the
+    package."""
+    from conftest import require_runtime
+    from test_local_hub_gvisor import template_ready
+
+    require_runtime("gvisor")
+    setup = BinderHub(tmp_path_factory.mktemp("binder-gvisor-hub"), runtime="gvisor")
+    hub = setup.hub
+    probe = "import demo_pkg, os; print(demo_pkg.VALUE, os.uname().release)"
+    try:
+        for user in ("gina", "gus"):
+            token = await user_token(hub, user)
+            events = await launch(hub, "git", spec(setup.repo_url), token)
+            assert events[-1]["phase"] == "ready", events
+            assert any(e.get("cached") for e in events) == (user == "gus"), events
+            restored = any("restored from a template" in e["message"] for e in events)
+            assert restored == (user == "gus"), events
+            _, server = server_of(events[-1])
+            out = await hub.execute(f"{user}/{server}", token, probe)
+            assert out.split() == ["from", "the", "index", "4.4.0"], out  # gVisor's kernel
+            if user == "gina":  # built in the background after the first launched server
+                await template_ready(hub)
+    finally:
+        setup.close()
