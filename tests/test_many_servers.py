@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_runtime
+from conftest import require_runtime, wait_until
+
+from sandbox_provisioner import instance, limits
 
 SERVER = textwrap.dedent("""
     import asyncio, json, sys
@@ -68,6 +70,19 @@ def start_server(cwd: Path) -> tuple[subprocess.Popen, dict]:
     return proc, json.loads(line)
 
 
+def cgroups_of(kernel_id: str) -> list[Path]:
+    """The cgroup directories (every v1 controller) of a kernel's sandbox."""
+    parent = f"*/{limits.CGROUP_PARENT}/*{kernel_id}*"
+    return [p for p in limits.CGROUP_ROOT.glob(parent) if p.is_dir()]
+
+
+def empty(group: Path) -> bool:
+    try:
+        return not (group / "cgroup.procs").read_text().strip()
+    except OSError:
+        return True
+
+
 @pytest.fixture(autouse=True)
 def _runtimes() -> None:
     require_runtime("gvisor")
@@ -98,6 +113,22 @@ def test_two_servers_of_one_uid_keep_their_state_apart(notebook_dir: Path):
         d, d_state = start_server(notebook_dir)
         assert not Path(b_state["dir"]).exists()
         assert Path(c_state["dir"]).exists() and Path(d_state["dir"]).exists()
+        # What B's kernels left (their directories, with sockets nobody listens on, and
+        # their cgroups, empty: the sandboxes died with B) goes in a sweep; C's running
+        # kernels keep theirs. (The sweeps' age thresholds, 10 min and 60 s, set to 0.)
+        dead, live = Path(b_state["kernel"]), Path(c_state["kernel"])
+        assert dead.is_dir() and wait_until(lambda: cgroups_of(dead.name) == [] or
+                                            all(empty(g) for g in cgroups_of(dead.name)))
+        had_cgroups = bool(cgroups_of(live.name))
+        left = cgroups_of(dead.name)
+        if os.geteuid() == 0:  # limits are cgroups: both kernels had theirs
+            assert had_cgroups and left, (had_cgroups, left)
+        removed = instance.sweep_kernel_dirs(dead.parent, older_than=0)
+        limits.sweep_cgroups(older_than=0)
+        assert dead in removed and not dead.exists()
+        assert live.is_dir() and live not in removed
+        assert cgroups_of(dead.name) == []
+        assert bool(cgroups_of(live.name)) == had_cgroups
         for proc in (c, d):
             proc.stdin.write("\n")
             proc.stdin.flush()
