@@ -172,3 +172,26 @@ async def test_a_failed_start_tells_the_client_why(failing_server):
         assert "raise SandboxProvisioner.launch_timeout" in answer["message"], answer
     assert await api(failing_server, "GET", "/api/kernels") == []
     assert state_dirs() - before == set()
+
+
+@pytest.mark.parametrize("kernel_name", ["sandboxed-python-bubblewrap", "sandboxed-python-gvisor"])
+async def test_the_example_notebook_probes_this_servers_port(server, kernel_name):
+    """what-the-sandbox-blocks tries the port of the server that started the kernel (not a
+    guess: this server's port is random), and is blocked; an unsandboxed kernel would not be."""
+    from conftest import require_runtime
+
+    require_runtime(kernel_name.rsplit("-", 1)[1])
+    notebook = json.loads((Path(__file__).parent.parent / "examples" / "notebooks"
+                           / "what-the-sandbox-blocks.ipynb").read_text())  # fmt: skip
+    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    attempt = next(c for c in cells if c.startswith("def attempt"))
+    network = next(c for c in cells if "Jupyter server" in c)
+    kernel = await api(server, "POST", "/api/kernels", {"name": kernel_name})
+    try:
+        status, out = await execute_over_websocket(server, kernel["id"], attempt + "\n" + network)
+    finally:
+        await api(server, "DELETE", f"/api/kernels/{kernel['id']}")
+    port = server["base"].rsplit(":", 1)[1]
+    assert status == "ok", out
+    assert f"BLOCKED  connect to the host's Jupyter server (port {port})" in out, out
+    assert "ALLOWED" not in out, out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,19 @@ from ..spec import Mount, NetworkMode, ResourceLimits, SandboxSpec, WorkspaceMod
 
 #: Set by the provisioner in every sandbox, so code can tell where it runs.
 RUNTIME_ENV = "JUPYTER_SANDBOX_RUNTIME"
+#: The port of the Jupyter server a kernel was started by (not a secret: the sandbox cannot
+#: reach it; the example notebook shows that it cannot).
+SERVER_PORT_ENV = "JUPYTER_SANDBOX_SERVER_PORT"
+
+
+def server_port() -> int | None:
+    """The TCP port of the jupyter_server this process is, if it is one (and listens on
+    TCP); never imports jupyter_server."""
+    serverapp = sys.modules.get("jupyter_server.serverapp")
+    if serverapp is None or not serverapp.ServerApp.initialized():
+        return None
+    app = serverapp.ServerApp.instance()
+    return None if getattr(app, "sock", "") else int(app.port)
 #: The module a gVisor template runs.
 TEMPLATE_MODULE = "sandbox_provisioner.agent.template"
 
@@ -183,6 +197,9 @@ class SandboxPlan:
         }
         spec_env = self.kernel_spec.env if self.kernel_spec else {}
         allowed.update({k: env[k] for k in spec_env if k in env})
+        port = server_port()
+        if port:
+            allowed[SERVER_PORT_ENV] = str(port)
         if remote:
             return {**allowed, RUNTIME_ENV: self.runtime_instance.name}
         bindir = os.path.dirname(cmd[0]) if os.path.isabs(cmd[0]) else ""
