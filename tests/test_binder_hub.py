@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from binder_fixtures import SERVICE, BinderHub, launch, phases, server_of, spec
+from binder_fixtures import SERVICE, BinderHub, git_repo, launch, phases, server_of, spec
 from hub_fixtures import Hub
 from tornado.httpclient import AsyncHTTPClient
 
@@ -27,6 +27,7 @@ def binder_hub(tmp_path_factory) -> Iterator[Hub]:
     require_runtime("bubblewrap")
     setup = BinderHub(tmp_path_factory.mktemp("binder-hub"))
     setup.hub.repo_url = setup.repo_url  # type: ignore[attr-defined]
+    setup.hub.repos = setup.repos  # type: ignore[attr-defined]
     yield setup.hub
     setup.close()
 
@@ -112,6 +113,23 @@ async def test_second_launch_is_cached_and_keeps_the_users_changes(binder_hub: H
     _, bob_server = server_of(events[-1])
     listing = await hub.server_api(f"bob/{bob_server}", bob, "GET", "/api/contents/")
     assert "my-notes.txt" not in {item["name"] for item in listing["content"]}
+
+
+async def test_a_start_script_runs_before_the_server(binder_hub: Hub):
+    """binder/start, as on mybinder.org: it runs first, the server is its ``exec "$@"``."""
+    hub = binder_hub
+    start = '#!/bin/bash\nexport DEMO_STARTED="by start, in $PWD"\nexec "$@"\n'
+    git_repo(hub.repos, "starter", {"binder/start": start, "README.md": "hi\n"},  # type: ignore[attr-defined]
+             executable=("binder/start",))  # fmt: skip
+    url = hub.repo_url.replace("demo.git", "starter.git")  # type: ignore[attr-defined]
+    token = await user_token(hub, "stella")
+    events = await launch(hub, "git", spec(url), token, urlpath="")
+    assert events[-1]["phase"] == "ready", events
+    assert any("no packages" in e["message"] for e in events), events  # nothing to prepare
+    _, server = server_of(events[-1])
+    out = await hub.execute(f"stella/{server}", token,
+                            "import os; print(os.environ.get('DEMO_STARTED'))")  # fmt: skip
+    assert out.strip() == "by start, in /home/jovyan", out
 
 
 async def test_anonymous_launch_gets_a_temporary_user_removed_after_idle(binder_hub: Hub):

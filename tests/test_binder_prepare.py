@@ -181,3 +181,26 @@ def test_allowlist_entries():
     assert allow.allows("files.pythonhosted.org", 443)
     assert not allow.allows("evilpypi.org", 443)
     assert allow.allows("127.0.0.1", 8080) and not allow.allows("127.0.0.1", 8081)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"repo": "../../etc", "commit": "0" * 40},
+        {"repo": "a/b", "commit": "0" * 40},
+        {"repo": ".work", "commit": "0" * 40},
+        {"repo": "ok-key", "commit": "HEAD"},
+        {"repo": "ok-key", "commit": "../" * 13 + "x"},
+        {"repo": "ok-key", "commit": "0" * 40},  # well formed, never prepared
+        "not a mapping",
+    ],
+)  # fmt: skip
+def test_a_server_takes_only_a_prepared_commit_named_by_key(tmp_path, options):
+    """user_options come from the user: they name a prepared commit of the cache, never a
+    path of the host."""
+    from sandbox_spawner.binder.server import BadBinderOptions, from_user_options
+
+    (tmp_path / "etc").mkdir()
+    with pytest.raises(BadBinderOptions):
+        from_user_options({"binder": options}, tmp_path / "cache")
+    assert from_user_options({}, tmp_path / "cache") is None
