@@ -7,8 +7,8 @@ the pod's runtimeClassName says so, else bubblewrap):
 
 * each pod gets its own IP from 127.0.0.0/8 and the host network, so a process
   that binds its pod IP is reachable from the other pods by that IP;
-* PVC volumes are per-claim host directories that outlive the pod; emptyDir
-  volumes die with it; both belong to the uid pods run as (the sandbox uid, as
+* PVC volumes are per-claim host directories that outlive the pod (``subPath``
+  mounts a part of one); emptyDir volumes die with it; both belong to the uid pods run as (the sandbox uid, as
   a kubelet gives volumes to a pod's fsGroup);
 * status is written the way the kubelet writes it (phase, conditions,
   containerStatuses, podIP/podIPs, hostIP, startTime), restarts follow
@@ -275,6 +275,9 @@ class NodeAgent:
             src = sources.get(vm["name"])
             if src is None:
                 continue
+            if vm.get("subPath"):  # a part of the volume, made if missing (as the kubelet does)
+                src = src / vm["subPath"]
+                src.mkdir(parents=True, exist_ok=True)
             writable = not vm.get("readOnly", False) and vm["name"] not in read_only
             if writable:
                 _owned_by_pods(src)

@@ -204,3 +204,125 @@ def test_a_server_takes_only_a_prepared_commit_named_by_key(tmp_path, options):
     with pytest.raises(BadBinderOptions):
         from_user_options({"binder": options}, tmp_path / "cache")
     assert from_user_options({}, tmp_path / "cache") is None
+
+
+async def test_the_cache_keeps_its_bound_least_recently_launched_first(served, tmp_path):
+    import fcntl
+
+    from sandbox_spawner.binder import cache
+    from sandbox_spawner.binder.prepare import PREPARED, disk_usage
+
+    prep = preparer(served, tmp_path, "bubblewrap")  # nothing to install: no sandbox runs
+    prepared = []
+    for i in range(3):
+        commit = git_repo(served["repos"], f"evict{i}", {"data.txt": f"{i}" * 50_000})
+        prepared.append((await prep.prepare(link(served, f"evict{i}"), commit, events()[1]))[0])
+    for age, entry in enumerate(prepared):
+        os.utime(entry.path / PREPARED, (1000 + age, 1000 + age))
+    cache.touch(prepared[0])  # launched again just now: the most recent
+    total = sum(disk_usage(p.path) for p in prepared)
+    assert cache.evict(prep.cache_root, total - 1, keep=set()) == [prepared[1].path]
+    assert not prepared[1].path.exists() and prepared[0].path.exists() and prepared[2].path.exists()
+    # What a server uses stays, over the bound or not; so does what a launch holds.
+    assert cache.evict(prep.cache_root, 0, keep={prepared[0].path, prepared[2].path}) == []
+    lock = os.open(prepared[2].path.parent / f"{prepared[2].path.name}.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        assert cache.evict(prep.cache_root, 0, keep={prepared[0].path}) == []
+    finally:
+        os.close(lock)
+    assert cache.evict(prep.cache_root, 0, keep={prepared[0].path}) == [prepared[2].path]
+    assert [p.name for p in (tmp_path / "cache" / ".work").iterdir()] == []
+    users = [{"name": "u", "servers": {"s": {"ready": True, "user_options": {"binder": {
+        "repo": prepared[0].path.parent.name, "commit": prepared[0].path.name}}}}}]
+    assert cache.in_use(users, prep.cache_root) == {prepared[0].path}
+
+
+# -- on Kubernetes: a preparation pod --------------------------------------------------------
+POD_POST_BUILD = """#!/usr/bin/env python3
+import os, urllib.request
+import demo_pkg
+results = ["value=" + demo_pkg.VALUE]
+try:
+    urllib.request.urlopen("http://127.0.0.1:{port}/", timeout=10)
+    results.append("proxied=fetched")
+except Exception as exc:
+    results.append("proxied=" + str(getattr(exc, "code", type(exc).__name__)))
+forged = os.environ["http_proxy"].replace("binder:", "binder:x")  # another token: none
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({{"http": forged}}))
+try:
+    opener.open("http://127.0.0.1:{port}/", timeout=10)
+    results.append("forged=fetched")
+except Exception as exc:
+    results.append("forged=" + str(getattr(exc, "code", type(exc).__name__)))
+open("postbuild-ran.txt", "w").write("\\n".join(results) + "\\n")
+"""
+
+
+def test_the_preparation_pod_is_locked_down():
+    from sandbox_spawner.binder.kube_prepare import preparation_pod
+
+    pod = preparation_pod("p", image="img", claim="cache", work=".work/x", runtime_class="gvisor",
+                          uid=1000, memory_bytes=2 << 30, cpus=1.0, deadline=600,
+                          command=["python3", "-m", "m"])  # fmt: skip
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    assert spec["runtimeClassName"] == "gvisor" and spec["restartPolicy"] == "Never"
+    assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+    assert spec["securityContext"]["runAsNonRoot"] and spec["activeDeadlineSeconds"] == 600
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False,
+                                            "capabilities": {"drop": ["ALL"]}}  # fmt: skip
+    assert container["resources"]["limits"] == {"memory": str(2 << 30), "cpu": "1000m",
+                                                "ephemeral-storage": "1Gi"}  # fmt: skip
+    mounts = {m["mountPath"]: (m["subPath"], m["readOnly"]) for m in container["volumeMounts"]}
+    assert mounts == {"/home/jovyan": (".work/x/repo", False),
+                      "/srv/binder": (".work/x/env", False),
+                      "/run/jupyter-sandbox-build": (".work/x/plan", True),
+                      "/var/log/binder": (".work/x/log", False)}  # fmt: skip
+
+
+async def test_a_preparation_pod_on_the_cluster(served, cluster, node_agent, tmp_path):
+    """The pod (on the test cluster's stand-in node: bubblewrap, host network, no network
+    policy enforcement, so only the proxy's refusals can be tried here) prepares the commit
+    on the cache volume, reaching out only through the service's proxy with its token."""
+    import sys
+    import uuid
+
+    from agent_sandbox.kube import PODS, Kube
+    from sandbox_spawner.binder.egress import SharedEgressProxy
+    from sandbox_spawner.binder.kube_prepare import PodRunner
+    from testcluster.cluster import free_port
+
+    namespace = f"binder-{uuid.uuid4().hex[:8]}"
+    status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    assert status == 201, body
+    proxy = SharedEgressProxy()
+    port = free_port()
+    await proxy.start_tcp("127.0.0.1", port)
+    kube = await Kube.connect(str(cluster.kubeconfig))
+    outside = Listener()
+    try:
+        cache_root = cluster.workdir / "node" / "pvc" / namespace / "binder-cache"
+        runner = PodRunner(namespace=namespace, claim="binder-cache", image="unused:1",
+                           proxy=proxy, proxy_address=f"127.0.0.1:{port}", runtime_class=None,
+                           python=sys.executable, kube=kube)  # fmt: skip
+        prep = Preparer(cache_root, egress=(), index_url=f"{served['index'].url}/simple/",
+                        runner=runner, limits=PrepareLimits(timeout=120))  # fmt: skip
+        commit = git_repo(served["repos"], "in-a-pod", {
+            "requirements.txt": "demo_pkg\n", "postBuild": POD_POST_BUILD.format(port=outside.port),
+        }, executable=("postBuild",))  # fmt: skip
+        seen, emit = events()
+        prepared, cached = await prep.prepare(link(served, "in-a-pod"), commit, emit)
+        log = "\n".join(m for _, m in seen)
+        assert not cached and "Preparing in the pod binder-prepare-" in log, log
+        results = (prepared.repo / "postbuild-ran.txt").read_text().splitlines()
+        assert results == ["value=from the index", "proxied=403", "forged=407"], results
+        assert outside.accepted() == 0
+        assert f"Refused by the egress allowlist: 127.0.0.1:{outside.port}" in log
+        assert (prepared.env / prepared.record["site"] / "demo_pkg.py").is_file()
+        assert await kube.list(PODS, namespace) == []  # the pod is gone
+        assert os.listdir(cache_root / ".work") == []
+    finally:
+        await proxy.close()
+        await kube.close()
+        cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")

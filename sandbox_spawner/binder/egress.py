@@ -8,6 +8,12 @@ Unix socket bound in from the host, where this proxy reads one HTTP request:
 else ``403``. Processes in the sandbox find it through ``http_proxy`` and
 ``https_proxy``; one that ignores the variables reaches nothing at all.
 
+On Kubernetes, where a preparation is a pod, one proxy in the Hub service serves them
+all over TCP (:class:`SharedEgressProxy`): each preparation gets a token, sent as the
+proxy's credentials (``http://binder:TOKEN@host:port``, which pip, git and curl send
+as ``Proxy-Authorization``), that names its allowlist; a NetworkPolicy lets
+preparation pods reach that port and nothing else.
+
 Written here (about a hundred lines) rather than taken from a proxy library: it
 listens on a Unix socket, decides on the name the client asked for before it
 connects, and does nothing else (no cache, no TLS interception, no DNS for the
@@ -17,10 +23,13 @@ sandbox).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import fnmatch
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -74,6 +83,10 @@ class EgressProxy:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
+    def _allowlist(self, headers: bytes) -> tuple[Allowlist, list[str]] | None:
+        """The allowlist this request is held to, and where its refusals are noted."""
+        return self.allowlist, self.denied
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
@@ -83,6 +96,10 @@ class EgressProxy:
                 ValueError, ConnectionError):  # fmt: skip
             writer.close()
             return
+        held = self._allowlist(headers)
+        if held is None:
+            return await self._answer(writer, 407, "no valid preparation token")
+        allowlist, denied = held
         if method.upper() == "CONNECT":
             where = urlsplit("//" + target)
             forward = b""
@@ -100,8 +117,8 @@ class EgressProxy:
             host, port = where.hostname or "", where.port or (443 if not forward else 80)
         except ValueError:
             return await self._answer(writer, 400, "malformed host")
-        if not host or not self.allowlist.allows(host, port):
-            self.denied.append(f"{host}:{port}")
+        if not host or not allowlist.allows(host, port):
+            denied.append(f"{host}:{port}")
             log.info("egress denied: %s:%s", host, port)
             return await self._answer(writer, 403, f"{host}:{port} is not on this "
                                       "deployment's egress allowlist")  # fmt: skip
@@ -117,7 +134,8 @@ class EgressProxy:
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, code: int, message: str) -> None:
-        reason = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}[code]
+        reason = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required",
+                  502: "Bad Gateway"}[code]  # fmt: skip
         body = (message + "\n").encode()
         writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -125,3 +143,37 @@ class EgressProxy:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
+
+
+class SharedEgressProxy(EgressProxy):
+    """One TCP proxy for many preparations (pods), each held to its own allowlist by the
+    token in its proxy credentials."""
+
+    def __init__(self) -> None:
+        super().__init__(Allowlist(()))
+        self._tokens: dict[str, tuple[Allowlist, list[str]]] = {}
+
+    async def start_tcp(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=_HEADER_LIMIT)
+
+    def register(self, allowlist: Allowlist) -> tuple[str, list[str]]:
+        """A new token for a preparation held to ``allowlist``; its refusals' list."""
+        token, denied = secrets.token_urlsafe(24), []
+        self._tokens[token] = (allowlist, denied)
+        return token, denied
+
+    def unregister(self, token: str) -> None:
+        self._tokens.pop(token, None)
+
+    def _allowlist(self, headers: bytes) -> tuple[Allowlist, list[str]] | None:
+        for line in headers.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() != b"proxy-authorization":
+                continue
+            scheme, _, credentials = value.strip().partition(b" ")
+            if scheme.lower() != b"basic":
+                return None
+            with contextlib.suppress(ValueError, binascii.Error):
+                _, _, token = base64.b64decode(credentials).decode().partition(":")
+                return self._tokens.get(token)
+        return None

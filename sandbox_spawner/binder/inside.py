@@ -5,8 +5,11 @@
 a read-only directory). The sandbox has no network; this process first listens on
 loopback and carries each connection to the egress proxy's Unix socket (the host's
 :class:`~.egress.EgressProxy`), and every step gets ``http_proxy``/``https_proxy``
-pointing there. Packages go to the environment's prefix with pip (``--prefix``:
-what the server's Python already has is not installed again); ``postBuild`` runs in
+pointing there. In a pod (Kubernetes), the proxy is the Hub service's, at the plan's
+``proxy_url`` (its credentials name the preparation), and the output goes to the
+plan's ``log``, on the volume the service reads. Packages go to the environment's
+prefix with pip (``--prefix``: what the server's Python already has is not installed
+again); ``postBuild`` runs in
 the repository with that prefix first on its paths. Output goes to the preparation's
 log, which the host streams to the launch page.
 """
@@ -25,6 +28,8 @@ from ..streams import forward_tcp_to_unix
 
 #: Inside the sandbox: where the forwarder listens (its own loopback).
 PROXY_PORT = 3128
+#: In the prefix: where this Python put the packages (relative), for the servers' PYTHONPATH.
+SITE_FILE = ".site"
 
 
 def site_dir(prefix: str) -> str:
@@ -52,16 +57,26 @@ def _step(title: str, argv: list[str], env: dict[str, str], cwd: str) -> None:
 def main(plan_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
-    ready = threading.Event()
-    threading.Thread(target=_forward, args=(plan["proxy_socket"], ready), daemon=True).start()
-    if not ready.wait(30):
-        sys.exit("the egress forwarder did not start")
+    if plan.get("log"):  # a pod: the log goes where the service reads it (a shared volume)
+        fd = os.open(plan["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for stream in (1, 2):
+            os.dup2(fd, stream)
+    if plan.get("proxy_url"):  # a pod: the Hub service's proxy, with this preparation's token
+        proxy = plan["proxy_url"]
+    else:
+        ready = threading.Event()
+        threading.Thread(target=_forward, args=(plan["proxy_socket"], ready), daemon=True).start()
+        if not ready.wait(30):
+            sys.exit("the egress forwarder did not start")
+        proxy = f"http://127.0.0.1:{PROXY_PORT}"
     prefix, repo = plan["prefix"], plan["repo"]
-    proxy = f"http://127.0.0.1:{PROXY_PORT}"
     env = {**plan["env"], "http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy,
            "HTTPS_PROXY": proxy, "no_proxy": "", "NO_PROXY": "",
            "PYTHONPATH": site_dir(prefix), "PIP_PREFIX": prefix,
-           "PATH": f"{prefix}/bin:{plan['env']['PATH']}"}  # fmt: skip
+           "PATH": ":".join([f"{prefix}/bin", os.path.dirname(sys.executable),
+                             plan["env"]["PATH"]])}  # fmt: skip
+    with open(os.path.join(prefix, SITE_FILE), "w") as f:
+        f.write(os.path.relpath(site_dir(prefix), prefix))
     if plan.get("requirements"):
         pip = [sys.executable, "-m", "pip", "install", "--no-cache-dir", "--prefix", prefix,
                "--no-warn-script-location", "--disable-pip-version-check", "--progress-bar",

@@ -31,11 +31,12 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from ..hub_api import HubAPI, HubAPIError
-from . import refs
+from . import cache, refs
 from .environment import BadRepository
 from .links import BadLink, LinkPolicy, RepoLink, launch_path
 from .prepare import PreparationFailed, Preparer, repo_key
@@ -62,6 +63,8 @@ class LaunchSettings:
     per_user_limit: int = 2
     #: Seconds a server has to start.
     launch_timeout: float = 300
+    #: The prepared commits' cache holds at most this (least recently launched out first).
+    cache_bytes: int = 20 << 30
 
 
 def server_name(link: RepoLink) -> str:
@@ -132,10 +135,13 @@ class Launcher:
     async def _launch_for(self, link: RepoLink, path: str, user: str | None, emit: Any) -> None:
         commit = await refs.resolve(link)
         emit("fetching", f"{link.ref} is commit {commit}")
-        _, cached = await self.preparer.prepare(link, commit, emit)
+        prepared, cached = await self.preparer.prepare(link, commit, emit)
+        cache.touch(prepared)
         if cached:
             emit("building", f"Using the environment prepared for {commit[:12]} (cached: "
                  "nothing to prepare)", cached=True)  # fmt: skip
+        else:
+            await self._bound_cache(prepared.path)
         name = server_name(link)
         await self._check_repo_limit(name, user)
         anonymous = user is None
@@ -155,6 +161,12 @@ class Launcher:
                     await self.hub.request("DELETE", f"/users/{quote(user, safe='')}")
             raise
         emit("ready", f"{link.url} is running; opening {path or 'its server'}", **ready)
+
+    async def _bound_cache(self, launching: Path) -> None:
+        users = await self.hub.request("GET", "/users?state=active&limit=1000")
+        keep = cache.in_use(users, self.preparer.cache_root) | {launching}
+        for removed in cache.evict(self.preparer.cache_root, self.settings.cache_bytes, keep):
+            log.info("removed the prepared commit %s (the cache's bound)", removed)
 
     async def _check_repo_limit(self, name: str, user: str | None) -> None:
         limit = self.settings.per_repo_limit

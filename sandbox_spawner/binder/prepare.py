@@ -48,7 +48,7 @@ from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 from . import refs
 from .egress import Allowlist, EgressProxy
 from .environment import BadRepository, read_environment
-from .inside import site_dir
+from .inside import SITE_FILE, site_dir
 from .links import RepoLink
 
 #: Where the prepared environment's prefix is, in the preparation and in every server.
@@ -104,6 +104,9 @@ class Preparer:
     index_url: str | None = None
     limits: PrepareLimits = field(default_factory=PrepareLimits)
     python: str = sys.executable
+    #: Where preparations run: None, a local sandbox; else a runner with ``run()`` (on
+    #: Kubernetes, :class:`~.kube_prepare.PodRunner`: a pod).
+    runner: Any = None
 
     def entry(self, link: RepoLink, commit: str) -> Path:
         return self.cache_root / repo_key(link.url) / commit
@@ -153,11 +156,10 @@ class Preparer:
         if not wanted.requirements and not wanted.post_build:
             emit("building", "Nothing to install: the repository asks for no packages")
             return record
-        plan = {"proxy_socket": f"{_EGRESS_DIR}/proxy.sock", "prefix": ENV_PATH,
-                "repo": REPO_PATH, "index_url": self.index_url,
+        plan = {"prefix": ENV_PATH, "repo": REPO_PATH, "index_url": self.index_url,
                 "requirements": None, "post_build": None,
                 "env": {"HOME": REPO_PATH, "USER": "jovyan", "LANG": "C.UTF-8",
-                        "PATH": f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin",
+                        "PATH": "/usr/local/bin:/usr/bin:/bin",
                         "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
                         # postBuild can tell this preparation from repo2docker's build.
                         "JUPYTER_SANDBOX_PREPARE": "1"}}  # fmt: skip
@@ -168,12 +170,24 @@ class Preparer:
         if wanted.post_build:
             wanted.post_build.chmod(0o755)  # as repo2docker does
             plan["post_build"] = f"{REPO_PATH}/{config / 'postBuild'}"
-        (work / "plan" / "plan.json").write_text(json.dumps(plan))
         allow = Allowlist((*self.egress, *_repo_hosts(link.url), *_index_hosts(self.index_url)))
-        await self._run_sandbox(work, allow, emit)
+        if self.runner is not None:
+            code, denied = await self.runner.run(self, work, plan, allow, emit)
+        else:
+            code, denied = await self._run_sandbox(work, plan, allow, emit)
+        if denied:
+            emit("building", f"Refused by the egress allowlist: {', '.join(sorted(set(denied)))}")
+        if code != 0:
+            raise PreparationFailed(f"preparing the environment failed (exit code {code}); "
+                                    "the log above says where")  # fmt: skip
+        with contextlib.suppress(OSError):  # where the preparation's Python put packages
+            record["site"] = (work / "env" / SITE_FILE).read_text().strip() or record["site"]
         return record
 
-    async def _run_sandbox(self, work: Path, allow: Allowlist, emit: Emit) -> None:
+    async def _run_sandbox(self, work: Path, plan: dict[str, Any], allow: Allowlist,
+                           emit: Emit) -> tuple[int | None, list[str]]:  # fmt: skip
+        (work / "plan" / "plan.json").write_text(
+            json.dumps({**plan, "proxy_socket": f"{_EGRESS_DIR}/proxy.sock"}))
         runtime = create_runtime(self.runtime)
         runtime.require()
         who = identity.resolve()
@@ -192,7 +206,7 @@ class Preparer:
         try:
             sandbox = await runtime.launch(spec)
             try:
-                code = await self._watch(sandbox, spec.log_path, work, emit)
+                code = await self.watch(sandbox, spec.log_path, work, emit)
             finally:
                 await sandbox.cleanup()
         finally:
@@ -200,14 +214,9 @@ class Preparer:
             shutil.rmtree(egress, ignore_errors=True)
             if who.separate:
                 _chown_tree(work, os.getuid(), os.getgid())
-        if proxy.denied:
-            refused = ", ".join(sorted(set(proxy.denied)))
-            emit("building", f"Refused by the egress allowlist: {refused}")
-        if code != 0:
-            raise PreparationFailed(f"preparing the environment failed (exit code {code}); "
-                                    "the log above says where")  # fmt: skip
+        return code, proxy.denied
 
-    async def _watch(self, sandbox: Any, log: Path, work: Path, emit: Emit) -> int | None:
+    async def watch(self, sandbox: Any, log: Path, work: Path, emit: Emit) -> int | None:
         """Stream the log until the sandbox ends; enforce the time and disk limits."""
         deadline = time.monotonic() + self.limits.timeout
         offset, partial, next_disk = 0, b"", 0.0
@@ -232,7 +241,7 @@ class Preparer:
                     raise PreparationFailed(f"preparing took longer than {self.limits.timeout:g}s")
                 if now >= next_disk:
                     next_disk = now + 1.0
-                    used = _disk_usage(work / "repo") + _disk_usage(work / "env")
+                    used = disk_usage(work / "repo") + disk_usage(work / "env")
                     if used > self.limits.disk_bytes:
                         await sandbox.kill()
                         raise PreparationFailed(
@@ -312,13 +321,14 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
 def _seal(work: Path) -> None:
     """Keep what servers use (the repository, the environment, the record), readable by
     every user's server (read-only there: it is bound so)."""
-    for sub in ("state", "plan", "etc"):
+    for sub in ("state", "plan", "etc", "log"):
         shutil.rmtree(work / sub, ignore_errors=True)
     for path in (work, work / "repo", work / "env"):
-        path.chmod(0o755)
+        with contextlib.suppress(OSError):  # (a pod's uid made them: the same, or root's)
+            path.chmod(0o755)
 
 
-def _disk_usage(root: Path) -> int:
+def disk_usage(root: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(root):
         for name in files:

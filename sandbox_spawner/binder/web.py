@@ -157,6 +157,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
            "host and the index (comma-separated)")  # fmt: skip
     option("index-url", default=None, help="pip's index for preparations (default: PyPI)")
     option("cache", default=default_cache(), help="where prepared environments are kept")
+    option("cache-size", type=int, default=20480,
+           help="MiB the prepared environments may hold (least recently launched out first)")
     option("runtime", default="auto", help="the preparations' sandbox: auto, gvisor, bubblewrap")
     option("prepare-timeout", type=float, default=600, help="seconds a preparation may take")
     option("prepare-memory", type=int, default=2048, help="MiB a preparation may use")
@@ -191,7 +193,8 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
                               anonymous_prefix=args.binder_anonymous_prefix,
                               per_repo_limit=args.binder_per_repo_limit,
                               per_user_limit=args.binder_per_user_limit,
-                              launch_timeout=args.binder_launch_timeout)  # fmt: skip
+                              launch_timeout=args.binder_launch_timeout,
+                              cache_bytes=args.binder_cache_size << 20)  # fmt: skip
     return Launcher(policy, preparer, HubAPI(), settings)
 
 
