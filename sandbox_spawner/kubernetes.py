@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -45,6 +46,7 @@ from agent_sandbox.kube import CLAIMS, JSON_PATCH, SANDBOXES, TEMPLATES, Kube, i
 from sandbox_provisioner.runtimes.kubernetes import hub_server_id, server_selector
 
 from . import manifests
+from .binder import server as binder_server
 from .starts import RecordsStarts
 
 
@@ -68,6 +70,23 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
         True, config=True,
         help="Delete the Sandbox, and with it the home PVC, when the user (or named server) "
         "is deleted. Off: the Sandbox stays, hibernated, for an administrator to remove.",
+    )  # fmt: skip
+
+    binder_cache = Unicode(
+        "", config=True,
+        help="Binder links: where the Hub sees the prepared commits' volume (the service's "
+        "--binder-cache). Empty: launched repositories are refused.",
+    )  # fmt: skip
+    binder_cache_claim = Unicode(
+        "jupyter-sandbox-binder-cache", config=True,
+        help="Binder links: the PVC (ReadWriteMany) holding the prepared commits, which a "
+        "launched repository's server mounts read-only.",
+    )  # fmt: skip
+
+    binder_home = Unicode(
+        "/home/jovyan", config=True,
+        help="Binder links: where the server's home volume is mounted; a launched "
+        "repository's files are copied there on its first start, and the server runs there.",
     )  # fmt: skip
 
     @default("will_resume")
@@ -130,7 +149,22 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
             if template is None:
                 raise SpawnFailed(f"SandboxTemplate {self.namespace}/{self.sandbox_template} "
                                   "does not exist")  # fmt: skip
-        return manifests.sandbox_manifest(self.sandbox_name, serialize(pod), pvc, template)
+        pod = serialize(pod)
+        launched = self._binder_server()
+        if launched is not None:
+            pod = launched.kube_pod(pod, self.binder_cache_claim, self.binder_home)
+        return manifests.sandbox_manifest(self.sandbox_name, pod, pvc, template)
+
+    def _binder_server(self) -> binder_server.BinderServer | None:
+        """The launched repository this server's options name (refused unless prepared)."""
+        if binder_server.OPTION not in (self.user_options or {}):
+            return None
+        if not self.binder_cache:
+            raise SpawnFailed("Binder links are not configured on this Hub (binder_cache)")
+        try:
+            return binder_server.from_user_options(self.user_options, Path(self.binder_cache))
+        except binder_server.BadBinderOptions as exc:
+            raise SpawnFailed(str(exc)) from None
 
     async def _wait_ready(self) -> str:
         """The server's URL once its pod runs; SpawnFailed as soon as it cannot.

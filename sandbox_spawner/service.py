@@ -78,14 +78,14 @@ class StatusHandler(web.RequestHandler):
         self.write(json.dumps(self.status))
 
 
-def serve(url: str, status: dict, args: argparse.Namespace) -> None:
+def serve(url: str, status: dict, launcher: object | None = None) -> None:
     """The service's pages on ``url`` (``JUPYTERHUB_SERVICE_URL``), under its prefix."""
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/").rstrip("/")
     routes: list = []
-    if args.binder:
+    if launcher is not None:
         from .binder import web as binder_web
 
-        routes = binder_web.routes(binder_web.launcher_from_args(args), prefix)
+        routes = binder_web.routes(launcher, prefix)  # type: ignore[arg-type]
     app = web.Application([
         (rf"{prefix}/metrics", MetricsHandler),
         (r"/metrics", MetricsHandler),  # Prometheus scrapes the service directly
@@ -104,8 +104,14 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     status: dict = {"controller": bool(args.controller), "hibernation": bool(args.proxy_url),
                     "binder": bool(args.binder)}  # fmt: skip
+    launcher = None
+    if args.binder:
+        from .binder.web import launcher_from_args
+
+        launcher = launcher_from_args(args)
+        await launcher.start()
     if os.environ.get("JUPYTERHUB_SERVICE_URL"):
-        serve(os.environ["JUPYTERHUB_SERVICE_URL"], status, args)
+        serve(os.environ["JUPYTERHUB_SERVICE_URL"], status, launcher)
     tasks = []
     if args.proxy_url:
         sleeper, interval = hibernator.from_args(args, hibernator.metrics())

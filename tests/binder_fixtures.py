@@ -146,7 +146,9 @@ class BinderHub:
         self.index.close()
 
 
-def _start(root: Path, runtime: str, args: tuple[str, ...]) -> tuple[Hub, Served, Served]:
+def serve_demo(root: Path) -> tuple[Served, Served]:
+    """The "demo" repository (``binder/requirements.txt``: ``demo_pkg``, a postBuild, a
+    notebook) served at ``<git>/demo.git``, and an index with ``demo_pkg``: (git, index)."""
     wheels = root / "wheels"
     wheels.mkdir()
     package_index(root / "index", [wheel(wheels, "demo_pkg", "1.0", "VALUE = 'from the index'\n")])
@@ -158,6 +160,11 @@ def _start(root: Path, runtime: str, args: tuple[str, ...]) -> tuple[Hub, Served
         "binder/requirements.txt": "demo_pkg\n", "binder/postBuild": POST_BUILD,
         "index.ipynb": json.dumps(NOTEBOOK),
     }, executable=("binder/postBuild",))  # fmt: skip
+    return git, index
+
+
+def _start(root: Path, runtime: str, args: tuple[str, ...]) -> tuple[Hub, Served, Served]:
+    git, index = serve_demo(root)
     extra = f"""
 from sandbox_spawner.service import hub_role
 c.JupyterHub.services[0]["command"] += [

@@ -382,7 +382,7 @@ def hibernating_hub(tmp_path_factory) -> Iterator[Hub]:
 
 
 def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600,
-                   extra_config: str = "") -> Hub:  # fmt: skip
+                   extra_config: str = "", env: dict[str, str] | None = None) -> Hub:  # fmt: skip
     """A Hub with SandboxSpawner on the test cluster, in a namespace of its own. Its
     service runs the controller on the test session's lease: it leads when no other
     controller of the session does, else it stays passive."""
@@ -399,6 +399,8 @@ def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600,
               env={"KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": namespace,
                    "JUPYTER_SANDBOX_LEASE_NAMESPACE": "default"})  # fmt: skip
     hub.env["JUPYTER_SANDBOX_PROXY_URL"] = hub.url
+    # ``env``'s values may name the Hub's namespace: "{namespace}".
+    hub.env |= {k: v.format(namespace=namespace) for k, v in (env or {}).items()}
     hub.namespace = namespace  # type: ignore[attr-defined]
     return hub.start()
 

@@ -29,18 +29,31 @@ def test_extra_config_configures_the_spawner_and_the_service(monkeypatch):
     c.JupyterHub.services = []  # as the chart leaves them
     c.JupyterHub.load_roles = []
     c.KubeSpawner.profile_list = values["singleuser"]["profileList"]
+    c.KubeSpawner.image = "quay.io/jupyter/scipy-notebook:2026-11-01"  # the chart sets it
+    env["POD_IP"] = "10.1.2.3"  # a fieldRef (status.podIP)
+    monkeypatch.setenv("POD_IP", env["POD_IP"])
     for code in values["hub"]["extraConfig"].values():
         exec(compile(code, "extraConfig", "exec"), {"c": c})
     assert c.JupyterHub.spawner_class == "sandbox"
     (svc,) = c.JupyterHub.services
     assert svc["name"] == "sandbox-service"
     assert svc["environment"]["KUBERNETES_SERVICE_HOST"] == "10.0.0.1"
-    assert c.JupyterHub.load_roles == [service.hub_role()]
+    assert c.JupyterHub.load_roles == [
+        service.hub_role(binder=True),
+        {"name": "user", "scopes": ["self", "access:services!service=sandbox-service"]},
+    ]
+    assert c.JupyterHub.allow_named_servers and c.SandboxSpawner.binder_cache
+    mounts = {m["name"]: m["mountPath"] for m in values["hub"]["extraVolumeMounts"]}
+    assert mounts["binder-cache"] == c.SandboxSpawner.binder_cache
     command = svc["command"]
     assert command[1:3] == ["-m", "sandbox_spawner.service"]
     args = service.parser().parse_args(command[3:])
     assert args.controller and args.namespace == ["jhub"] and args.lease_namespace == "jhub"
     assert args.proxy_url == "http://proxy-public" and args.timeout == 3600
+    assert args.binder and args.binder_pods and args.binder_cache == c.SandboxSpawner.binder_cache
+    assert args.binder_image == "quay.io/jupyter/scipy-notebook:2026-11-01"
+    assert args.binder_proxy_address == "10.1.2.3:8899" and args.binder_namespace == "jhub"
+    assert args.binder_profile in {p["slug"] for p in values["singleuser"]["profileList"]}
     # Every profile's override names real SandboxSpawner (KubeSpawner) traits.
     traits = SandboxSpawner.class_traits()
     for profile in values["singleuser"]["profileList"]:

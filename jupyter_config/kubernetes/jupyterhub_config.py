@@ -109,6 +109,32 @@ c.JupyterHub.services = [{
 }]  # fmt: skip
 c.JupyterHub.load_roles = [hub_role()]  # its Hub permissions, and no more
 
+# Binder links (<hub>/services/sandbox-service/v2/gh/<org>/<repo>/<ref>): on when the Hub
+# sees the prepared commits' volume (kubernetes/binder.yaml, mounted in the Hub's pod) at
+# JUPYTER_SANDBOX_BINDER_CACHE. Preparations run in pods (gVisor) that reach only this
+# pod's egress proxy (POD_IP:8899); a launched repository is a named server of the user's
+# (the "gVisor" profile), its home their copy of the repository.
+binder_cache = os.environ.get("JUPYTER_SANDBOX_BINDER_CACHE")
+if binder_cache:
+    from kubespawner import KubeSpawner
+
+    # The preparations' image: the servers' (their Python, pip, this project).
+    image = os.environ.get("JUPYTER_SANDBOX_SINGLEUSER_IMAGE") or c.SandboxSpawner.get(
+        "image", KubeSpawner.image.default_value)
+    c.JupyterHub.services[0]["command"] += [
+        "--binder-links", "--binder-pods", f"--binder-cache={binder_cache}",
+        f"--binder-namespace={namespace}", f"--binder-image={image}",
+        f"--binder-proxy-address={os.environ.get('POD_IP', '127.0.0.1')}:8899",
+        "--binder-profile=gvisor",
+    ]  # fmt: skip
+    c.JupyterHub.services[0]["oauth_no_confirm"] = True
+    c.JupyterHub.load_roles = [
+        hub_role(binder=True),
+        {"name": "user", "scopes": ["self", "access:services!service=sandbox-service"]},
+    ]
+    c.JupyterHub.allow_named_servers = True
+    c.SandboxSpawner.binder_cache = binder_cache
+
 # Hibernated servers keep their token; a visit resumes the server without a click.
 c.JupyterHub.implicit_spawn_seconds = 1
 # Users' servers outlive a Hub restart (the Sandboxes are found again).

@@ -26,6 +26,8 @@ import threading
 
 from ..streams import forward_tcp_to_unix
 
+#: Where the prepared environment's prefix is, in the preparation and in every server.
+ENV_PATH = "/srv/binder"
 #: Inside the sandbox: where the forwarder listens (its own loopback).
 PROXY_PORT = 3128
 #: In the prefix: where this Python put the packages (relative), for the servers' PYTHONPATH.

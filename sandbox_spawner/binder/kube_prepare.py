@@ -128,6 +128,11 @@ class PodRunner:
     uid: int = 1000
     python: str = "python3"
     kube: Any = None
+    #: Where the proxy listens (in the Hub service's pod).
+    listen: tuple[str, int] = ("0.0.0.0", 8899)
+
+    async def start(self) -> None:
+        await self.proxy.start_tcp(*self.listen)
 
     async def run(self, preparer: Any, work: Path, plan: dict[str, Any], allow: Allowlist,
                   emit: Any) -> tuple[int | None, list[str]]:  # fmt: skip

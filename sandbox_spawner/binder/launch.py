@@ -65,6 +65,8 @@ class LaunchSettings:
     launch_timeout: float = 300
     #: The prepared commits' cache holds at most this (least recently launched out first).
     cache_bytes: int = 20 << 30
+    #: The profile (``user_options["profile"]``) launched servers get; empty: the default.
+    profile: str = ""
 
 
 def server_name(link: RepoLink) -> str:
@@ -80,6 +82,11 @@ class Launcher:
         self.policy, self.preparer, self.hub = policy, preparer, hub
         self.settings = settings or LaunchSettings()
         self._in_flight: collections.Counter[str] = collections.Counter()
+
+    async def start(self) -> None:
+        """Start what launches need beside the pages (on Kubernetes, the egress proxy)."""
+        if self.preparer.runner is not None:
+            await self.preparer.runner.start()
 
     def check(self, provider: str, spec: str, query: dict[str, str]) -> tuple[RepoLink, str]:
         """The link and the path inside the server; :class:`BadLink` at once for a bad one."""
@@ -147,8 +154,11 @@ class Launcher:
         anonymous = user is None
         if anonymous:
             user = await self._temporary_user()
-        options = {OPTION: {"repo": repo_key(link.url), "commit": commit, "anonymous": anonymous},
-                   "binder_repo": link.url}  # fmt: skip
+        options: dict[str, Any] = {
+            OPTION: {"repo": repo_key(link.url), "commit": commit, "anonymous": anonymous},
+            "binder_repo": link.url}  # fmt: skip
+        if self.settings.profile:
+            options["profile"] = self.settings.profile
         try:
             url = await self._start(user, name, options, emit)
             ready: dict[str, Any] = {"url": url + path}
@@ -196,6 +206,15 @@ class Launcher:
         quser, qname = quote(user, safe=""), quote(name, safe="")
         model = await self.hub.user(user) or {}
         server = (model.get("servers") or {}).get(name)
+        deadline = asyncio.get_running_loop().time() + self.settings.launch_timeout
+        while server and server.get("pending") == "stop":  # hibernating: start it after
+            if asyncio.get_running_loop().time() > deadline:
+                raise LaunchFailed("launch-failed", "the server did not finish stopping")
+            await asyncio.sleep(0.5)
+            model = await self.hub.user(user) or {}
+            server = (model.get("servers") or {}).get(name)
+            if server and not server.get("pending") and not server.get("ready"):
+                server = None  # stopped
         if server and server.get("ready"):
             emit("launching", "Your server for this repository is running")
             return server["url"]

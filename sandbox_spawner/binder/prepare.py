@@ -48,11 +48,9 @@ from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 from . import refs
 from .egress import Allowlist, EgressProxy
 from .environment import BadRepository, read_environment
-from .inside import SITE_FILE, site_dir
+from .inside import ENV_PATH, SITE_FILE, site_dir
 from .links import RepoLink
 
-#: Where the prepared environment's prefix is, in the preparation and in every server.
-ENV_PATH = "/srv/binder"
 #: Where the repository is, in the preparation (and, the user's copy, in their server).
 REPO_PATH = "/home/jovyan"
 _EGRESS_DIR = "/run/jupyter-sandbox-egress"

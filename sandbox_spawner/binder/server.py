@@ -13,11 +13,16 @@ commit, never by path) and gives the server
   ``PYTHONPATH`` and ``PATH`` (so kernels import the repository's packages);
 * the repository's ``start`` script, when it has one, run before the server with
   the server's command as its arguments (``exec "$@"``), as on mybinder.org.
+
+On Kubernetes (:meth:`BinderServer.kube_pod`) the named server's own home volume is the
+user's copy: :mod:`.begin` fills it from the prepared commit (mounted read-only from the
+cache volume, as is the environment) on the first start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import secrets
@@ -31,6 +36,8 @@ from sandbox_provisioner import filesystem
 from .prepare import ENV_PATH, Prepared, load
 
 OPTION = "binder"
+#: In a server's pod on Kubernetes: the prepared commit's files, read-only (copied once).
+REPO_SOURCE = "/srv/binder-repo"
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,80}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -61,6 +68,35 @@ class BinderServer:
     def argv(self, argv: list[str], home: str) -> list[str]:
         start = self.prepared.record.get("start")
         return [f"{home}/{start}", *argv] if start else argv
+
+    def kube_pod(self, pod: dict[str, Any], claim: str, home: str,
+                 python: str = "python3") -> dict[str, Any]:  # fmt: skip
+        """KubeSpawner's pod (serialized) with the launch added: the cache volume (``claim``)
+        read-only, the environment and the commit's files from it, and the server's
+        command run through :mod:`.begin`."""
+        pod = copy.deepcopy(pod)
+        entry = f"{self.key}/{self.prepared.path.name}"
+        pod["spec"].setdefault("volumes", []).append(
+            {"name": "binder-cache", "persistentVolumeClaim": {"claimName": claim,
+                                                                "readOnly": True}})  # fmt: skip
+        container = pod["spec"]["containers"][0]
+        container.setdefault("volumeMounts", []).extend([
+            {"name": "binder-cache", "mountPath": ENV_PATH, "subPath": f"{entry}/env",
+             "readOnly": True},
+            {"name": "binder-cache", "mountPath": REPO_SOURCE, "subPath": f"{entry}/repo",
+             "readOnly": True},
+        ])  # fmt: skip
+        env = container.setdefault("env", [])
+        env += [{"name": k, "value": v} for k, v in self.env("").items() if k != "PATH"]
+        start = self.prepared.record.get("start")
+        begin = [python, "-m", "sandbox_spawner.binder.begin", "--from", REPO_SOURCE,
+                 "--home", home, *(["--start", start] if start else []), "--"]  # fmt: skip
+        if container.get("command"):
+            args = container.pop("args", None) or []
+            container["command"] = [*begin, *container["command"], *args]
+        else:  # the image's entrypoint runs the arguments
+            container["args"] = [*begin, *(container.get("args") or [])]
+        return pod
 
     def copy_for(self, home: Path, uid: int, gid: int) -> Path:
         """The user's copy of the repository (made now from the prepared commit if the user

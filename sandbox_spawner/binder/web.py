@@ -172,7 +172,26 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     option("per-repo-limit", type=int, default=0,
            help="servers of one repository running at once, all users (0: no limit)")
     option("per-user-limit", type=int, default=2, help="launches in flight per user")
+    option("profile", default="", help="the profile launched servers get (Kubernetes Hubs' "
+           "profile_list; default: the default profile)")
     option("launch-timeout", type=float, default=300, help="seconds a server has to start")
+    # Kubernetes: preparations as pods, the cache on a shared volume.
+    option("pods", action="store_true",
+           help="Kubernetes: prepare in pods (the cache is the volume --binder-claim, which "
+           "the service sees at --binder-cache)")  # fmt: skip
+    option("claim", default="jupyter-sandbox-binder-cache",
+           help="Kubernetes: the prepared commits' PVC (ReadWriteMany)")
+    option("namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+           help="Kubernetes: where preparation pods run")
+    option("image", default=os.environ.get("JUPYTER_SANDBOX_SINGLEUSER_IMAGE", ""),
+           help="Kubernetes: the preparation pods' image (the users' servers' image)")
+    option("runtime-class", default="gvisor",
+           help="Kubernetes: the preparation pods' runtime class ('' for the default)")
+    option("proxy-listen", default="0.0.0.0:8899",
+           help="Kubernetes: where the preparations' egress proxy listens")
+    option("proxy-address", default=f"{os.environ.get('POD_IP', '127.0.0.1')}:8899",
+           help="Kubernetes: where preparation pods reach that proxy (this pod's IP)")
+    option("pod-python", default="python3", help="Kubernetes: Python in the image")
 
 
 def launcher_from_args(args: argparse.Namespace) -> Launcher:
@@ -189,12 +208,26 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
     preparer = Preparer(Path(args.binder_cache), runtime=args.binder_runtime,
                         egress=tuple(_names(args.binder_egress)),
                         index_url=args.binder_index_url, limits=limits)  # fmt: skip
+    if args.binder_pods:
+        from .egress import SharedEgressProxy
+        from .kube_prepare import PodRunner
+
+        if not args.binder_image:
+            raise SystemExit("--binder-pods needs --binder-image (the servers' image)")
+        host, _, port = args.binder_proxy_listen.rpartition(":")
+        preparer.runner = PodRunner(
+            namespace=args.binder_namespace, claim=args.binder_claim, image=args.binder_image,
+            proxy=SharedEgressProxy(), proxy_address=args.binder_proxy_address,
+            runtime_class=args.binder_runtime_class or None, python=args.binder_pod_python,
+            listen=(host or "0.0.0.0", int(port)),
+        )  # fmt: skip
     settings = LaunchSettings(anonymous=args.binder_anonymous,
                               anonymous_prefix=args.binder_anonymous_prefix,
                               per_repo_limit=args.binder_per_repo_limit,
                               per_user_limit=args.binder_per_user_limit,
                               launch_timeout=args.binder_launch_timeout,
-                              cache_bytes=args.binder_cache_size << 20)  # fmt: skip
+                              cache_bytes=args.binder_cache_size << 20,
+                              profile=args.binder_profile)  # fmt: skip
     return Launcher(policy, preparer, HubAPI(), settings)
 
 
