@@ -9,8 +9,8 @@
   controller (Kubernetes), the :mod:`.hibernator` (stops servers with no busy
   kernel, no open terminal and no recent activity; files stay, a visit
   resumes) and their metrics; :mod:`.starts` records start durations for it;
-* :mod:`.binder`: Binder-style links (the links, refs, the repository's
-  environment; the launch is still to come).
+* :mod:`.binder`: Binder-style links: a URL opens a repository, running, in a sandbox
+  (served by the Hub service; both spawners).
 
 It may use the provisioner's parts (``sandbox_provisioner``); the provisioner
 never imports it.
