@@ -8,8 +8,8 @@ the pod's runtimeClassName says so, else bubblewrap):
 * each pod gets its own IP from 127.0.0.0/8 and the host network, so a process
   that binds its pod IP is reachable from the other pods by that IP;
 * PVC volumes are per-claim host directories that outlive the pod (``subPath``
-  mounts a part of one); emptyDir volumes die with it; both belong to the uid pods run as (the sandbox uid, as
-  a kubelet gives volumes to a pod's fsGroup);
+  mounts a part of one); emptyDir volumes die with it; both belong to the uid pods
+  run as (the sandbox uid, as a kubelet gives volumes to a pod's fsGroup);
 * status is written the way the kubelet writes it (phase, conditions,
   containerStatuses, podIP/podIPs, hostIP, startTime), restarts follow
   restartPolicy; a tcpSocket readiness probe holds Ready back until its port

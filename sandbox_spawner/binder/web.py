@@ -27,7 +27,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import iostream, web
@@ -233,9 +233,3 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
-
-
-def link_for(prefix: str, provider: str, spec: str, urlpath: str = "") -> str:
-    """A launch link's path (for messages and tests)."""
-    return f"{prefix}/v2/{provider}/{quote(spec, safe='/%')}" + (
-        f"?urlpath={quote(urlpath, safe='')}" if urlpath else "")  # fmt: skip
