@@ -120,6 +120,33 @@ def test_runsc_release_date(version, date):
     assert _release_date(version) == date
 
 
+@pytest.mark.parametrize(
+    ("version", "available"),
+    [("0.0~20221219.0", True), ("0.0~20240729.0", False), ("dev", True)],
+)  # fmt: skip
+def test_a_runsc_build_kernels_cannot_run_under_is_refused_with_the_reason(tmp_path, version,
+                                                                           available):  # fmt: skip
+    """A stand-in runsc (a script that only prints its version: the builds themselves cannot
+    be installed side by side here): a build newer than the supported ones is unavailable,
+    with why and what to install, so that 'auto' falls back and a gVisor kernelspec says so
+    instead of failing with EACCES; an administrator may still opt in."""
+    import os
+
+    from sandbox_provisioner.runtimes.gvisor import GVisorRuntime, runsc_version
+
+    if os.geteuid() != 0:
+        pytest.skip("gVisor needs root: the availability check stops before the version")
+    fake = tmp_path / "runsc"
+    fake.write_text(f"#!/bin/sh\necho 'runsc version {version}'\necho 'spec: 1.0.2-dev'\n")
+    fake.chmod(0o755)
+    runsc_version.cache_clear()
+    found = GVisorRuntime(runsc_path=str(fake)).availability()
+    assert found.available is available, found
+    if not available:
+        assert "20240729" in str(found) and "bookworm" in str(found)
+        assert GVisorRuntime(runsc_path=str(fake), allow_untested_runsc=True).availability()
+
+
 def test_claim_names_and_labels_from_any_user_name():
     from agent_sandbox import api
     from sandbox_provisioner.runtimes.kubernetes import _name_part

@@ -31,7 +31,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from traitlets import CaselessStrEnum, List, Unicode
+from traitlets import Bool, CaselessStrEnum, List, Unicode
 
 from ..identity import resolve
 from ..limits import cgroup_relpath, cgroups_available, remove_cgroup_dirs_when_empty
@@ -42,6 +42,11 @@ from .process import LocalSandbox, spawn
 
 #: The first runsc release with the systrap platform (mid-2023).
 _SYSTRAP_SINCE = 20230601
+#: The newest runsc release kernels are known to run under. Later builds (20240729 was
+#: tried) start a container's non-root process with no capability at all, so a kernel,
+#: which runs as the sandbox uid, cannot read its root-only connection file: support for
+#: them is work in progress (see the README), and they are refused with that reason.
+_NEWEST_SUPPORTED = 20221219
 
 
 @functools.lru_cache(maxsize=8)
@@ -115,6 +120,11 @@ class GVisorRuntime(SandboxRuntime):
         "kvm needs a real /dev/kvm (it hangs on paravirtual KVM).",
     )
     extra_flags = List(Unicode(), config=True, help="More global runsc flags, for experts.")
+    allow_untested_runsc = Bool(
+        False, config=True,
+        help="Use a runsc build newer than the newest this project runs kernels under "
+        "(20221219): kernels are expected to fail to start.",
+    )  # fmt: skip
 
     def find_runsc(self) -> str | None:
         if self.runsc_path:
@@ -141,6 +151,15 @@ class GVisorRuntime(SandboxRuntime):
             version = runsc_version(runsc)
         except (OSError, subprocess.SubprocessError) as exc:
             return Availability(False, f"{runsc} does not run: {exc}", "reinstall runsc")
+        if _release_date(version) > _NEWEST_SUPPORTED and not self.allow_untested_runsc:
+            return Availability(
+                False,
+                f"{version} at {runsc} is newer than the builds supported here: it gives a "
+                "kernel running as the sandbox uid no capability, so the kernel cannot read "
+                "its connection file",
+                "install Debian bookworm's runsc (0.0~20221219), or set "
+                "c.GVisorRuntime.allow_untested_runsc = True to try anyway",
+            )  # fmt: skip
         return Availability(True, f"{version} at {runsc}, platform {self.resolved_platform()}")
 
     def resolved_platform(self) -> str:
