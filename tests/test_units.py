@@ -122,14 +122,14 @@ def test_runsc_release_date(version, date):
 
 @pytest.mark.parametrize(
     ("version", "available"),
-    [("0.0~20221219.0", True), ("0.0~20240729.0", False), ("dev", True)],
+    [("0.0~20221219.0", True), ("0.0~20240729.0", True), ("0.0~20250601.0", False),
+     ("dev", True)],
 )  # fmt: skip
-def test_a_runsc_build_kernels_cannot_run_under_is_refused_with_the_reason(tmp_path, version,
-                                                                           available):  # fmt: skip
+def test_an_untested_runsc_build_is_refused_with_the_reason(tmp_path, version, available):
     """A stand-in runsc (a script that only prints its version: the builds themselves cannot
-    be installed side by side here): a build newer than the supported ones is unavailable,
-    with why and what to install, so that 'auto' falls back and a gVisor kernelspec says so
-    instead of failing with EACCES; an administrator may still opt in."""
+    be installed side by side here): a build newer than the tested ones is unavailable, with
+    why and what to install, so that 'auto' falls back and a gVisor kernelspec says so
+    instead of failing in some new way; an administrator may still opt in."""
     import os
 
     from sandbox_provisioner.runtimes.gvisor import GVisorRuntime, runsc_version
@@ -143,7 +143,7 @@ def test_a_runsc_build_kernels_cannot_run_under_is_refused_with_the_reason(tmp_p
     found = GVisorRuntime(runsc_path=str(fake)).availability()
     assert found.available is available, found
     if not available:
-        assert "20240729" in str(found) and "bookworm" in str(found)
+        assert "20250601" in str(found) and "bookworm" in str(found)
         assert GVisorRuntime(runsc_path=str(fake), allow_untested_runsc=True).availability()
 
 

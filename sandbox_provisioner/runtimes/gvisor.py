@@ -13,8 +13,10 @@ path swapped after the plan is refused rather than bound.
 
 Facts this module is built on (measured on hosts of this project's kind):
 netstack fails on kernels >= 6.11 with the Debian builds and the KVM platform
-hangs, so the network is ``none`` (or ``host``) and the platform systrap where
-the build has it, else ptrace.
+hangs, so the network is ``none`` (or ``host``); the platform is ptrace: systrap (2023
+on) starts faster, but a sandbox at its memory limit is wedged by the OOM killer (it
+kills one of systrap's processes; the sandbox neither dies nor answers), where under
+ptrace the sandbox dies and the kernel can be restarted.
 """
 
 from __future__ import annotations
@@ -40,13 +42,12 @@ from . import staging
 from .base import Availability, Sandbox, SandboxRuntime
 from .process import LocalSandbox, spawn
 
-#: The first runsc release with the systrap platform (mid-2023).
-_SYSTRAP_SINCE = 20230601
-#: The newest runsc release kernels are known to run under. Later builds (20240729 was
-#: tried) start a container's non-root process with no capability at all, so a kernel,
-#: which runs as the sandbox uid, cannot read its root-only connection file: support for
-#: them is work in progress (see the README), and they are refused with that reason.
-_NEWEST_SUPPORTED = 20221219
+#: The newest runsc release this project is tested with; later builds are refused (with
+#: the reason) unless ``allow_untested_runsc``: each release so far changed something a
+#: kernel relies on (capabilities, platforms).
+_NEWEST_SUPPORTED = 20240729
+#: The last builds that give a non-root container process the capabilities its spec names.
+_NON_ROOT_CAPS_UNTIL = 20221219
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,6 +60,45 @@ def _release_date(version: str) -> int:
     """``runsc version 0.0~20221219.0`` or ``release-20240729.0`` -> 20221219 (0 if unknown)."""
     match = re.search(r"(20\d{6})", version)
     return int(match.group(1)) if match else 0
+
+
+#: Run as the sandbox's root, by the command's own Python (``PYTHON -c BECOME UID GID
+#: -m MODULE ARGS...`` or ``... -c CODE ARGS...``): become UID:GID keeping CAP_DAC_OVERRIDE
+#: and nothing else, then run the module or code in this same process (as ``python -m`` or
+#: ``-c`` would: gVisor has no ambient capabilities, and an exec would lose it). For builds
+#: that give a non-root container process no capability.
+BECOME = """
+import ctypes, os, runpy, sys
+libc = ctypes.CDLL(None, use_errno=True)
+DAC, SETGID, SETUID, SETPCAP = 1, 6, 7, 8
+
+def check(result):
+    if result != 0:
+        raise OSError(ctypes.get_errno(), "capability change refused")
+
+def capset(*caps):
+    bits = sum(1 << c for c in caps)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)(bits, bits, bits, 0, 0, 0)
+    check(libc.capset(header, data))
+
+uid, gid, how, what, *rest = sys.argv[1:]
+check(libc.prctl(8, 1, 0, 0, 0))  # PR_SET_KEEPCAPS
+os.setgroups([])
+os.setresgid(int(gid), int(gid), int(gid))
+os.setresuid(int(uid), int(uid), int(uid))
+capset(DAC, SETUID, SETGID, SETPCAP)
+for cap in (SETUID, SETGID, SETPCAP):
+    check(libc.prctl(24, cap, 0, 0, 0))  # PR_CAPBSET_DROP
+capset(DAC)
+del libc, check, capset
+if how == "-m":
+    sys.argv = [what, *rest]
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *rest]
+    exec(compile(what, "<string>", "exec"), {"__name__": "__main__"})
+"""
 
 
 class GVisorSandbox(LocalSandbox):
@@ -116,14 +156,15 @@ class GVisorRuntime(SandboxRuntime):
         ["auto", "systrap", "ptrace", "kvm"],
         default_value="auto",
         config=True,
-        help="gVisor platform. auto: systrap where the runsc build has it, else ptrace. "
+        help="gVisor platform. auto: ptrace (systrap starts faster but wedges when the "
+        "sandbox meets its memory limit). "
         "kvm needs a real /dev/kvm (it hangs on paravirtual KVM).",
     )
     extra_flags = List(Unicode(), config=True, help="More global runsc flags, for experts.")
     allow_untested_runsc = Bool(
         False, config=True,
-        help="Use a runsc build newer than the newest this project runs kernels under "
-        "(20221219): kernels are expected to fail to start.",
+        help="Use a runsc build newer than the newest this project is tested with "
+        "(20240729).",
     )  # fmt: skip
 
     def find_runsc(self) -> str | None:
@@ -154,20 +195,20 @@ class GVisorRuntime(SandboxRuntime):
         if _release_date(version) > _NEWEST_SUPPORTED and not self.allow_untested_runsc:
             return Availability(
                 False,
-                f"{version} at {runsc} is newer than the builds supported here: it gives a "
-                "kernel running as the sandbox uid no capability, so the kernel cannot read "
-                "its connection file",
-                "install Debian bookworm's runsc (0.0~20221219), or set "
-                "c.GVisorRuntime.allow_untested_runsc = True to try anyway",
+                f"{version} at {runsc} is newer than the builds tested here (up to "
+                f"{_NEWEST_SUPPORTED})",
+                "install Debian's runsc (bookworm's 0.0~20221219, or 0.0~20240729 from "
+                "bookworm-backports or trixie), or set "
+                "c.GVisorRuntime.allow_untested_runsc = True to try this one",
             )  # fmt: skip
         return Availability(True, f"{version} at {runsc}, platform {self.resolved_platform()}")
 
-    def resolved_platform(self) -> str:
-        if self.platform != "auto":
-            return self.platform
+    def _non_root_gets_no_caps(self) -> bool:
         runsc = self.find_runsc()
-        date = _release_date(runsc_version(runsc)) if runsc else 0
-        return "systrap" if date >= _SYSTRAP_SINCE else "ptrace"
+        return bool(runsc) and _release_date(runsc_version(runsc)) > _NON_ROOT_CAPS_UNTIL
+
+    def resolved_platform(self) -> str:
+        return "ptrace" if self.platform == "auto" else self.platform
 
     # -- the OCI bundle ----------------------------------------------------------------------
     def bundle(self, spec: SandboxSpec, bundle_dir: Path, cgroups: bool) -> dict[str, Any]:
@@ -199,8 +240,18 @@ class GVisorRuntime(SandboxRuntime):
         # The server's files (root's) stay usable through CAP_DAC_OVERRIDE, in the Sentry only.
         caps = ["CAP_DAC_OVERRIDE"] if who.separate else []
         user = {"uid": who.uid, "gid": who.gid} if who.separate else {"uid": 0, "gid": 0}
+        args = spec.argv
         if spec.switches_user:  # it becomes the user's uid itself, dropping these
             caps, user = ["CAP_SETUID", "CAP_SETGID"], {"uid": 0, "gid": 0}
+        elif who.separate and self._non_root_gets_no_caps():
+            # This build starts a non-root process with no capability: start as the sandbox's
+            # root with what becoming the uid takes, and become it keeping CAP_DAC_OVERRIDE.
+            caps = ["CAP_DAC_OVERRIDE", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"]
+            user = {"uid": 0, "gid": 0}
+            if len(args) < 3 or args[1] not in ("-m", "-c"):
+                raise ValueError(f"cannot start {args[:2]} as the sandbox uid under this runsc "
+                                 "build (only 'python -m' or 'python -c' commands)")  # fmt: skip
+            args = [args[0], "-c", BECOME, str(who.uid), str(who.gid), *args[1:]]
         capabilities = {
             k: caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
         }
@@ -209,7 +260,7 @@ class GVisorRuntime(SandboxRuntime):
             "process": {
                 "terminal": False,
                 "user": user,
-                "args": spec.argv,
+                "args": args,
                 "env": [f"{k}={v}" for k, v in spec.env.items()],
                 "cwd": spec.cwd,
                 "capabilities": capabilities,
