@@ -45,6 +45,8 @@ async def test_example_notebook_runs_sandboxed(runtime: str, path: Path, tmp_pat
     try:
         await client.async_execute()  # raises CellExecutionError on any error output
     finally:
+        if km.has_kernel:  # nbclient ends only a kernel manager it made itself
+            await km.shutdown_kernel(now=True)
         await close_pools()
 
     assert f"sandbox runtime: {runtime_name(runtime)}" in stdout(nb) or path.stem != "data-analysis"
