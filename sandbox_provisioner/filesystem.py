@@ -14,6 +14,7 @@ directories, the server's Python, every repository): :mod:`.protected`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -82,6 +83,14 @@ class ExtraMount:
         if not os.path.exists(source):
             raise ValueError(f"invalid mount {text!r}: {source} does not exist")
         return cls(source, os.path.normpath(target), mode == "rw")
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Give ``root`` and everything below it to ``uid``:``gid``; symbolic links themselves,
+    never what they point at."""
+    for path in (root, *root.rglob("*")):
+        with contextlib.suppress(OSError):
+            os.lchown(path, uid, gid)
 
 
 def system_mounts(etc_allowlist: tuple[str, ...] = DEFAULT_ETC_ALLOWLIST) -> list[Mount]:

@@ -325,9 +325,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         home.mkdir(mode=0o700, exist_ok=True)
         if os.geteuid() == 0 and home.stat().st_uid != who.uid:
             # A home kept from an earlier account of this name: it is this user's now.
-            for path in (home, *home.rglob("*")):
-                with contextlib.suppress(OSError):
-                    os.lchown(path, who.uid, who.gid)
+            filesystem.chown_tree(home, who.uid, who.gid)
 
     def _spec(
         self, state: Path, runtime: str, who: SandboxIdentity, home: Path | None = None

@@ -194,7 +194,7 @@ class Preparer:
         for sub in (work / "repo", work / "env", egress):
             sub.mkdir(mode=0o700, exist_ok=True)
             if who.separate:
-                _chown_tree(sub, who.uid, who.gid)
+                filesystem.chown_tree(sub, who.uid, who.gid)
         proxy = EgressProxy(allow)
         await proxy.start(str(egress / "proxy.sock"))
         spec = self._spec(work, egress, runtime.name, who)
@@ -211,7 +211,7 @@ class Preparer:
             await proxy.close()
             shutil.rmtree(egress, ignore_errors=True)
             if who.separate:
-                _chown_tree(work, os.getuid(), os.getgid())
+                filesystem.chown_tree(work, os.getuid(), os.getgid())
         return code, proxy.denied
 
     async def watch(self, sandbox: Any, log: Path, work: Path, emit: Emit) -> int | None:
@@ -308,12 +308,6 @@ def _repo_hosts(url: str) -> list[str]:
 
 def _index_hosts(url: str | None) -> list[str]:
     return _repo_hosts(url) if url else []
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    for path in (root, *root.rglob("*")):
-        with contextlib.suppress(OSError):
-            os.lchown(path, uid, gid)
 
 
 def _seal(work: Path) -> None:

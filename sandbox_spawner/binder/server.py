@@ -108,12 +108,13 @@ class BinderServer:
         staging = copy.parent / f".{self.key}.{secrets.token_hex(4)}"
         try:
             shutil.copytree(self.prepared.repo, staging, symlinks=True)
-            for path in (copy.parent, staging, *staging.rglob("*")):
-                with contextlib.suppress(OSError):
-                    os.lchown(path, uid, gid)
+            for path in (staging, *staging.rglob("*")):
                 if not path.is_symlink():
                     with contextlib.suppress(OSError):
                         path.chmod(path.stat().st_mode | 0o200)  # the user's to change
+            filesystem.chown_tree(staging, uid, gid)
+            with contextlib.suppress(OSError):
+                os.lchown(copy.parent, uid, gid)
             os.rename(staging, copy)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
