@@ -15,3 +15,14 @@
 It may use the provisioner's parts (``sandbox_provisioner``); the provisioner
 never imports it.
 """
+
+import os
+from pathlib import Path
+
+
+def data_root() -> Path:
+    """Where a Hub of this project keeps what outlives servers (homes, prepared Binder
+    commits, servers' state): the system's as root, else the user's."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/jupyter-sandbox")
+    return Path(os.path.expanduser("~/.local/share/jupyter-sandbox"))

@@ -60,7 +60,7 @@ from sandbox_provisioner.runtimes import AUTO, create_runtime
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
-from . import supervisor
+from . import data_root, supervisor
 from .binder import server as binder_server
 from .starts import RecordsStarts
 
@@ -132,21 +132,15 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
 
     @default("binder_cache")
     def _default_binder_cache(self) -> str:
-        return str(self._data_root() / "binder")
+        return str(data_root() / "binder")
 
     @default("homes_root")
     def _default_homes_root(self) -> str:
-        return str(self._data_root() / "homes")
+        return str(data_root() / "homes")
 
     @default("state_root")
     def _default_state_root(self) -> str:
-        return str(self._data_root() / "servers")
-
-    @staticmethod
-    def _data_root() -> Path:
-        if os.geteuid() == 0:
-            return Path("/var/lib/jupyter-sandbox")
-        return Path(os.path.expanduser("~/.local/share/jupyter-sandbox"))
+        return str(data_root() / "servers")
 
     # Users' servers must outlive a restarted Hub, and keep their API token when stopped.
     will_resume = True

@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import iostream, web
 
+from .. import data_root
 from ..hub_api import HubAPI
 from .launch import Launcher, LaunchSettings
 from .links import DEFAULT_BASES, BadLink, LinkPolicy
@@ -134,12 +135,6 @@ def routes(launcher: Launcher, prefix: str) -> list[tuple[Any, ...]]:
     ]
 
 
-def default_cache() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/jupyter-sandbox/binder"
-    return os.path.expanduser("~/.local/share/jupyter-sandbox/binder")
-
-
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """The service's Binder options."""
 
@@ -156,7 +151,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
            help="hosts (host or host:port) preparations may reach besides the repository's "
            "host and the index (comma-separated)")  # fmt: skip
     option("index-url", default=None, help="pip's index for preparations (default: PyPI)")
-    option("cache", default=default_cache(), help="where prepared environments are kept")
+    option("cache", default=str(data_root() / "binder"),
+           help="where prepared environments are kept")
     option("cache-size", type=int, default=20480,
            help="MiB the prepared environments may hold (least recently launched out first)")
     option("runtime", default="auto", help="the preparations' sandbox: auto, gvisor, bubblewrap")
