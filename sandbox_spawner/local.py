@@ -62,6 +62,7 @@ from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
 from . import data_root, supervisor
 from .binder import server as binder_server
+from .binder.inside import ENV_PATH
 from .starts import RecordsStarts
 
 #: Inside every user's sandbox: the run directory (the server's and the Hub API's sockets).
@@ -364,7 +365,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         env = self._env(python)
         if self._binder is not None:
             argv = self._binder.argv(argv, self.inside_home)
-            env.update(self._binder.env(env["PATH"]))
+            env.update(self._binder.env(), PATH=f"{ENV_PATH}/bin:{env['PATH']}")
             if self._binder.anonymous:  # a launch's temporary user arrives with a token
                 env["JUPYTERHUB_ALLOW_TOKEN_IN_URL"] = "1"
         return SandboxSpec(

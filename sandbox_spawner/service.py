@@ -126,9 +126,7 @@ async def run(args: argparse.Namespace) -> None:
 
         quiet_client_logs()
         tasks.append(asyncio.create_task(run_from_args(args, stop)))
-    if args.binder:
-        tasks.append(asyncio.create_task(stop.wait()))  # the pages are the work
-    if not tasks:
+    if not tasks and not args.binder:  # with Binder links, the pages are the work
         raise SystemExit("nothing to do: give --proxy-url (hibernation), --controller or "
                          "--binder-links")  # fmt: skip
     done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],

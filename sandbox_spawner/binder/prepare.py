@@ -168,7 +168,7 @@ class Preparer:
         if wanted.post_build:
             wanted.post_build.chmod(0o755)  # as repo2docker does
             plan["post_build"] = f"{REPO_PATH}/{config / 'postBuild'}"
-        allow = Allowlist((*self.egress, *_repo_hosts(link.url), *_index_hosts(self.index_url)))
+        allow = Allowlist((*self.egress, *_host_entry(link.url), *_host_entry(self.index_url)))
         if self.runner is not None:
             code, denied = await self.runner.run(self, work, plan, allow, emit)
         else:
@@ -300,14 +300,11 @@ def load(entry: Path) -> Prepared | None:
         return None
 
 
-def _repo_hosts(url: str) -> list[str]:
-    parts = urlsplit(url)
+def _host_entry(url: str | None) -> list[str]:
+    """The allowlist entry (``host:port``) for ``url``'s host; none for no URL."""
+    parts = urlsplit(url or "")
     port = parts.port or {"https": 443, "http": 80, "git": 9418}.get(parts.scheme, 443)
     return [f"{parts.hostname}:{port}"] if parts.hostname else []
-
-
-def _index_hosts(url: str | None) -> list[str]:
-    return _repo_hosts(url) if url else []
 
 
 def _seal(work: Path) -> None:

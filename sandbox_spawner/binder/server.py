@@ -56,10 +56,11 @@ class BinderServer:
     def site(self) -> str:
         return f"{ENV_PATH}/{self.prepared.record['site']}"
 
-    def env(self, path: str) -> dict[str, str]:
-        """The server's variables for the environment, ``path`` being the server's PATH."""
-        return {"PYTHONPATH": self.site, "PATH": f"{ENV_PATH}/bin:{path}",
-                "BINDER_REPO_URL": self.prepared.record["url"],
+    def env(self) -> dict[str, str]:
+        """The server's variables for the launch (``PATH`` gets ``ENV_PATH/bin`` first:
+        locally from the spawner, on Kubernetes from :mod:`.begin`, as the image's PATH is
+        known only there)."""
+        return {"PYTHONPATH": self.site, "BINDER_REPO_URL": self.prepared.record["url"],
                 "BINDER_REF": self.prepared.record["commit"]}  # fmt: skip
 
     def mounts(self) -> list[filesystem.ExtraMount]:
@@ -87,7 +88,7 @@ class BinderServer:
              "readOnly": True},
         ])  # fmt: skip
         env = container.setdefault("env", [])
-        env += [{"name": k, "value": v} for k, v in self.env("").items() if k != "PATH"]
+        env += [{"name": k, "value": v} for k, v in self.env().items()]
         start = self.prepared.record.get("start")
         begin = [python, "-m", "sandbox_spawner.binder.begin", "--from", REPO_SOURCE,
                  "--home", home, *(["--start", start] if start else []), "--"]  # fmt: skip
