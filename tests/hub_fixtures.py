@@ -26,6 +26,7 @@ from cluster_fixtures import hub_service_account
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
+from sandbox_spawner.hub_api import event_stream
 from testcluster.cluster import free_port
 
 SHIPPED = Path(__file__).resolve().parent.parent / "jupyter_config" / "jupyterhub_config.py"
@@ -243,15 +244,10 @@ class Hub:
         start that had already failed (faster than this request) reads as one failed
         event with the Hub's logged reason."""
         events: list[dict] = []
-
-        def on_chunk(chunk: bytes) -> None:
-            for line in chunk.decode().splitlines():
-                if line.startswith("data:"):
-                    events.append(json.loads(line[5:]))
-
         response = await AsyncHTTPClient().fetch(HTTPRequest(
             f"{self.url}/hub/api/users/{name}/server/progress",
-            headers={"Authorization": f"token {self.token}"}, streaming_callback=on_chunk,
+            headers={"Authorization": f"token {self.token}"},
+            streaming_callback=event_stream(events.append),
             request_timeout=180,
         ), raise_error=False)  # fmt: skip
         if response.code == 400 and not events:  # "not starting": it ended already
