@@ -7,13 +7,16 @@ own local-provisioner (a plain, unsandboxed ipykernel):
     .venv/bin/python benchmarks/kernel_startup.py [--runs 7] [--modes local,bubblewrap,...]
 
 Modes: ``local``; each local runtime started cold (``bubblewrap``, ``gvisor``);
-``<runtime>-pooled`` for runtimes with a local warm pool (one member, refilled
-between runs: the steady state of a pool sized for its load); ``gvisor-template``,
+``<runtime>-pooled`` for runtimes with a local warm pool here (``bubblewrap-pooled``;
+``gvisor-pooled`` with runsc 2024 or later; one member, refilled between runs: the
+steady state of a pool sized for its load); ``gvisor-template``,
 restored from a template (built after the warm-up run, as after a first cold
 start). The clock starts just before ``start_kernel`` and stops at the first
 execute_reply, as a notebook user waits: start, connect, kernel_info until
 ready, execute. Also printed: the
-memory an idle pooled sandbox holds (RSS summed over its processes).
+memory an idle pooled sandbox holds (RSS summed over its processes). The same
+through a real jupyter_server with the shipped configuration, as JupyterLab
+starts a kernel: ``benchmarks/server_kernel_startup.py``.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ def rss_bytes(pids: list[int]) -> int:
 
 def default_modes() -> list[str]:
     local = [cls for cls in reversed(runtime_classes().values()) if cls.local]
-    return [LOCAL, *(c.name for c in local), *(c.name + POOLED for c in local if c.pooling),
+    # An instance says whether it pools here (gVisor: with the runsc found).
+    return [LOCAL, *(c.name for c in local), *(c.name + POOLED for c in local if c().pooling),
             *(c.name + TEMPLATE for c in local if hasattr(c, "restore"))]  # fmt: skip
 
 

@@ -32,8 +32,8 @@ c.SandboxProvisioner.env_allowlist = ["LANG", "LANGUAGE", "LC_*", "TZ", "JPY_SES
 # Host paths to add, e.g. a shared read-only data set:
 # c.SandboxProvisioner.extra_mounts = ["/srv/datasets:/data:ro"]
 
-# Warm pools: bubblewrap kernels start from a sandbox started ahead of time, faster than
-# a plain kernel (gVisor kernels start cold whatever this says). Each idle pooled
-# sandbox holds some memory (see benchmarks/kernel_startup.py).
+# Warm pools: kernels start from a sandbox started ahead of time, faster than a plain
+# kernel (bubblewrap; gVisor with runsc 2024 or later, else from a template). Each idle
+# pooled sandbox holds some memory (see benchmarks/kernel_startup.py).
 c.SandboxProvisioner.pool_size = 1
 # c.SandboxProvisioner.pool_preload = ["numpy", "pandas"]

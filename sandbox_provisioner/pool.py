@@ -43,6 +43,10 @@ STAGE_TARGET = "/run/jupyter-sandbox/stage"
 #: The agent's socket, in the member's directory on the host. The agent inherits it
 #: listening: it is in no directory the sandbox sees, so no kernel can reach or replace it.
 AGENT_SOCKET = "agent.sock"
+#: Where the agent makes its socket when its runtime cannot hand it one (gVisor): the
+#: member's ``agent/`` directory (the server's only), bound for the agent alone and hidden
+#: with the stage once a kernel is assigned.
+AGENT_DIR, AGENT_DIR_TARGET = "agent", "/run/jupyter-sandbox/agent"
 MEMBER_START_TIMEOUT = 120.0
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,9 @@ class PoolMember(AgentDrivenSandbox):
 
     @property
     def socket(self) -> str:
-        return str(self.slot / AGENT_SOCKET)
+        if self.runtime.inherits_sockets:
+            return str(self.slot / AGENT_SOCKET)
+        return str(self.slot / AGENT_DIR / AGENT_SOCKET)
 
     async def connect(self) -> AgentClient:
         assert self.session is not None
@@ -116,12 +122,13 @@ class LocalPool:
     """``size`` members of one kernelspec configuration, kept started.
 
     ``member_spec(slot, controller_key, listen_fd)`` gives a member's spec and the
-    filesystem a kernel inherits from it (what :func:`stage_plan` starts from)."""
+    filesystem a kernel inherits from it (what :func:`stage_plan` starts from);
+    ``listen_fd`` is None where the runtime cannot hand the agent a socket."""
 
     def __init__(
         self,
         runtime: SandboxRuntime,
-        member_spec: Callable[[Path, str, int], tuple[SandboxSpec, tuple[Mount, ...]]],
+        member_spec: Callable[[Path, str, int | None], tuple[SandboxSpec, tuple[Mount, ...]]],
         *,
         size: int,
         state_dir: Path,
@@ -203,18 +210,22 @@ class LocalPool:
             directory.chmod(0o711)
         (slot / "ipc").mkdir(mode=0o700)
         _SLOTS.add(slot)
-        listener = socket.socket(socket.AF_UNIX)
+        listener = socket.socket(socket.AF_UNIX) if self.runtime.inherits_sockets else None
         try:
-            listener.bind(str(slot / AGENT_SOCKET))
-            listener.listen(16)
+            if listener is not None:
+                listener.bind(str(slot / AGENT_SOCKET))
+                listener.listen(16)
+            else:
+                (slot / AGENT_DIR).mkdir(mode=0o700)
             spec, inherited = self.member_spec(slot, public_key_text(self._key),
-                                               listener.fileno())  # fmt: skip
+                                               listener and listener.fileno())  # fmt: skip
             sandbox = await self.runtime.launch(spec)
         except Exception as exc:
             self._failed(slot, f"cannot start: {exc}")
             return
         finally:
-            listener.close()  # the agent holds it now
+            if listener is not None:
+                listener.close()  # the agent holds it now
         member = PoolMember(self.runtime, slot, sandbox, self.log)
         member.inherited = inherited
         try:
@@ -319,10 +330,13 @@ def _remove_slots() -> None:
         shutil.rmtree(slot, ignore_errors=True)
 
 
-def stage_plan(mounts: list[Mount], member: list[Mount], pool_root: str) -> list[dict] | None:
+def stage_plan(
+    mounts: list[Mount], member: list[Mount], pool_root: str, check_inodes: bool = True
+) -> list[dict] | None:
     """The agent's plan to turn a member's filesystem (``member``) into a kernel's
     (``mounts``): unmount what the kernel must not have, then mount what it lacks, with
-    sources on the stage. None when a source is outside ``pool_root``."""
+    sources on the stage (and, with ``check_inodes``, the device and inode each must
+    have). None when a source is outside ``pool_root``."""
     import os
 
     have, wanted = set(member), set(mounts)
@@ -339,8 +353,8 @@ def stage_plan(mounts: list[Mount], member: list[Mount], pool_root: str) -> list
             if rel == ".." or rel.startswith("../"):
                 return None
             st = os.stat(source)  # the agent binds exactly this, or refuses
-            source, expect = os.path.normpath(os.path.join(STAGE_TARGET, rel)), [st.st_dev,
-                                                                                  st.st_ino]
+            source = os.path.normpath(os.path.join(STAGE_TARGET, rel))
+            expect = [st.st_dev, st.st_ino] if check_inodes else None
         plan.append({"kind": m.kind.value, "target": m.target, "source": source,
                      "writable": m.writable, "expect": expect})  # fmt: skip
     return plan

@@ -23,32 +23,107 @@ def _bubblewrap() -> None:
     require_runtime("bubblewrap")
 
 
+@pytest.fixture(params=["bubblewrap", "gvisor"])
+def pooling_runtime(request: pytest.FixtureRequest) -> str:
+    require_runtime(request.param)
+    return request.param
+
+
 def only_pool() -> pool.LocalPool:
     (found,) = pool._POOLS.values()
     return found
 
 
-async def test_two_notebooks_see_only_their_own_directory(start_kernel, tmp_path: Path):
+async def test_two_notebooks_see_only_their_own_directory(
+    pooling_runtime, start_kernel, tmp_path: Path
+):
     root = tmp_path / "server-root"
     a, b = root / "alice" / "nb", root / "bob" / "nb"
     for d in (a, b):
         d.mkdir(parents=True)
         (d / "mine.txt").write_text(d.parent.name)
+    (root / "secret.txt").write_text("on the stage only")
     config = {"pool_size": 2, "pool_root": str(root)}
-    first = await start_kernel("bubblewrap", cwd=a, **config)
+    first = await start_kernel(pooling_runtime, cwd=a, **config)
     await async_wait_until(lambda: only_pool().ready == 2, timeout=60)
-    second = await start_kernel("bubblewrap", cwd=b, **config)
+    second = await start_kernel(pooling_runtime, cwd=b, **config)
     for kernel, own, other in ((first, a, b), (second, b, a)):
         assert await kernel.value("os.getcwd()") == str(own)
         assert await kernel.value("open('mine.txt').read()") == own.parent.name
         assert not await kernel.value(f"os.path.exists({str(other)!r})")
         assert await kernel.value(f"os.listdir({str(root)!r})") == [own.parent.name]
-        # The stage the pool started with is gone from the kernel's view.
-        assert not await kernel.value(f"os.path.exists({pool.STAGE_TARGET!r})")
+        # The stage the pool started with is gone from the kernel's view, whichever way
+        # it looks: its mount point, the agent's root, the agent's descriptors.
+        stage = pool.STAGE_TARGET
+        for path in (
+            f"{stage}/secret.txt",
+            f"{stage}/{other.parent.name}/nb/mine.txt",
+            f"/proc/1/root{stage}/secret.txt",
+            f"/proc/1/root/{other}/mine.txt",
+        ):
+            result = await kernel.run(f"open({path!r}).read()")
+            assert result.error.get("ename") in ("FileNotFoundError", "PermissionError"), path
+        assert not await kernel.value(f"os.path.exists({stage!r}) and os.listdir({stage!r})")
+        found = await kernel.value("[f for d, _, fs in os.walk('/') if not d.startswith("
+                                   "('/proc', '/sys', '/usr', '/dev')) for f in fs "
+                                   "if f == 'secret.txt']")  # fmt: skip
+        assert found == []
+        # Its capabilities: only CAP_DAC_OVERRIDE (a root server's files), nothing to mount.
+        status = await kernel.value("open('/proc/self/status').read()")
+        caps = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Cap"))
+        assert int(caps["CapEff"], 16) & ~0x2 == 0 and int(caps["CapBnd"], 16) & ~0x2 == 0, caps
         assert (await kernel.run("open('written.txt', 'w').write('x')")).ok
         assert (own / "written.txt").exists()
+        await _cannot_reach_the_agent(kernel)
     reply = await second.kc.kernel_info(reply=True, timeout=30)
-    assert "Sandboxed kernel: bubblewrap, pooled (warm start)" in reply["content"]["banner"]
+    banner = f"Sandboxed kernel: {pooling_runtime}, pooled (warm start)"
+    assert banner in reply["content"]["banner"]
+
+
+#: Run in a pooled kernel: everything it can read of the sandbox's other processes (the
+#: agent, the zygote), and a write through each of their descriptors it can open.
+_PROBE_OTHERS = """
+import os
+seen = []
+for pid in ("1", "2"):
+    for name in ("environ", "cmdline", "mem"):
+        try:
+            seen.append(open(f"/proc/{pid}/{name}", "rb").read(65536))
+        except OSError:
+            pass
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = []
+    for fd in fds:  # never blocking: some are pipes
+        for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDONLY):
+            try:
+                opened = os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                if flags == os.O_RDONLY:
+                    seen.append(os.read(opened, 65536))
+                else:
+                    os.write(opened, b"WRITTEN-BY-THE-KERNEL")
+            except OSError:
+                pass
+            finally:
+                os.close(opened)
+"""
+
+
+async def _cannot_reach_the_agent(kernel) -> None:
+    """The session that controls the agent is in nothing the kernel can read of the other
+    processes, and nothing it writes through their descriptors reaches the host."""
+    import base64
+
+    member = kernel.provisioner()._sandbox
+    assert (await kernel.run(_PROBE_OTHERS)).ok
+    seen = await kernel.value("b''.join(seen)")
+    for secret in (member.session, base64.b64encode(member.session)):
+        assert secret not in seen
+    assert b"WRITTEN-BY-THE-KERNEL" not in (member.slot / "agent.log").read_bytes()
 
 
 async def test_a_member_that_died_is_replaced_not_handed_out(start_kernel, notebook_dir: Path):
@@ -93,12 +168,22 @@ async def test_workspace_outside_the_pool_root_starts_cold(start_kernel, tmp_pat
     assert await kernel.value("os.getcwd()") == str(elsewhere)
 
 
-async def test_gvisor_ignores_pool_size_and_starts_cold(start_kernel):
-    require_runtime("gvisor")
-    kernel = await start_kernel("gvisor", pool_size=1)
-    reply = await kernel.kc.kernel_info(reply=True, timeout=30)
-    assert "Sandboxed kernel: gvisor (cold start)" in reply["content"]["banner"]
-    assert not pool._POOLS
+async def test_a_runtime_that_cannot_pool_ignores_pool_size(tmp_path: Path, caplog):
+    """gVisor before 2024 (a stand-in runsc that only prints its version): kernels start
+    cold (or from a template), with a warning, rather than failing."""
+    from sandbox_provisioner import SandboxProvisioner
+
+    fake = tmp_path / "runsc"
+    fake.write_text("#!/bin/sh\necho 'runsc version 0.0~20221219.0'\n")
+    fake.chmod(0o755)
+    from sandbox_provisioner.launch import pooled
+
+    pooled._NO_POOL_WARNED.discard("gvisor")  # told once per process
+    provisioner = SandboxProvisioner(kernel_id="k", kernel_spec=None, runtime="gvisor",
+                                     pool_size=1, runsc_path=str(fake))  # fmt: skip
+    assert provisioner.runtime_instance.name == "gvisor"
+    assert not provisioner._poolable(str(tmp_path))
+    assert "pool_size is ignored for gvisor" in caplog.text
 
 
 async def test_invalid_pool_size_is_refused():

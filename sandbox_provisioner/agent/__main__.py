@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     serve_p.add_argument(
         "--listen-fd", type=int, help="an inherited listening socket to serve on (local pools)"
     )
+    serve_p.add_argument(
+        "--listen-path", help="a Unix socket to make and serve on (local pools under gVisor)"
+    )
     serve_p.add_argument("--stage", help="directory the workspaces are bound from (local pools)")
     serve_p.add_argument(
         "--confine",
@@ -50,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     serve_p.add_argument(
         "--kernel-caps", default="", help="capabilities a pooled sandbox's kernels keep"
     )
+    serve_p.add_argument(
+        "--kernel-user", default="",
+        help="UID:GID a pooled sandbox's kernels become (an agent that starts as root)",
+    )  # fmt: skip
     serve_p.add_argument("--workdir", default=os.getcwd(), help="the kernel's directory")
     key_p = sub.add_parser("public-key", help="print a controller key's public half")
     key_p.add_argument("keyfile")
@@ -74,10 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     kernel_caps = [c.strip() for c in args.kernel_caps.split(",") if c.strip()]
 
     def prepare() -> None:
-        if args.confine:  # kernels of a pooled sandbox: their capabilities, their filter
+        if args.confine:  # kernels of a pooled sandbox: their uid, capabilities, filter
             from ..seccomp import build_filter
-            from .confine import restrict
+            from .confine import become, output_inside, restrict
 
+            output_inside(os.devnull)  # it reports to the agent over its socket
+            if args.kernel_user:
+                become(*(int(part) for part in args.kernel_user.split(":")))
             restrict(kernel_caps, build_filter())
 
     try:
@@ -87,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(1, f"kernel agent: {exc}\n")
     block_stop_signals()
     asyncio.run(serve(keys, zygote, workdir=args.workdir, host=args.host, port=args.port,
-                      listen_fd=args.listen_fd, stage=args.stage,
-                      confine=args.confine))  # fmt: skip
+                      listen_fd=args.listen_fd, listen_path=args.listen_path,
+                      stage=args.stage, confine=args.confine,
+                      keep_caps=("CAP_KILL",) if args.kernel_user else ()))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ MNT_DETACH = 2
 _SYS_MOUNT_SETATTR, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, 0x8000, 0x1
 #: statvfs flags that a bind remount must keep (the kernel refuses to clear locked ones).
 _KEEP_FLAGS = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC}
-_PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 8, 24, 47, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(platform.machine(), 126)
 #: Capabilities a kernel may be given (bubblewrap's names).
-CAPABILITIES = {"CAP_DAC_OVERRIDE": 1, "CAP_SETPCAP": 8, "CAP_SYS_ADMIN": 21}
+CAPABILITIES = {"CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETPCAP": 8, "CAP_SYS_ADMIN": 21}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -117,8 +117,12 @@ def _bind_exactly(source: str, target: str, expect: list[int] | None) -> None:
         os.close(fd)
 
 
-def apply_plan(plan: list[dict[str, Any]], stage: str | None, empty_file: str) -> None:
-    """Carry out ``plan`` (mounts as ``{kind, target, source, writable, expect}``), then seal.
+def apply_plan(
+    plan: list[dict[str, Any]], remove: Iterable[str], cover: Iterable[str], empty_file: str
+) -> None:
+    """Carry out ``plan`` (mounts as ``{kind, target, source, writable, expect}``), remove
+    the agent's own mounts (its stage), cover those it still uses (the directory of the
+    socket it listens on, which an unmount would break under gVisor), then seal.
 
     ``bind`` sources are paths in this sandbox (under the stage), ``expect`` the
     device and inode the server saw; ``hide-file`` binds ``empty_file`` over its
@@ -151,14 +155,58 @@ def apply_plan(plan: list[dict[str, Any]], stage: str | None, empty_file: str) -
             os.symlink(source, target)
         else:
             raise ConfineError(errno.EINVAL, f"unknown mount kind {kind!r}")
-    if stage:
-        _check(_libc.umount2(stage.encode(), MNT_DETACH), f"unmount {stage}")
-        with contextlib.suppress(OSError):  # not even the empty mount point stays
-            os.removedirs(stage)
+    remove = [target for target in remove if target]
+    for target in remove:
+        _check(_libc.umount2(target.encode(), MNT_DETACH), f"unmount {target}")
+        # Not only unmounted: under gVisor the root's own view of a mount point can still
+        # show what was mounted there. Removed where the root allows, else covered.
+        with contextlib.suppress(OSError):
+            os.removedirs(target)
+    for target in [*remove, *cover]:
+        if target and os.path.lexists(target):  # an empty read-only tmpfs over it
+            _mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "mode=0555")  # fmt: skip
     root = os.statvfs("/").f_flag
     flags = MS_REMOUNT | MS_BIND | MS_RDONLY | sum(ms for st, ms in _KEEP_FLAGS.items()
                                                    if root & st)  # fmt: skip
     _mount(None, "/", None, flags)  # the root alone: the workspace below stays writable
+
+
+def output_inside(path: str) -> None:
+    """Standard input from /dev/null, output to ``path`` (a file of the sandbox's own):
+    under gVisor a kernel can open the descriptors of the sandbox's other processes through
+    /proc (its CAP_DAC_OVERRIDE passes the Sentry's checks there), and the ones they
+    started with are the member's log on the host."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+
+
+def become(uid: int, gid: int) -> None:
+    """Become ``uid``:``gid`` (from the sandbox's root) keeping the capabilities held, for
+    :func:`restrict` to choose from: a pooled gVisor agent's zygote, whose kernels must be
+    the sandbox uid (an exec would lose them: gVisor has no ambient capabilities)."""
+    _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "keep capabilities")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _check(_libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "keep capabilities")
+    with open("/proc/self/status") as status:  # the change of uid emptied the effective set
+        permitted = next(int(line.split()[1], 16) for line in status
+                         if line.startswith("CapPrm:"))  # fmt: skip
+    _capset(permitted, 0)
+
+
+def _capset(mask: int, inheritable: int) -> None:
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF,
+                                 inheritable & 0xFFFFFFFF, mask >> 32, mask >> 32,
+                                 inheritable >> 32)  # fmt: skip
+    _check(_libc.syscall(_SYS_CAPSET, header, data), "capset")
 
 
 def restrict(keep: Iterable[str] = (), seccomp_filter: Any = None) -> None:
@@ -172,10 +220,7 @@ def restrict(keep: Iterable[str] = (), seccomp_filter: Any = None) -> None:
         if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
             break  # past the last capability; EPERM (no CAP_SETPCAP) leaves the bound as is
     mask = sum(1 << cap for cap in kept)
-    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, mask & 0xFFFFFFFF,
-                                 mask >> 32, mask >> 32, mask >> 32)  # fmt: skip
-    _check(_libc.syscall(_SYS_CAPSET, header, data), "capset")
+    _capset(mask, mask)
     if not kept:
         _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     if seccomp_filter is not None:

@@ -92,7 +92,12 @@ class KernelAgent:
     base_env: dict[str, str] = field(default_factory=dict)
     #: Pooled local sandbox: the stage to bind workspaces from; sealed once bound.
     stage: str | None = None
+    #: Where the agent made its socket (a gVisor member's): covered once sealed.
+    socket_dir: str | None = None
     confine: bool = False
+    #: Capabilities the sealed agent keeps: CAP_KILL where its kernels are another uid
+    #: (a gVisor member's agent is the sandbox's root), to signal and stop them.
+    keep_caps: tuple[str, ...] = ()
     session: bytes | None = None
     kernel: RunningKernel | None = None
     ports: dict[str, int] | None = None
@@ -225,11 +230,12 @@ class KernelAgent:
     def _seal(self, mounts: list[dict[str, Any]]) -> None:
         """Bind the kernel's plan, then keep no capability and take the kernel's filter."""
         from ..seccomp import build_filter
-        from .confine import apply_plan, restrict
+        from .confine import apply_plan, output_inside, restrict
 
-        apply_plan(mounts, self.stage, self._empty_file())
+        output_inside(str(self.state_dir / "agent.log"))  # a kernel can exist from here on
+        apply_plan(mounts, [self.stage or ""], [self.socket_dir or ""], self._empty_file())
         self.sealed = True
-        restrict((), build_filter())
+        restrict(self.keep_caps, build_filter())
 
     def _endpoint(self, body: dict[str, Any], local: Any) -> dict[str, Any]:
         """Where the kernel listens: the IPC path the controller gave (local pools), else
@@ -423,25 +429,33 @@ async def serve(
     host: str = "",
     port: int = 0,
     listen_fd: int | None = None,
+    listen_path: str | None = None,
     stage: str | None = None,
     confine: bool = False,
+    keep_caps: tuple[str, ...] = (),
 ) -> None:
     """Run the agent until a stop signal from outside: on the inherited listening socket
-    ``listen_fd`` if given, else TCP on ``host:port``. Call with the stop signals blocked
-    (:func:`block_stop_signals`), before any thread starts."""
+    ``listen_fd`` if given, else on a Unix socket it makes at ``listen_path`` (a runtime
+    that cannot hand one over: gVisor), else TCP on ``host:port``. Call with the stop
+    signals blocked (:func:`block_stop_signals`), before any thread starts."""
     become_subreaper()
     with contextlib.suppress(OSError):
         os.makedirs(workdir, exist_ok=True)
     state_dir = Path(tempfile.mkdtemp(prefix="jupyter-sandbox-agent-"))
     base_env = {k: v for k, v in os.environ.items() if k != CONTROLLER_KEYS_ENV}
     agent = KernelAgent(keys, state_dir, workdir, zygote, base_env, stage=stage,
-                        confine=confine)  # fmt: skip
+                        confine=confine, keep_caps=keep_caps,
+                        socket_dir=listen_path and os.path.dirname(listen_path))  # fmt: skip
     zygote.on_exit = agent.kernel_exited
     zygote.listen(asyncio.get_running_loop())
     if listen_fd is not None:
         sock = socket.socket(fileno=listen_fd)
         server = await asyncio.start_unix_server(agent.handle, sock=sock, limit=256 * 1024)
         where = f"inherited socket {sock.getsockname()}"
+    elif listen_path is not None:
+        server = await asyncio.start_unix_server(agent.handle, path=listen_path,
+                                                 limit=256 * 1024)  # fmt: skip
+        where = listen_path
     else:
         # Our own socket: asyncio would resolve a host name on an executor thread.
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -154,7 +154,11 @@ class Zygote:
         return outer
 
     def _outer_pid(self, inner: int) -> int:
-        """Our pid of the zygote's child that is ``inner`` in the zygote's namespace."""
+        """Our pid of the zygote's child that is ``inner`` in the zygote's namespace.
+
+        Without NSpid in /proc (gVisor), the zygote's one child not known yet: it forks
+        one kernel at a time, and nothing else."""
+        unknown = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -163,9 +167,15 @@ class Zygote:
             except OSError:
                 continue
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields.get("PPid", -1)) != self.pid:
+                continue
             nspid = fields.get("NSpid", "").split()
-            if nspid and int(nspid[-1]) == inner and int(fields["PPid"]) == self.pid:
+            if nspid and int(nspid[-1]) == inner:
                 return int(entry.name)
+            if not nspid and int(entry.name) not in self._inner.values():
+                unknown.append(int(entry.name))
+        if len(unknown) == 1:
+            return unknown[0]
         raise OSError(f"the kernel (pid {inner} of its namespace) is gone")
 
     def _decode(self, data: bytes) -> dict[str, Any]:

@@ -64,13 +64,18 @@ class PooledLaunch:
                          sort_keys=True, default=str)  # fmt: skip
 
         def member_spec(
-            slot: Path, controller_key: str, listen_fd: int
+            slot: Path, controller_key: str, listen_fd: int | None
         ) -> tuple[SandboxSpec, tuple[Mount, ...]]:
             start, extra = self._own_module(cmd, kernel_env, "sandbox_provisioner.agent")
-            stage = filesystem.ExtraMount(root, pool.STAGE_TARGET, True)
+            agent_only = [filesystem.ExtraMount(root, pool.STAGE_TARGET, True)]
+            if listen_fd is not None:
+                listen = ["--listen-fd", str(listen_fd)]
+            else:
+                listen = ["--listen-path", f"{pool.AGENT_DIR_TARGET}/{pool.AGENT_SOCKET}"]
+                agent_only.append(filesystem.ExtraMount(
+                    str(slot / pool.AGENT_DIR), pool.AGENT_DIR_TARGET, True))  # fmt: skip
             who = self._identity()
-            argv = [*start, "serve",
-                    "--listen-fd", str(listen_fd), "--stage", pool.STAGE_TARGET,
+            argv = [*start, "serve", *listen, "--stage", pool.STAGE_TARGET,
                     "--confine", "--workdir", filesystem.SCRATCH_TARGET,
                     "--kernel-caps", "CAP_DAC_OVERRIDE" if who.separate else "",
                     "--preload", ",".join(self.pool_preload)]  # fmt: skip
@@ -84,7 +89,7 @@ class PooledLaunch:
                 cwd=filesystem.SCRATCH_TARGET,
                 mounts=self._mounts(
                     cmd, kernel_env, None, True, slot / "scratch", slot, uid,
-                    extra=tuple(extra), agent_only=(stage,),
+                    extra=tuple(extra), agent_only=tuple(agent_only),
                 ),
                 network=NetworkMode(self.network),
                 limits=self._limits(),
@@ -92,7 +97,7 @@ class PooledLaunch:
                 log_path=slot / "agent.log",
                 agent=True,
                 identity=who,
-                keep_fds=(listen_fd,),
+                keep_fds=() if listen_fd is None else (listen_fd,),
             ), inherited
 
         def make() -> pool.LocalPool:
@@ -126,7 +131,8 @@ class PooledLaunch:
         scratch = member.slot / "scratch" if workspace is None else None
         mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot,
                               self._inside_uid())
-        plan = pool.stage_plan(list(mounts), list(member.inherited), self._pool_root())
+        plan = pool.stage_plan(list(mounts), list(member.inherited), self._pool_root(),
+                               self.runtime_instance.host_inodes)  # fmt: skip
         assert plan is not None, "_poolable checked that the workspace is on the stage"
         member.plan = plan
         self.log.info("Starting kernel %s in a pooled %s sandbox (%s, workspace %s)",

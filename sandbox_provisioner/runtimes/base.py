@@ -120,6 +120,13 @@ class SandboxRuntime(LoggingConfigurable, metaclass=_Meta):
     #: Whether a started sandbox can still take its workspace (bound by its kernel agent),
     #: which local warm pools need.
     pooling: ClassVar[bool] = False
+    #: Whether a sandbox's main process can inherit a listening socket (a pooled agent's).
+    #: If not, the agent makes its socket in a directory bound for it alone, hidden once
+    #: its kernel is assigned (see sandbox_provisioner.pool).
+    inherits_sockets: ClassVar[bool] = True
+    #: Whether files show their host device and inode numbers inside its sandboxes, so a
+    #: pooled agent can check that it binds the directory the server planned.
+    host_inodes: ClassVar[bool] = True
 
     @abc.abstractmethod
     def availability(self) -> Availability:

@@ -48,6 +48,19 @@ from .process import LocalSandbox, spawn
 _NEWEST_SUPPORTED = 20240729
 #: The last builds that give a non-root container process the capabilities its spec names.
 _NON_ROOT_CAPS_UNTIL = 20221219
+#: The first build tested to mount inside a running sandbox (bind, read-only remount,
+#: unmount), which local warm pools need.
+_POOLING_FROM = 20240729
+#: What a pooled sandbox's agent holds until it has bound its kernel's workspace: the
+#: mounts, and becoming the sandbox uid for its kernels (see sandbox_provisioner.agent).
+_AGENT_CAPS = [
+    "CAP_SYS_ADMIN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_KILL",
+]
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,6 +163,13 @@ class GVisorRuntime(SandboxRuntime):
     name = "gvisor"
     description = "gVisor user-space kernel (runsc); needs root"
     strength = 20
+    #: A listening host socket handed in (``--pass-fd``) refuses listen() in the Sentry.
+    inherits_sockets = False
+    #: The Sentry numbers files itself. A pooled agent's bind still refuses any symlink on
+    #: the way (one component at a time); without the inode check, what another kernel
+    #: could swap in is only a directory from its own workspace (a rename cannot cross
+    #: mounts), which it could write anyway.
+    host_inodes = False
 
     runsc_path = Unicode("", config=True, help="The runsc binary. Empty: runsc on PATH.")
     platform = CaselessStrEnum(
@@ -201,11 +221,27 @@ class GVisorRuntime(SandboxRuntime):
                 "bookworm-backports or trixie), or set "
                 "c.GVisorRuntime.allow_untested_runsc = True to try this one",
             )  # fmt: skip
-        return Availability(True, f"{version} at {runsc}, platform {self.resolved_platform()}")
+        pools = "warm pools" if self.pooling else (
+            "no warm pools (they need runsc 2024 or later: on Debian bookworm, "
+            "bookworm-backports' runsc, which scripts/setup installs)")  # fmt: skip
+        return Availability(True, f"{version} at {runsc}, platform {self.resolved_platform()}, "
+                            f"{pools}")  # fmt: skip
+
+    def _release(self) -> int:
+        """The found runsc's release date (0: none found, or it does not run)."""
+        runsc = self.find_runsc()
+        try:
+            return _release_date(runsc_version(runsc)) if runsc else 0
+        except (OSError, subprocess.SubprocessError):
+            return 0
 
     def _non_root_gets_no_caps(self) -> bool:
-        runsc = self.find_runsc()
-        return bool(runsc) and _release_date(runsc_version(runsc)) > _NON_ROOT_CAPS_UNTIL
+        return self._release() > _NON_ROOT_CAPS_UNTIL
+
+    @property
+    def pooling(self) -> bool:  # type: ignore[override]
+        """Warm pools: on builds that mount inside a running sandbox (2024 on)."""
+        return self._release() >= _POOLING_FROM
 
     def resolved_platform(self) -> str:
         return "ptrace" if self.platform == "auto" else self.platform
@@ -241,7 +277,15 @@ class GVisorRuntime(SandboxRuntime):
         caps = ["CAP_DAC_OVERRIDE"] if who.separate else []
         user = {"uid": who.uid, "gid": who.gid} if who.separate else {"uid": 0, "gid": 0}
         args = spec.argv
-        if spec.switches_user:  # it becomes the user's uid itself, dropping these
+        readonly_root = True
+        if spec.agent:
+            # A pooled sandbox's agent: the sandbox's root until it has bound its kernel's
+            # workspace (mount targets are made in the root's in-memory overlay, then the
+            # root is sealed read-only); its kernels become the sandbox uid.
+            caps, user, readonly_root = list(_AGENT_CAPS), {"uid": 0, "gid": 0}, False
+            if who.separate:
+                args = [*args, "--kernel-user", f"{who.uid}:{who.gid}"]
+        elif spec.switches_user:  # it becomes the user's uid itself, dropping these
             caps, user = ["CAP_SETUID", "CAP_SETGID"], {"uid": 0, "gid": 0}
         elif who.separate and self._non_root_gets_no_caps():
             # This build starts a non-root process with no capability: start as the sandbox's
@@ -273,7 +317,7 @@ class GVisorRuntime(SandboxRuntime):
                 if spec.limits.pids
                 else [],
             },
-            "root": {"path": "rootfs", "readonly": True},
+            "root": {"path": "rootfs", "readonly": readonly_root},
             "hostname": spec.hostname,
             "mounts": mounts,
             "linux": linux,
@@ -357,6 +401,8 @@ class GVisorRuntime(SandboxRuntime):
         ]  # fmt: skip
         if not cgroups:
             argv.append("--ignore-cgroups")
+        if spec.agent:  # the root's writes (the agent's mount targets) stay in its memory
+            argv.append("--overlay2=root:memory")
         argv += [*command, "--bundle", str(bundle_dir), cid]
         process = spawn(argv, spec, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         return GVisorSandbox(

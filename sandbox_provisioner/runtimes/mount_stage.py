@@ -120,8 +120,10 @@ def open_exactly(path: str, expect: list[int] | None) -> int:
     how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
     fd = _libc.syscall(_SYS_OPENAT2, _AT_FDCWD, path.encode(), ctypes.byref(how),
                        ctypes.sizeof(how))  # fmt: skip
+    err = ctypes.get_errno() if fd < 0 else 0
+    if err == errno.ENOSYS:  # no openat2 (gVisor): one component at a time
+        fd, err = _open_walking(path)
     if fd < 0:
-        err = ctypes.get_errno()
         if err == errno.ELOOP:
             raise StageError(err, f"{path} is now reached through a symlink: refused")
         raise StageError(err, f"{path}: {os.strerror(err)}")
@@ -132,6 +134,26 @@ def open_exactly(path: str, expect: list[int] | None) -> int:
                          f"and inode {st.st_dev}:{st.st_ino}, not {expect[0]}:{expect[1]}): "
                          "refused")  # fmt: skip
     return fd
+
+
+def _open_walking(path: str) -> tuple[int, int]:
+    """``path`` opened O_PATH one component at a time, refusing any symlink (what
+    RESOLVE_NO_SYMLINKS does where there is no openat2): (descriptor, 0) or (-1, errno)."""
+    if not os.path.isabs(path) or ".." in path.split("/"):
+        return -1, errno.EINVAL
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in (p for p in path.split("/") if p not in ("", ".")):
+            child = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                os.close(fd)
+                return -1, errno.ELOOP
+    except OSError as exc:
+        os.close(fd)
+        return -1, exc.errno or errno.EIO
+    return fd, 0
 
 
 def _clone(fd: int, recursive: bool, source: str) -> int:
