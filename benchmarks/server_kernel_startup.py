@@ -4,9 +4,12 @@ Two servers run side by side on loopback: one with the shipped configuration
 (``jupyter_config/jupyter_server_config.py``: sandboxed kernelspecs only, pools and
 templates as shipped) and a plain one whose ``python3`` kernel is started by
 jupyter_client's local-provisioner (the baseline). Each measured start is what the
-browser does: ``POST /api/kernels``, open the kernel's websocket, ``kernel_info`` until
-it answers, execute ``1 + 1``; the clock runs from the POST to the ``execute_reply``.
-Kernels are shut down between runs (not timed). Modes run round-robin after one
+browser does for a new notebook: ``POST /api/sessions`` (its own notebook path, so its
+own JPY_SESSION_NAME), open the kernel's websocket, ``kernel_info`` until it answers,
+execute ``1 + 1``; the clock runs from the POST to the ``execute_reply``.
+Kernels are shut down between runs (not timed), ``--pause`` seconds apart (5: a pool
+has refilled, as between a user's notebooks; a refill's CPU would otherwise slow
+the next start, whichever mode it is). Modes run round-robin after one
 warm-up each, so machine noise hits all alike; medians and ratios to the baseline:
 
     .venv/bin/python benchmarks/server_kernel_startup.py [--runs 7]
@@ -92,11 +95,15 @@ def message(kind: str, content: dict, session: str) -> tuple[str, str]:
 
 
 async def start_and_execute(server: Server, kernel_name: str) -> float:
-    """Seconds from POST /api/kernels to the first execute_reply."""
+    """Seconds from POST /api/sessions (a new notebook, as JupyterLab opens one) to the
+    first execute_reply."""
     started = time.perf_counter()
-    kernel = await server.api("POST", "/api/kernels", {"name": kernel_name})
+    path = f"notebook-{uuid.uuid4().hex[:8]}.ipynb"
+    body = {"path": path, "name": path, "type": "notebook", "kernel": {"name": kernel_name}}
+    opened = await server.api("POST", "/api/sessions", body)
+    kernel = opened["kernel"]  # type: ignore[index]
     session = uuid.uuid4().hex
-    url = server.base.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"  # type: ignore[index]
+    url = server.base.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
     ws = await websocket_connect(HTTPRequest(
         f"{url}?session_id={session}", headers={"Authorization": f"token {server.token}"}))
     try:
@@ -118,10 +125,10 @@ async def start_and_execute(server: Server, kernel_name: str) -> float:
                 return time.perf_counter() - started
     finally:
         ws.close()
-        await server.api("DELETE", f"/api/kernels/{kernel['id']}")  # type: ignore[index]
+        await server.api("DELETE", f"/api/sessions/{opened['id']}")  # type: ignore[index]
 
 
-async def run(runs: int, kernels: list[str]) -> int:
+async def run(runs: int, kernels: list[str], pause: float) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         roots = {name: Path(tmp) / name for name in ("sandboxed", "plain")}
         for root in roots.values():
@@ -137,12 +144,13 @@ async def run(runs: int, kernels: list[str]) -> int:
             for _ in range(runs):
                 for label, server, name in modes:
                     times[label].append(await start_and_execute(server, name))
-                    await asyncio.sleep(1.0)  # a pool refills between a user's kernels
+                    await asyncio.sleep(pause)  # pools refill between a user's notebooks
         finally:
             sandboxed.stop()
             plain.stop()
     base = statistics.median(times[BASELINE])
-    print(f"kernel start through jupyter_server (POST -> first execute_reply), {runs} runs, "
+    print(f"kernel start through jupyter_server (POST /api/sessions -> first execute_reply), "
+          f"{runs} runs, "
           f"{'root' if os.geteuid() == 0 else 'not root'}")  # fmt: skip
     print(f"{'kernelspec':<34} {'median':>8} {'min':>8} {'ratio':>7}")
     for label, values in times.items():
@@ -154,10 +162,12 @@ async def run(runs: int, kernels: list[str]) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--pause", type=float, default=5.0,
+                        help="seconds between two starts (a pool refills meanwhile)")  # fmt: skip
     parser.add_argument("--kernels", default="sandboxed-python,sandboxed-python-bubblewrap,"
                         "sandboxed-python-gvisor")  # fmt: skip
     args = parser.parse_args()
-    return asyncio.run(run(args.runs, args.kernels.split(",")))
+    return asyncio.run(run(args.runs, args.kernels.split(","), args.pause))
 
 
 if __name__ == "__main__":

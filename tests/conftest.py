@@ -151,8 +151,10 @@ async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[Kernel] = []
 
     async def start(runtime: str, *, cwd: Path | None = None, autorestart: bool = False,
-                    app_config: Config | None = None, **config: Any) -> Kernel:  # fmt: skip
-        """``config`` goes to the kernelspec; ``app_config`` is server-wide traitlets config."""
+                    app_config: Config | None = None, env: dict[str, str] | None = None,
+                    **config: Any) -> Kernel:  # fmt: skip
+        """``config`` goes to the kernelspec; ``app_config`` is server-wide traitlets config;
+        ``env`` is added to the server's environment, as jupyter_server adds a session's."""
         if runtime.endswith(POOLED):
             runtime = runtime_name(runtime)
             config = {"pool_size": 1, "pool_root": str(notebook_dir.parent.parent), **config}
@@ -166,7 +168,7 @@ async def start_kernel(notebook_dir: Path) -> AsyncIterator[Callable[..., Any]]:
             autorestart=autorestart,
             config=app_config or Config(),
         )
-        await km.start_kernel(cwd=str(cwd or notebook_dir))
+        await km.start_kernel(cwd=str(cwd or notebook_dir), env={**os.environ, **(env or {})})
         kernel = Kernel(km)
         started.append(kernel)
         await kernel.ready()

@@ -126,6 +126,30 @@ async def _cannot_reach_the_agent(kernel) -> None:
     assert b"WRITTEN-BY-THE-KERNEL" not in (member.slot / "agent.log").read_bytes()
 
 
+async def test_one_pool_serves_every_notebook(start_kernel, tmp_path: Path):
+    """What JupyterLab sets per notebook (JPY_SESSION_NAME, in the shipped allowlist) and
+    a locale reach each kernel, and no other's, and do not make a pool per notebook."""
+    root = tmp_path / "root"
+    a, b = root / "a", root / "b"
+    for d in (a, b):
+        d.mkdir(parents=True)
+    config = {"pool_size": 1, "pool_root": str(root),
+              "env_allowlist": ["JPY_SESSION_NAME", "LC_*"]}  # fmt: skip
+    first = await start_kernel("bubblewrap", cwd=a, **config,
+                               env={"JPY_SESSION_NAME": "a/one.ipynb", "LC_TIME": "C"})  # fmt: skip
+    member_pool = only_pool()
+    assert await async_wait_until(lambda: member_pool.ready == 1, timeout=60)
+    second = await start_kernel("bubblewrap", cwd=b, **config,
+                                env={"JPY_SESSION_NAME": "b/two.ipynb"})  # fmt: skip
+    assert list(pool._POOLS.values()) == [member_pool]
+    reply = await second.kc.kernel_info(reply=True, timeout=30)
+    assert "pooled (warm start)" in reply["content"]["banner"]
+    assert await first.value("os.environ['JPY_SESSION_NAME']") == "a/one.ipynb"
+    assert await first.value("os.environ.get('LC_TIME')") == "C"
+    assert await second.value("os.environ['JPY_SESSION_NAME']") == "b/two.ipynb"
+    assert await second.value("os.environ.get('LC_TIME')") is None
+
+
 async def test_a_member_that_died_is_replaced_not_handed_out(start_kernel, notebook_dir: Path):
     config = {"pool_size": 1, "pool_root": str(notebook_dir.parent.parent)}
     first = await start_kernel("bubblewrap", **config)

@@ -212,6 +212,16 @@ class SandboxPlan:
             RUNTIME_ENV: self.runtime_instance.name,
         }
 
+    def _shared_env(self, env: dict[str, str], cmd: list[str]) -> dict[str, str]:
+        """The part of the kernel's environment every kernel of this configuration shares:
+        without the host variables the allowlist lets through, which vary by notebook
+        (JupyterLab's JPY_SESSION_NAME, a locale). A pooled sandbox boots with this alone
+        and gets the rest with its kernel, so one pool serves every notebook."""
+        spec_env = self.kernel_spec.env if self.kernel_spec else {}
+        per_kernel = {k for k in env if k not in spec_env
+                      and any(fnmatch.fnmatchcase(k, p) for p in self.env_allowlist)}  # fmt: skip
+        return {k: v for k, v in self._kernel_env(env, cmd).items() if k not in per_kernel}
+
     def _workspace(self, cwd: str | None) -> tuple[str | None, bool, str]:
         """(host directory to bind or None for scratch, writable, the kernel's cwd)."""
         mode = WorkspaceMode(self.workspace)

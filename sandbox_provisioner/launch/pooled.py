@@ -56,7 +56,7 @@ class PooledLaunch:
     def _pool(self, cmd: list[str], env: dict[str, str]) -> pool.LocalPool:
         """This configuration's pool (members are interchangeable when all this matches)."""
         cmd = normalized(cmd)
-        kernel_env = self._kernel_env(env, cmd)
+        kernel_env = self._shared_env(env, cmd)
         root = self._pool_root()
         config = {name: getattr(self, name) for name in self.trait_names(config=True)
                   if name not in ("launch_timeout", "workspace")}  # fmt: skip
