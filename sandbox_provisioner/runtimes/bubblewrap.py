@@ -141,7 +141,7 @@ class BubblewrapRuntime(SandboxRuntime):
             version = _bwrap_version(bwrap)
         except (OSError, subprocess.SubprocessError) as exc:
             return Availability(False, f"{bwrap} does not run: {exc}", "reinstall bubblewrap")
-        return Availability(True, f"{version} at {bwrap}")
+        return Availability(True, f"{version} at {bwrap}, warm pools")
 
     def command(
         self,
