@@ -38,8 +38,11 @@ from .runtimes import Sandbox, SandboxRuntime
 from .runtimes.agent_driven import AgentDrivenSandbox
 from .spec import Mount, MountKind, SandboxSpec
 
-#: Where a member sees its stage (pool_root); unmounted once a kernel is assigned.
+#: Where a member sees its stage (pool_root), and the same read-only, which read-only binds
+#: come from (under gVisor a bind made read-only inside the sandbox still let an open with
+#: O_TRUNC empty a file on the host); both unmounted once a kernel is assigned.
 STAGE_TARGET = "/run/jupyter-sandbox/stage"
+STAGE_RO_TARGET = "/run/jupyter-sandbox/stage-ro"
 #: The agent's socket, in the member's directory on the host. The agent inherits it
 #: listening: it is in no directory the sandbox sees, so no kernel can reach or replace it.
 AGENT_SOCKET = "agent.sock"
@@ -353,12 +356,13 @@ def stage_plan(
             if rel == ".." or rel.startswith("../"):
                 return None
             st = os.stat(source)  # the agent binds exactly this, or refuses
-            source = os.path.normpath(os.path.join(STAGE_TARGET, rel))
+            stage = STAGE_TARGET if m.writable else STAGE_RO_TARGET
+            source = os.path.normpath(os.path.join(stage, rel))
             expect = [st.st_dev, st.st_ino] if check_inodes else None
         plan.append({"kind": m.kind.value, "target": m.target, "source": source,
                      "writable": m.writable, "expect": expect})  # fmt: skip
     return plan
 
 
-__all__ = ["CONTROLLER_KEYS_ENV", "STAGE_TARGET", "LocalPool", "PoolMember", "close_pools",
-           "pool_for", "stage_plan"]  # fmt: skip
+__all__ = ["CONTROLLER_KEYS_ENV", "STAGE_RO_TARGET", "STAGE_TARGET", "LocalPool", "PoolMember",
+           "close_pools", "pool_for", "stage_plan"]  # fmt: skip

@@ -57,6 +57,7 @@ async def test_two_notebooks_see_only_their_own_directory(
         stage = pool.STAGE_TARGET
         for path in (
             f"{stage}/secret.txt",
+            f"{pool.STAGE_RO_TARGET}/secret.txt",
             f"{stage}/{other.parent.name}/nb/mine.txt",
             f"/proc/1/root{stage}/secret.txt",
             f"/proc/1/root/{other}/mine.txt",

@@ -24,6 +24,9 @@ from .protocol import (
     public_key_text,
 )
 
+#: What a zygote that makes its kernels another user keeps: that, and what they keep.
+ZYGOTE_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_OVERRIDE")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sandbox_provisioner.agent")
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     serve_p.add_argument(
         "--listen-path", help="a Unix socket to make and serve on (local pools under gVisor)"
     )
-    serve_p.add_argument("--stage", help="directory the workspaces are bound from (local pools)")
+    serve_p.add_argument(
+        "--stage", action="append", default=[],
+        help="a directory workspaces are bound from (local pools; may repeat)",
+    )  # fmt: skip
     serve_p.add_argument(
         "--confine",
         action="store_true",
@@ -81,24 +87,34 @@ def main(argv: list[str] | None = None) -> None:
     kernel_caps = [c.strip() for c in args.kernel_caps.split(",") if c.strip()]
 
     def prepare() -> None:
-        if args.confine:  # kernels of a pooled sandbox: their uid, capabilities, filter
+        if args.confine:  # kernels of a pooled sandbox: their capabilities, their filter
             from ..seccomp import build_filter
-            from .confine import become, output_inside, restrict
+            from .confine import output_inside, restrict
 
             output_inside(os.devnull)  # it reports to the agent over its socket
-            if args.kernel_user:
-                become(*(int(part) for part in args.kernel_user.split(":")))
-            restrict(kernel_caps, build_filter())
+            # With a kernel user, the zygote stays the sandbox's root (so its kernels cannot
+            # signal it: gVisor does not shield a pid namespace's init from them), keeping
+            # only what making each kernel that user takes.
+            restrict(ZYGOTE_CAPS if args.kernel_user else kernel_caps, build_filter())
 
+    def become() -> None:
+        from .confine import become as become_user
+        from .confine import restrict
+
+        become_user(*(int(part) for part in args.kernel_user.split(":")))
+        restrict(kernel_caps)
+
+    makes_user = args.confine and args.kernel_user
     try:
         zygote = Zygote.fork(prepare, preloads, [args.listen_fd] if args.listen_fd else [],
-                             own_namespace=args.confine)  # fmt: skip
+                             own_namespace=args.confine,
+                             become=become if makes_user else None)  # fmt: skip
     except ZygoteDied as exc:
         parser.exit(1, f"kernel agent: {exc}\n")
     block_stop_signals()
     asyncio.run(serve(keys, zygote, workdir=args.workdir, host=args.host, port=args.port,
                       listen_fd=args.listen_fd, listen_path=args.listen_path,
-                      stage=args.stage, confine=args.confine,
+                      stages=tuple(args.stage), confine=args.confine,
                       keep_caps=("CAP_KILL",) if args.kernel_user else ()))  # fmt: skip
 
 

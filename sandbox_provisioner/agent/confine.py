@@ -40,7 +40,8 @@ _PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL =
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(platform.machine(), 126)
 #: Capabilities a kernel may be given (bubblewrap's names).
-CAPABILITIES = {"CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETPCAP": 8, "CAP_SYS_ADMIN": 21}
+CAPABILITIES = {"CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7,
+                "CAP_SETPCAP": 8, "CAP_SYS_ADMIN": 21}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -188,8 +189,8 @@ def output_inside(path: str) -> None:
 
 def become(uid: int, gid: int) -> None:
     """Become ``uid``:``gid`` (from the sandbox's root) keeping the capabilities held, for
-    :func:`restrict` to choose from: a pooled gVisor agent's zygote, whose kernels must be
-    the sandbox uid (an exec would lose them: gVisor has no ambient capabilities)."""
+    :func:`restrict` to choose from: a kernel of a pooled gVisor sandbox, which must be the
+    sandbox uid (an exec would lose them: gVisor has no ambient capabilities)."""
     _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "keep capabilities")
     os.setgroups([])
     os.setresgid(gid, gid, gid)

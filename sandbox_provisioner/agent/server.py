@@ -90,8 +90,8 @@ class KernelAgent:
     workdir: str
     zygote: Zygote
     base_env: dict[str, str] = field(default_factory=dict)
-    #: Pooled local sandbox: the stage to bind workspaces from; sealed once bound.
-    stage: str | None = None
+    #: Pooled local sandbox: the stages to bind workspaces from; removed once bound.
+    stages: tuple[str, ...] = ()
     #: Where the agent made its socket (a gVisor member's): covered once sealed.
     socket_dir: str | None = None
     confine: bool = False
@@ -233,7 +233,7 @@ class KernelAgent:
         from .confine import apply_plan, output_inside, restrict
 
         output_inside(str(self.state_dir / "agent.log"))  # a kernel can exist from here on
-        apply_plan(mounts, [self.stage or ""], [self.socket_dir or ""], self._empty_file())
+        apply_plan(mounts, self.stages, [self.socket_dir or ""], self._empty_file())
         self.sealed = True
         restrict(self.keep_caps, build_filter())
 
@@ -430,7 +430,7 @@ async def serve(
     port: int = 0,
     listen_fd: int | None = None,
     listen_path: str | None = None,
-    stage: str | None = None,
+    stages: tuple[str, ...] = (),
     confine: bool = False,
     keep_caps: tuple[str, ...] = (),
 ) -> None:
@@ -443,7 +443,7 @@ async def serve(
         os.makedirs(workdir, exist_ok=True)
     state_dir = Path(tempfile.mkdtemp(prefix="jupyter-sandbox-agent-"))
     base_env = {k: v for k, v in os.environ.items() if k != CONTROLLER_KEYS_ENV}
-    agent = KernelAgent(keys, state_dir, workdir, zygote, base_env, stage=stage,
+    agent = KernelAgent(keys, state_dir, workdir, zygote, base_env, stages=stages,
                         confine=confine, keep_caps=keep_caps,
                         socket_dir=listen_path and os.path.dirname(listen_path))  # fmt: skip
     zygote.on_exit = agent.kernel_exited

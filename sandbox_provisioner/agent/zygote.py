@@ -79,9 +79,12 @@ class Zygote:
         preload: list[str],
         close_fds: list[int],
         own_namespace: bool = False,
+        become: Callable[[], None] | None = None,
     ) -> Zygote:
         """Fork the zygote (first in a pid namespace of its own with ``own_namespace``,
-        where the capabilities allow); returns once it has imported the kernel."""
+        where the capabilities allow); returns once it has imported the kernel.
+        ``prepare`` runs in the zygote before it imports anything, ``become`` in each
+        kernel it forks, first."""
         if own_namespace and _libc.unshare(_CLONE_NEWPID) != 0:
             log.warning("kernels share the agent's pid namespace: %s",
                         os.strerror(ctypes.get_errno()))  # fmt: skip
@@ -95,7 +98,7 @@ class Zygote:
             for fd in close_fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            _serve(theirs, prepare, preload)
+            _serve(theirs, prepare, preload, become)
         theirs.close()
         zygote = cls(pid, ours, own_namespace)
         ours.settimeout(READY_TIMEOUT)
@@ -192,7 +195,12 @@ class Zygote:
             self.sock.close()
 
 
-def _serve(sock: socket.socket, prepare: Callable[[], None], preload: list[str]) -> NoReturn:
+def _serve(
+    sock: socket.socket,
+    prepare: Callable[[], None],
+    preload: list[str],
+    become: Callable[[], None] | None,
+) -> NoReturn:
     code = 0
     try:
         set_dumpable(False)
@@ -202,7 +210,7 @@ def _serve(sock: socket.socket, prepare: Callable[[], None], preload: list[str])
         kernel_process.preload(preload)
         learned = kernel_process.learn_kernel_imports()
         sock.send(json.dumps({"ready": True, "learned": learned}).encode())
-        _loop(sock)
+        _loop(sock, become)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             sock.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
@@ -210,7 +218,7 @@ def _serve(sock: socket.socket, prepare: Callable[[], None], preload: list[str])
     os._exit(code)
 
 
-def _loop(sock: socket.socket) -> None:
+def _loop(sock: socket.socket, become: Callable[[], None] | None) -> None:
     """Fork kernels on request; reap whatever ends here and report the kernels. SIGCHLD
     wakes the loop through a pipe (a handler that does nothing else)."""
     kernels: set[int] = set()
@@ -230,7 +238,7 @@ def _loop(sock: socket.socket) -> None:
             if not data:
                 return  # the agent has gone
             try:
-                pid = _fork_kernel(json.loads(data), fds)
+                pid = _fork_kernel(json.loads(data), fds, become)
                 kernels.add(pid)
                 reply: dict[str, Any] = {"pid": pid}
             except Exception as exc:  # a bad request or a failed fork: tell the agent
@@ -256,7 +264,9 @@ def _reap(sock: socket.socket, kernels: set[int]) -> None:
             sock.send(json.dumps({"exited": pid, "code": code}).encode())
 
 
-def _fork_kernel(request: dict[str, Any], fds: list[int]) -> int:
+def _fork_kernel(
+    request: dict[str, Any], fds: list[int], become: Callable[[], None] | None = None
+) -> int:
     if len(fds) != 2:
         raise ValueError("a start needs the ready pipe and the log")
     ready_w, log_fd = fds
@@ -271,6 +281,11 @@ def _fork_kernel(request: dict[str, Any], fds: list[int]) -> int:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the kernel
+        if become is not None:
+            try:
+                become()
+            except BaseException:
+                os._exit(1)  # never a kernel with the zygote's privileges
         set_dumpable(True)  # its own /proc files are its own again
         kernel_process.run_kernel(launch, ready_w, log_fd)
     return pid

@@ -67,7 +67,8 @@ class PooledLaunch:
             slot: Path, controller_key: str, listen_fd: int | None
         ) -> tuple[SandboxSpec, tuple[Mount, ...]]:
             start, extra = self._own_module(cmd, kernel_env, "sandbox_provisioner.agent")
-            agent_only = [filesystem.ExtraMount(root, pool.STAGE_TARGET, True)]
+            agent_only = [filesystem.ExtraMount(root, pool.STAGE_TARGET, True),
+                          filesystem.ExtraMount(root, pool.STAGE_RO_TARGET, False)]  # fmt: skip
             if listen_fd is not None:
                 listen = ["--listen-fd", str(listen_fd)]
             else:
@@ -75,7 +76,8 @@ class PooledLaunch:
                 agent_only.append(filesystem.ExtraMount(
                     str(slot / pool.AGENT_DIR), pool.AGENT_DIR_TARGET, True))  # fmt: skip
             who = self._identity()
-            argv = [*start, "serve", *listen, "--stage", pool.STAGE_TARGET,
+            argv = [*start, "serve", *listen,
+                    "--stage", pool.STAGE_TARGET, "--stage", pool.STAGE_RO_TARGET,
                     "--confine", "--workdir", filesystem.SCRATCH_TARGET,
                     "--kernel-caps", "CAP_DAC_OVERRIDE" if who.separate else "",
                     "--preload", ",".join(self.pool_preload)]  # fmt: skip

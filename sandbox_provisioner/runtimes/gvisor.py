@@ -290,12 +290,17 @@ class GVisorRuntime(SandboxRuntime):
         elif who.separate and self._non_root_gets_no_caps():
             # This build starts a non-root process with no capability: start as the sandbox's
             # root with what becoming the uid takes, and become it keeping CAP_DAC_OVERRIDE.
-            caps = ["CAP_DAC_OVERRIDE", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"]
-            user = {"uid": 0, "gid": 0}
-            if len(args) < 3 or args[1] not in ("-m", "-c"):
-                raise ValueError(f"cannot start {args[:2]} as the sandbox uid under this runsc "
-                                 "build (only 'python -m' or 'python -c' commands)")  # fmt: skip
-            args = [args[0], "-c", BECOME, str(who.uid), str(who.gid), *args[1:]]
+            # Only a Python command can (in-process); anything else runs as the uid with no
+            # capability at all, so the server's files are read-only to it.
+            if len(args) >= 3 and args[1] in ("-m", "-c"):
+                caps = ["CAP_DAC_OVERRIDE", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"]
+                user = {"uid": 0, "gid": 0}
+                args = [args[0], "-c", BECOME, str(who.uid), str(who.gid), *args[1:]]
+            else:
+                caps = []
+                self.log.warning("%s runs as uid %d with no capability (this runsc build "
+                                 "gives none to a non-root process): the server's files in "
+                                 "its workspace are read-only to it", args[0], who.uid)  # fmt: skip
         capabilities = {
             k: caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
         }
