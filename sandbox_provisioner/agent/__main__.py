@@ -24,8 +24,8 @@ from .protocol import (
     public_key_text,
 )
 
-#: What a zygote that makes its kernels another user keeps: that, and what they keep.
-ZYGOTE_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_DAC_OVERRIDE")
+#: What a zygote that makes its kernels another user keeps besides what they keep.
+MAKES_USER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             # With a kernel user, the zygote stays the sandbox's root (so its kernels cannot
             # signal it: gVisor does not shield a pid namespace's init from them), keeping
             # only what making each kernel that user takes.
-            restrict(ZYGOTE_CAPS if args.kernel_user else kernel_caps, build_filter())
+            keep = [*MAKES_USER_CAPS, *kernel_caps] if args.kernel_user else kernel_caps
+            restrict(keep, build_filter())
 
     def become() -> None:
         from .confine import become as become_user

@@ -28,6 +28,7 @@ import platform
 from collections.abc import Iterable
 from typing import Any
 
+from ..runtimes import mount_stage
 from ..runtimes.mount_stage import open_exactly
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -156,7 +157,7 @@ def apply_plan(
             os.symlink(source, target)
         else:
             raise ConfineError(errno.EINVAL, f"unknown mount kind {kind!r}")
-    remove = [target for target in remove if target]
+    remove = list(remove)
     for target in remove:
         _check(_libc.umount2(target.encode(), MNT_DETACH), f"unmount {target}")
         # Not only unmounted: under gVisor the root's own view of a mount point can still
@@ -164,7 +165,7 @@ def apply_plan(
         with contextlib.suppress(OSError):
             os.removedirs(target)
     for target in [*remove, *cover]:
-        if target and os.path.lexists(target):  # an empty read-only tmpfs over it
+        if os.path.lexists(target):  # an empty read-only tmpfs over it
             _mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                    "mode=0555")  # fmt: skip
     root = os.statvfs("/").f_flag
@@ -192,9 +193,7 @@ def become(uid: int, gid: int) -> None:
     :func:`restrict` to choose from: a kernel of a pooled gVisor sandbox, which must be the
     sandbox uid (an exec would lose them: gVisor has no ambient capabilities)."""
     _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "keep capabilities")
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
+    mount_stage.become(uid, gid)
     _check(_libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "keep capabilities")
     with open("/proc/self/status") as status:  # the change of uid emptied the effective set
         permitted = next(int(line.split()[1], 16) for line in status

@@ -233,7 +233,8 @@ class KernelAgent:
         from .confine import apply_plan, output_inside, restrict
 
         output_inside(str(self.state_dir / "agent.log"))  # a kernel can exist from here on
-        apply_plan(mounts, self.stages, [self.socket_dir or ""], self._empty_file())
+        cover = [self.socket_dir] if self.socket_dir else []
+        apply_plan(mounts, self.stages, cover, self._empty_file())
         self.sealed = True
         restrict(self.keep_caps, build_filter())
 
