@@ -6,7 +6,7 @@ its warm pools and gVisor templates, lives in a directory of its own,
 ``<state root>/servers/<id>``, which the server holds an exclusive ``flock`` on
 for as long as it runs. Nothing another server does touches it: templates of the
 same layout in two servers are two templates, and a server's exit removes its
-own directory only.
+own directory only (and ``servers/`` if that leaves it empty).
 
 A server that died without cleaning up (SIGKILL, a crash) leaves its directory
 unlocked. :func:`sweep` removes those, and only those: a directory whose lock
@@ -43,16 +43,22 @@ def directory(state_root: str | Path) -> Path:
     if found is not None and found[0].is_dir():
         return found[0]
     servers = Path(state_root) / "servers"
-    servers.mkdir(mode=0o711, parents=True, exist_ok=True)
-    sweep(servers)
+    for attempt in range(5):  # another server's exit may remove an empty servers/ meanwhile
+        try:
+            servers.mkdir(mode=0o711, parents=True, exist_ok=True)
+            sweep(servers)
+            mine = servers / uuid.uuid4().hex[:12]
+            mine.mkdir(mode=0o711)
+            break
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
     swept = sweep_cgroups()  # dead servers' sandboxes' cgroups (root only: else none)
     kernels = sweep_kernel_dirs(Path(state_root))
     if swept or kernels:
         logging.getLogger(__name__).info("removed %d cgroups and %d kernel directories left "
                                          "by sandboxes that are gone", len(swept),
                                          len(kernels))  # fmt: skip
-    mine = servers / uuid.uuid4().hex[:12]
-    mine.mkdir(mode=0o711)
     fd = os.open(mine / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _MINE[key] = (mine, fd)
@@ -123,4 +129,6 @@ def _remove_mine() -> None:
         shutil.rmtree(mine, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.close(fd)
+        with contextlib.suppress(OSError):  # the last server out: servers/ goes too
+            mine.parent.rmdir()
     _MINE.clear()

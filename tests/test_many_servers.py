@@ -138,3 +138,19 @@ def test_two_servers_of_one_uid_keep_their_state_apart(notebook_dir: Path):
             if proc.poll() is None:
                 proc.kill()
         time.sleep(0.1)
+
+
+def test_the_last_server_out_leaves_no_servers_directory(tmp_path: Path):
+    """Each server removes its own directory at exit, and the last one the empty
+    ``servers/`` above them; a live server's stays."""
+    code = ("import sys; from sandbox_provisioner import instance; "
+            "print(instance.directory(sys.argv[1]), flush=True); sys.stdin.readline()")  # fmt: skip
+    state = tmp_path / "state"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(state)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    first, second = (Path(p.stdout.readline().strip()) for p in procs)
+    assert first.is_dir() and second.is_dir() and first.parent == second.parent
+    procs[0].communicate("\n", timeout=60)
+    assert not first.exists() and second.is_dir()
+    procs[1].communicate("\n", timeout=60)
+    assert not second.exists() and not (state / "servers").exists()
