@@ -85,10 +85,7 @@ class PoolMember(AgentDrivenSandbox):
         return f"{self.runtime.name}, pooled"
 
     def start_fields(self, spec: SandboxSpec) -> dict[str, Any]:
-        ports = dict(zip(("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"),
-                         range(1, 6), strict=True))  # fmt: skip
-        endpoint = {"transport": "ipc", "ip": str(self.slot / "ipc" / "k"), **ports}
-        return {"mounts": self.plan, "connection": endpoint, "cwd": spec.cwd}
+        return {"mounts": self.plan, "connection": kernel_endpoint(self.slot), "cwd": spec.cwd}
 
     async def cleanup(self) -> None:
         self.drop_agent()
@@ -119,6 +116,13 @@ class PoolMember(AgentDrivenSandbox):
         member.connection = info.get("connection")
         member.starts = 1
         return member
+
+
+def kernel_endpoint(slot: Path) -> dict[str, Any]:
+    """Where a member's kernels listen: IPC sockets in its directory (``ipc/k-1`` ...)."""
+    ports = dict(zip(("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"),
+                     range(1, 6), strict=True))  # fmt: skip
+    return {"transport": "ipc", "ip": str(slot / "ipc" / "k"), **ports}
 
 
 class LocalPool:

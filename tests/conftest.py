@@ -28,6 +28,9 @@ pytest_plugins = ["cluster_fixtures", "hub_fixtures"]
 
 #: Runtimes the kernel suites run under; "-pooled" takes kernels from a local warm pool.
 RUNTIMES = ["bubblewrap", "gvisor", "bubblewrap-pooled", "gvisor-pooled"]
+#: Seconds a kernel's process has existed, as it sees itself (``os`` imported).
+KERNEL_AGE = ("float(open('/proc/uptime').read().split()[0]) - int(open('/proc/self/stat')"
+              ".read().rsplit(')', 1)[1].split()[19]) / os.sysconf('SC_CLK_TCK')")  # fmt: skip
 POOLED = "-pooled"
 
 

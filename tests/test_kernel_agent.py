@@ -7,18 +7,26 @@ processes. Nothing is mocked.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import KERNEL_AGE, wait_until
 from jupyter_client.asynchronous import AsyncKernelClient
 
+from sandbox_provisioner import pool
 from sandbox_provisioner.agent.client import AgentClient, AgentError
+from sandbox_provisioner.agent.kernel import BANNER_ARG
 from sandbox_provisioner.agent.protocol import (
     CONTROLLER_KEYS_ENV,
     Refused,
@@ -31,12 +39,27 @@ from testcluster.cluster import free_port
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[dict]:
+    async for running in _agent(tmp_path):
+        yield running
+
+
+@pytest.fixture
+async def prepared_agent(tmp_path: Path) -> AsyncIterator[dict]:
+    """An agent told to prepare its first kernel, on an IPC endpoint as a pool member's."""
+    (tmp_path / "ipc").mkdir()
+    endpoint = pool.kernel_endpoint(tmp_path)
+    prepare = json.dumps({"connection": endpoint, "args": []})
+    async for running in _agent(tmp_path, "--prepare", prepare):
+        yield {**running, "endpoint": endpoint}
+
+
+async def _agent(tmp_path: Path, *more: str) -> AsyncIterator[dict]:
     key = load_or_create_signing_key(tmp_path / "controller.pem")
     port = free_port()
     env = {**os.environ, CONTROLLER_KEYS_ENV: public_key_text(key), "SECRET_OF_AGENT": "x"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sandbox_provisioner.agent", "serve", "--host", "127.0.0.1",
-         "--port", str(port), "--workdir", str(tmp_path)],
+         "--port", str(port), "--workdir", str(tmp_path), *more],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     address = ("127.0.0.1", port)
@@ -62,6 +85,79 @@ async def client_for(reply: dict, agent: AgentClient) -> AsyncKernelClient:
 
 async def run(kc: AsyncKernelClient, code: str) -> dict:
     return (await kc.execute(code, reply=True, timeout=30))["content"]
+
+
+async def value(kc: AsyncKernelClient, expr: str) -> Any:
+    """``expr`` evaluated in the kernel (``os`` imported), parsed back from its repr."""
+    reply = await kc.execute("import os", user_expressions={"v": expr}, reply=True, timeout=30)
+    found = reply["content"]["user_expressions"]["v"]
+    assert found["status"] == "ok", found
+    return ast.literal_eval(found["data"]["text/plain"])
+
+
+def _prepared_pid(agent: dict) -> int:
+    """The pid of the kernel the agent prepared at boot, from its log."""
+    seen = b""
+    for _ in range(600):
+        seen += _agent_output(agent)
+        if found := re.search(rb"kernel (\d+) prepared for the first start", seen):
+            return int(found.group(1))
+        time.sleep(0.05)
+    raise AssertionError(f"no kernel prepared: {seen.decode(errors='replace')}")
+
+
+async def test_the_first_start_takes_the_kernel_prepared_at_boot(prepared_agent):
+    """The prepared kernel becomes the notebook's: the real key, its directory (also as
+    IPython recorded it), its variables, its banner; a restart in place forks anew."""
+    ctl = await AgentClient.claim(prepared_agent["address"], prepared_agent["key"])
+    prepared = _prepared_pid(prepared_agent)
+    await asyncio.sleep(2)  # it waits, initialized
+    notebook = prepared_agent["tmp"] / "notebook"
+    notebook.mkdir()
+    banner = f"{BANNER_ARG}Sandboxed kernel: test (warm start)\n"
+    reply = await ctl.request("start", args=[banner], cwd=str(notebook),
+                              env={"GIVEN": "yes", "JPY_SESSION_NAME": "notebook/a.ipynb"},
+                              connection=prepared_agent["endpoint"])  # fmt: skip
+    assert reply["pid"] == prepared
+    kc = await client_for(reply, ctl)  # signed with the real key, or no reply
+    assert await value(kc, KERNEL_AGE) > 1.5
+    assert await value(kc, "os.getcwd()") == str(notebook)
+    assert await value(kc, "[str(d) for d in _dh]") == [str(notebook)]
+    assert await value(kc, "get_ipython().starting_dir") == str(notebook)
+    assert await value(kc, "__session__") == "notebook/a.ipynb"
+    assert await value(kc, "os.environ['GIVEN']") == "yes"
+    info = await kc.kernel_info(reply=True, timeout=30)
+    assert "Sandboxed kernel: test (warm start)" in info["content"]["banner"]
+    kc.stop_channels()
+
+    await ctl.request("stop", grace=0)
+    again = await ctl.request("start", args=[], env={}, connection=prepared_agent["endpoint"])
+    assert again["pid"] != prepared
+    kc = await client_for(again, ctl)
+    assert await value(kc, KERNEL_AGE) < 1.5
+    kc.stop_channels()
+
+
+@pytest.mark.parametrize("differs", ["args", "env"])
+async def test_a_start_the_prepared_kernel_does_not_fit_forks_one(prepared_agent, differs):
+    """Other arguments, or a variable a kernel reads while it initializes: a kernel is
+    forked for the start, and the prepared one ends."""
+    ctl = await AgentClient.claim(prepared_agent["address"], prepared_agent["key"])
+    prepared = _prepared_pid(prepared_agent)
+    await asyncio.sleep(1)
+    args = ["--HistoryManager.enabled=False"] if differs == "args" else []
+    env = {"PYTHONHASHSEED": "7"} if differs == "env" else {}
+    reply = await ctl.request("start", args=args, env=env,
+                              connection=prepared_agent["endpoint"])  # fmt: skip
+    assert reply["pid"] != prepared
+    assert wait_until(lambda: not os.path.exists(f"/proc/{prepared}"), timeout=10)
+    kc = await client_for(reply, ctl)
+    assert await value(kc, KERNEL_AGE) < 1.0
+    if differs == "env":
+        assert await value(kc, "os.environ['PYTHONHASHSEED']") == "7"
+    else:
+        assert await value(kc, "get_ipython().history_manager.enabled") is False
+    kc.stop_channels()
 
 
 async def test_start_restart_in_place_and_strays(agent):

@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import async_wait_until, require_runtime
+from conftest import KERNEL_AGE, async_wait_until, require_runtime
 
 from sandbox_provisioner import pool
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
@@ -149,6 +149,33 @@ async def test_one_pool_serves_every_notebook(start_kernel, tmp_path: Path):
     assert await first.value("os.environ.get('LC_TIME')") == "C"
     assert await second.value("os.environ['JPY_SESSION_NAME']") == "b/two.ipynb"
     assert await second.value("os.environ.get('LC_TIME')") is None
+
+
+async def test_a_warm_kernel_was_prepared_before_its_notebook(
+    pooling_runtime, start_kernel, tmp_path: Path
+):
+    """A member's kernel initializes at boot and becomes a notebook's when it is taken:
+    that notebook's directory (as IPython recorded it too) and session name."""
+    root = tmp_path / "root"
+    a, b = root / "a", root / "b"
+    for d in (a, b):
+        d.mkdir(parents=True)
+    config = {"pool_size": 1, "pool_root": str(root), "env_allowlist": ["JPY_SESSION_NAME"]}
+    first = await start_kernel(pooling_runtime, cwd=a, **config,
+                               env={"JPY_SESSION_NAME": "a/one.ipynb"})  # fmt: skip
+    member_pool = only_pool()
+    assert await async_wait_until(lambda: member_pool.ready == 1, timeout=60)
+    await asyncio.sleep(3)
+    second = await start_kernel(pooling_runtime, cwd=b, **config,
+                                env={"JPY_SESSION_NAME": "b/two.ipynb"})  # fmt: skip
+    assert await second.value(KERNEL_AGE) > 2  # it was waiting, initialized
+    for kernel, own, name in ((first, a, "a/one.ipynb"), (second, b, "b/two.ipynb")):
+        assert await kernel.value("os.getcwd()") == str(own)
+        assert await kernel.value("[str(d) for d in _dh]") == [str(own)]
+        assert await kernel.value("get_ipython().starting_dir") == str(own)
+        assert await kernel.value("__session__") == name
+        assert await kernel.value("open('made-here.txt', 'w').write('x')") == 1
+        assert (own / "made-here.txt").read_text() == "x"
 
 
 async def test_a_member_that_died_is_replaced_not_handed_out(start_kernel, notebook_dir: Path):

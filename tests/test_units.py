@@ -161,3 +161,18 @@ def test_claim_names_and_labels_from_any_user_name():
     assert api.label_value("Ünïcode user/with slash" * 5).isascii()
     assert len(api.label_value("x" * 100)) == 63
     assert api.label_value("-.edge.-") == "edge"
+
+
+def test_a_prepared_kernel_takes_only_variables_read_after_it_initialized():
+    """What a go may change (a notebook's session name, a locale) and what it may not
+    (anything Python, IPython or Jupyter read while the kernel initialized)."""
+    from sandbox_provisioner.agent.kernel import late_env
+
+    base = {"PATH": "/usr/bin", "HOME": "/tmp"}
+    assert late_env(base, {**base, "JPY_SESSION_NAME": "a.ipynb", "LC_TIME": "C"}) == {
+        "JPY_SESSION_NAME": "a.ipynb", "LC_TIME": "C"}  # fmt: skip
+    assert late_env(base, dict(base)) == {}
+    for name in ("PYTHONHASHSEED", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JPY_PARENT_PID",
+                 "MPLBACKEND", "HOME"):  # fmt: skip
+        assert late_env(base, {**base, name: "x"}) is None, name
+    assert late_env(base, {"PATH": "/usr/bin"}) is None  # a variable it has and must not

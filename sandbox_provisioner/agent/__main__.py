@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         help="UID:GID a pooled sandbox's kernels become (an agent that starts as root)",
     )  # fmt: skip
     serve_p.add_argument("--workdir", default=os.getcwd(), help="the kernel's directory")
+    serve_p.add_argument(
+        "--prepare", type=json.loads, default=None,
+        help='prepare the first kernel: {"connection": {IPC endpoint}, "args": [...]}',
+    )  # fmt: skip
     key_p = sub.add_parser("public-key", help="print a controller key's public half")
     key_p.add_argument("keyfile")
     args = parser.parse_args(argv)
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(serve(keys, zygote, workdir=args.workdir, host=args.host, port=args.port,
                       listen_fd=args.listen_fd, listen_path=args.listen_path,
                       stages=tuple(args.stage), confine=args.confine,
-                      keep_caps=("CAP_KILL",) if args.kernel_user else ()))  # fmt: skip
+                      keep_caps=("CAP_KILL",) if args.kernel_user else (),
+                      prepare=args.prepare))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ socket it inherited, and obeys the first controller that claims it with a
 pinned key (:mod:`.protocol`). Requests:
 
 ``start``  have the zygote fork a kernel with the given arguments, environment
-           and directory; reply with its connection info once its sockets are bound;
+           and directory (or give them to the kernel prepared at boot:
+           :mod:`.prepared`); reply with its connection info once its sockets are bound;
 ``signal`` deliver a signal to the kernel's process group (interrupt);
 ``poll``   whether the kernel runs, else its exit code;
 ``stop``   end the kernel and every other process in the sandbox, so the next
@@ -37,6 +38,7 @@ import ctypes
 import hmac
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -50,6 +52,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import kernel as kernel_process
+from .prepared import PreparedKernel
 from .protocol import (
     CONTROLLER_KEYS_ENV,
     PORT_NAMES,
@@ -100,6 +103,10 @@ class KernelAgent:
     keep_caps: tuple[str, ...] = ()
     session: bytes | None = None
     kernel: RunningKernel | None = None
+    #: The kernel prepared at boot for the first start (pooled local sandboxes).
+    prepared: PreparedKernel | None = None
+    #: The seccomp filter the agent takes when it seals (built at boot: see :func:`serve`).
+    kernel_filter: Any = None
     ports: dict[str, int] | None = None
     sealed: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -189,11 +196,18 @@ class KernelAgent:
             return {"ok": False, "error": "a kernel is already running in this sandbox"}
         args = [str(a) for a in body.get("args", [])]
         env = {**self.base_env, **{str(k): str(v) for k, v in body.get("env", {}).items()}}
+        endpoint = self._endpoint(body, local)
+        timeout = float(body.get("timeout", 60))
+        prepared, go = await self._take_prepared(args, env, endpoint, timeout)
         if self.confine and not self.sealed:
-            self._seal(list(body.get("mounts", [])))
+            try:
+                self._seal(list(body.get("mounts", [])))
+            except BaseException:
+                if prepared:
+                    prepared.discard()
+                raise
         assert self.session is not None
-        info = {**self._endpoint(body, local), "key": kernel_key(self.session),
-                "signature_scheme": "hmac-sha256"}  # fmt: skip
+        info = {**endpoint, "key": kernel_key(self.session), "signature_scheme": "hmac-sha256"}
         launch = kernel_process.KernelLaunch(
             connection_file=str(self.state_dir / "kernel.json"),
             args=args,
@@ -202,6 +216,41 @@ class KernelAgent:
             log_path=str(self.state_dir / "kernel.log"),
         )
         launch.write_connection_file(info)
+        if prepared and go is not None:
+            pid, ready_r = prepared.pid, prepared.go(go, launch.cwd)
+            log.info("kernel %d (prepared at boot) given its notebook", pid)
+        else:
+            pid, ready_r = await self._fork(launch)
+        self.kernel = RunningKernel(pid, launch.log_path)
+        try:
+            started = await kernel_process.read_ready(ready_r, timeout) == b"R"
+        finally:
+            os.close(ready_r)
+        if not started:
+            code = await self._stop(0)
+            return {"ok": False, "error": f"the kernel exited with code {code} while starting",
+                    "log": self._log_tail()}  # fmt: skip
+        info.pop("key")
+        return {"ok": True, "pid": pid, "connection": info}
+
+    async def _take_prepared(
+        self, args: list[str], env: dict[str, str], endpoint: dict[str, Any], timeout: float
+    ) -> tuple[PreparedKernel | None, dict[str, Any] | None]:
+        """The kernel prepared at boot and its go, once it has initialized (before the
+        seal changes the filesystem under it); (None, None) if there is none or it does
+        not fit this start (it is ended then)."""
+        prepared, self.prepared = self.prepared, None
+        if prepared is None:
+            return None, None
+        go = prepared.go_for(args, env, endpoint)
+        if go is not None and await prepared.initialized(timeout):
+            return prepared, go
+        prepared.discard()
+        log.info("the kernel prepared at boot does not serve this start: forking one")
+        return None, None
+
+    async def _fork(self, launch: kernel_process.KernelLaunch) -> tuple[int, int]:
+        """Have the zygote fork a kernel for ``launch``: its pid and ready pipe."""
         ready_r, ready_w = os.pipe()
         log_fd = os.open(launch.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -215,28 +264,42 @@ class KernelAgent:
         finally:
             os.close(ready_w)
             os.close(log_fd)
-        self.kernel = RunningKernel(pid, launch.log_path)
-        try:
-            started = await self._wait_ready(ready_r, float(body.get("timeout", 60)))
-        finally:
-            os.close(ready_r)
-        if not started:
-            code = await self._stop(0)
-            return {"ok": False, "error": f"the kernel exited with code {code} while starting",
-                    "log": self._log_tail()}  # fmt: skip
-        info.pop("key")
-        return {"ok": True, "pid": pid, "connection": info}
+        return pid, ready_r
+
+    async def prepare(self, endpoint: dict[str, Any], args: list[str]) -> None:
+        """Fork the kernel the first start will use (:mod:`.prepared`), with a throwaway
+        key: the real one is written with the start. A failure only costs that speed."""
+        async with self._lock:
+            if self.kernel is not None:
+                return  # a start came first
+            info = {**endpoint, "key": secrets.token_hex(32), "signature_scheme": "hmac-sha256"}
+            launch = kernel_process.KernelLaunch(
+                connection_file=str(self.state_dir / "kernel.json"), args=args,
+                env=self.base_env, cwd="/",  # its own directory comes with its go
+                log_path=str(self.state_dir / "kernel.log"),
+            )  # fmt: skip
+            launch.write_connection_file(info)
+            try:
+                self.prepared = await PreparedKernel.fork(self.zygote, launch, endpoint)
+            except (OSError, ZygoteDied) as exc:
+                log.warning("no kernel prepared ahead (the first start forks one): %s", exc)
+                return
+            log.info("kernel %d prepared for the first start", self.prepared.pid)
 
     def _seal(self, mounts: list[dict[str, Any]]) -> None:
         """Bind the kernel's plan, then keep no capability and take the kernel's filter."""
-        from ..seccomp import build_filter
         from .confine import apply_plan, output_inside, restrict
 
-        output_inside(str(self.state_dir / "agent.log"))  # a kernel can exist from here on
+        # User code runs from here on (a kernel prepared at boot gets its go after this).
+        output_inside(str(self.state_dir / "agent.log"))
         cover = [self.socket_dir] if self.socket_dir else []
         apply_plan(mounts, self.stages, cover, self._empty_file())
         self.sealed = True
-        restrict(self.keep_caps, build_filter())
+        if self.kernel_filter is None:  # never sealed without one
+            from ..seccomp import build_filter
+
+            self.kernel_filter = build_filter()
+        restrict(self.keep_caps, self.kernel_filter)
 
     def _endpoint(self, body: dict[str, Any], local: Any) -> dict[str, Any]:
         """Where the kernel listens: the IPC path the controller gave (local pools), else
@@ -255,24 +318,16 @@ class KernelAgent:
         path.touch(mode=0o444, exist_ok=True)
         return str(path)
 
-    async def _wait_ready(self, ready: int, timeout: float) -> bool:
-        os.set_blocking(ready, False)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if os.read(ready, 1) == b"R":
-                    return True
-            except BlockingIOError:
-                pass
-            if self._poll() is not None:
-                return False
-            await asyncio.sleep(0.005)
-        return False
 
     def kernel_exited(self, pid: int, code: int) -> None:
         """The zygote reaped a kernel (it is their parent)."""
         if self.kernel is not None and pid == self.kernel.pid:
             self.kernel.exit_code = code
+        if self.prepared is not None and pid == self.prepared.pid:
+            log.warning("the kernel prepared at boot exited (code %d)", code)
+            self.prepared.alive = False
+            self.prepared.discard()
+            self.prepared = None
 
     def _reap(self) -> None:
         """Collect every exited child of ours: orphans (we are their subreaper), the zygote."""
@@ -305,6 +360,9 @@ class KernelAgent:
 
     async def _stop(self, grace: float) -> int | None:
         """End the kernel (SIGTERM, ``grace`` seconds, SIGKILL) and every stray process."""
+        if self.prepared is not None:
+            self.prepared.discard()
+            self.prepared = None
         if self.kernel is not None and self._poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.kernel.pid, signal.SIGTERM if grace else signal.SIGKILL)
@@ -434,11 +492,14 @@ async def serve(
     stages: tuple[str, ...] = (),
     confine: bool = False,
     keep_caps: tuple[str, ...] = (),
+    prepare: dict[str, Any] | None = None,
 ) -> None:
     """Run the agent until a stop signal from outside: on the inherited listening socket
     ``listen_fd`` if given, else on a Unix socket it makes at ``listen_path`` (a runtime
     that cannot hand one over: gVisor), else TCP on ``host:port``. Call with the stop
-    signals blocked (:func:`block_stop_signals`), before any thread starts."""
+    signals blocked (:func:`block_stop_signals`), before any thread starts. ``prepare``
+    (``{"connection": endpoint, "args": [...]}``) has a kernel prepared for the first
+    start."""
     become_subreaper()
     with contextlib.suppress(OSError):
         os.makedirs(workdir, exist_ok=True)
@@ -447,8 +508,18 @@ async def serve(
     agent = KernelAgent(keys, state_dir, workdir, zygote, base_env, stages=stages,
                         confine=confine, keep_caps=keep_caps,
                         socket_dir=listen_path and os.path.dirname(listen_path))  # fmt: skip
+    if confine:
+        # Built now, with what sealing imports: under gVisor a first import costs tens of
+        # milliseconds, which the start that seals would wait for.
+        from ..seccomp import build_filter
+        from . import confine as _confine  # noqa: F401
+
+        agent.kernel_filter = build_filter()
     zygote.on_exit = agent.kernel_exited
     zygote.listen(asyncio.get_running_loop())
+    preparing = None
+    if prepare:
+        preparing = asyncio.create_task(agent.prepare(prepare["connection"], prepare["args"]))
     if listen_fd is not None:
         sock = socket.socket(fileno=listen_fd)
         server = await asyncio.start_unix_server(agent.handle, sock=sock, limit=256 * 1024)
@@ -474,6 +545,8 @@ async def serve(
                 agent._reap()
                 await asyncio.wait([stopped], timeout=1.0)
     finally:
+        if preparing is not None:
+            preparing.cancel()
         with contextlib.suppress(Exception):
             await agent._stop(1.0)
         zygote.close()

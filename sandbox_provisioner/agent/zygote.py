@@ -19,7 +19,8 @@ exits.
 
 The agent talks to the zygote over a socketpair of JSON messages: a start
 (connection file, arguments, environment, directory) comes with two
-descriptors (the kernel's log and the pipe it reports readiness on) and is
+descriptors (the kernel's log and the pipe it reports readiness on), and a
+third for a prepared kernel (the pipe its go comes on: :mod:`.kernel`); it is
 answered with the kernel's pid in the zygote's namespace; ``exited`` notices
 follow as kernels end.
 """
@@ -137,12 +138,16 @@ class Zygote:
         elif self._replies is not None:
             self._replies.put_nowait(message)
 
-    async def start(self, launch: dict[str, Any], ready_w: int, log_fd: int) -> int:
-        """Fork a kernel for ``launch`` (KernelLaunch fields); its pid (in our namespace)."""
+    async def start(
+        self, launch: dict[str, Any], ready_w: int, log_fd: int, go_r: int | None = None
+    ) -> int:
+        """Fork a kernel for ``launch`` (KernelLaunch fields), a prepared one with ``go_r``;
+        its pid (in our namespace)."""
         if not self.alive or self._replies is None:
             raise ZygoteDied("the sandbox's kernel factory has exited")
+        fds = [ready_w, log_fd, *([] if go_r is None else [go_r])]
         try:
-            socket.send_fds(self.sock, [json.dumps(launch).encode()], [ready_w, log_fd])
+            socket.send_fds(self.sock, [json.dumps(launch).encode()], fds)
             reply = await asyncio.wait_for(self._replies.get(), FORK_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             self.close()  # a stopped or half-dead zygote: never trusted again
@@ -232,7 +237,7 @@ def _loop(sock: socket.socket, become: Callable[[], None] | None) -> None:
                 os.read(wake_r, 4096)
         if sock in readable:
             try:
-                data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 2)
+                data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 3)
             except OSError:
                 return
             if not data:
@@ -267,9 +272,9 @@ def _reap(sock: socket.socket, kernels: set[int]) -> None:
 def _fork_kernel(
     request: dict[str, Any], fds: list[int], become: Callable[[], None] | None = None
 ) -> int:
-    if len(fds) != 2:
-        raise ValueError("a start needs the ready pipe and the log")
-    ready_w, log_fd = fds
+    if len(fds) not in (2, 3):
+        raise ValueError("a start needs the ready pipe and the log (and a go pipe)")
+    ready_w, log_fd, *go = fds
     launch = kernel_process.KernelLaunch(
         connection_file=str(request["connection_file"]),
         args=[str(a) for a in request["args"]],
@@ -287,5 +292,5 @@ def _fork_kernel(
             except BaseException:
                 os._exit(1)  # never a kernel with the zygote's privileges
         set_dumpable(True)  # its own /proc files are its own again
-        kernel_process.run_kernel(launch, ready_w, log_fd)
+        kernel_process.run_kernel(launch, ready_w, log_fd, *go)
     return pid

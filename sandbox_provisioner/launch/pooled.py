@@ -11,6 +11,8 @@ from jupyter_client.connect import KernelConnectionInfo
 
 from .. import filesystem, instance, pool, pyenv
 from ..agent.client import AgentError
+from ..agent.kernel import BANNER_ARG
+from ..runtimes.agent_driven import kernel_args
 from ..spec import Mount, NetworkMode, SandboxSpec
 from .plan import SandboxStartError, normalized
 
@@ -80,7 +82,8 @@ class PooledLaunch:
                     "--stage", pool.STAGE_TARGET, "--stage", pool.STAGE_RO_TARGET,
                     "--confine", "--workdir", filesystem.SCRATCH_TARGET,
                     "--kernel-caps", "CAP_DAC_OVERRIDE" if who.separate else "",
-                    "--preload", ",".join(self.pool_preload)]  # fmt: skip
+                    "--preload", ",".join(self.pool_preload),
+                    *self._prepare_argument(cmd, slot)]  # fmt: skip
             (slot / "scratch").mkdir(exist_ok=True)
             uid = self._inside_uid()
             inherited = self._mounts(cmd, kernel_env, None, True, slot / "scratch", slot, uid)
@@ -110,6 +113,15 @@ class PooledLaunch:
 
         self._make_kernel_dir()  # state_root exists, with the right owner and mode
         return pool.pool_for(key, make)
+
+    @staticmethod
+    def _prepare_argument(cmd: list[str], slot: Path) -> list[str]:
+        """Have the member's agent prepare the first kernel (:mod:`..agent.prepared`)."""
+        try:
+            args = [a for a in kernel_args(cmd) if not a.startswith(BANNER_ARG)]
+        except ValueError:
+            return []  # not an IPython kernel: the start says why
+        return ["--prepare", json.dumps({"connection": pool.kernel_endpoint(slot), "args": args})]
 
     async def _launch_pooled(
         self, cmd: list[str], env: dict[str, str], cwd: str | None

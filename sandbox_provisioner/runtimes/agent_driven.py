@@ -15,14 +15,12 @@ import contextlib
 import signal
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..agent.kernel import BANNER_ARG
 from ..spec import SandboxSpec
 from .base import Sandbox, banner_arguments
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
-
-
-_BANNER = "--InteractiveShell.banner2="
 
 
 class AgentUnreachable(ConnectionError):
@@ -79,7 +77,7 @@ class AgentDrivenSandbox(Sandbox):
     # -- the Sandbox interface --------------------------------------------------------------
     async def start_kernel(self, spec: SandboxSpec) -> None:
         how = "restarted in place" if self.starts else f"{'warm' if self.warm else 'cold'} start"
-        args = [a for a in kernel_args(spec.argv) if not a.startswith(_BANNER)]
+        args = [a for a in kernel_args(spec.argv) if not a.startswith(BANNER_ARG)]
         args += banner_arguments(spec.argv, f"{self.describe()} ({how})")
         reply = await self._request(
             "start", args=args, env=spec.env, timeout=60, **self.start_fields(spec)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from traitlets.config import LoggingConfigurable
 
+from ..agent.kernel import BANNER_ARG
 from ..errors import SandboxError
 from ..spec import SandboxSpec
 
@@ -49,7 +50,7 @@ def banner_arguments(cmd: list[str], label: str) -> list[str]:
     """For IPython kernels: ipykernel arguments that name the sandbox in the banner."""
     if not any("ipykernel" in part for part in cmd):
         return []
-    return [f"--InteractiveShell.banner2=Sandboxed kernel: {label}\n"]
+    return [f"{BANNER_ARG}Sandboxed kernel: {label}\n"]
 
 
 class Sandbox(abc.ABC):
