@@ -51,6 +51,10 @@ AGENT_SOCKET = "agent.sock"
 #: with the stage once a kernel is assigned.
 AGENT_DIR, AGENT_DIR_TARGET = "agent", "/run/jupyter-sandbox/agent"
 MEMBER_START_TIMEOUT = 120.0
+#: Seconds between handing a warm member out and starting its replacement: a member's boot
+#: takes the CPU for seconds, and the kernel just handed out is answering its first
+#: messages, which its user waits for. A take that finds no member refills at once.
+REFILL_DELAY = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +160,8 @@ class LocalPool:
 
     # -- taking -----------------------------------------------------------------------------
     async def take(self, timeout: float) -> PoolMember:
-        """A live member (warm if one was waiting); the pool refills in the background."""
+        """A live member (warm if one was waiting); the pool refills in the background
+        (:data:`REFILL_DELAY` after it hands one out)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         waited = False
@@ -166,7 +171,7 @@ class LocalPool:
                 member = self._ready.pop(0)
                 if await member.sandbox.poll() is None and await self._answers(member):
                     member.warm = not waited
-                    self.fill()
+                    loop.call_later(REFILL_DELAY, self.fill)
                     return member
                 self.log.warning("Pooled sandbox %s died while waiting; replacing it",
                                  member.slot.name)  # fmt: skip

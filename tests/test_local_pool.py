@@ -178,6 +178,25 @@ async def test_a_warm_kernel_was_prepared_before_its_notebook(
         assert (own / "made-here.txt").read_text() == "x"
 
 
+async def test_a_warm_take_refills_once_its_kernel_has_started(start_kernel, notebook_dir: Path):
+    """The replacement of a member handed out boots REFILL_DELAY later, not while the
+    kernel its user waits for answers its first messages; a take that finds no member
+    starts one at once."""
+    config = {"pool_size": 1, "pool_root": str(notebook_dir.parent.parent)}
+    await start_kernel("bubblewrap", **config)
+    member_pool = only_pool()
+    assert await async_wait_until(lambda: member_pool.ready == 1, timeout=60)
+    taken = [await member_pool.take(10)]
+    try:
+        assert taken[0].warm and member_pool.ready == 0 and not member_pool._starting
+        taken.append(await member_pool.take(60))  # none ready, none starting: it makes one
+        assert not taken[1].warm
+        assert await async_wait_until(lambda: member_pool.ready == 1, timeout=60)
+    finally:
+        for member in taken:
+            await member.cleanup()
+
+
 async def test_a_member_that_died_is_replaced_not_handed_out(start_kernel, notebook_dir: Path):
     config = {"pool_size": 1, "pool_root": str(notebook_dir.parent.parent)}
     first = await start_kernel("bubblewrap", **config)
