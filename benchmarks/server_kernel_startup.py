@@ -7,9 +7,10 @@ jupyter_client's local-provisioner (the baseline). Each measured start is what t
 browser does for a new notebook: ``POST /api/sessions`` (its own notebook path, so its
 own JPY_SESSION_NAME), open the kernel's websocket, ``kernel_info`` until it answers,
 execute ``1 + 1``; the clock runs from the POST to the ``execute_reply``.
-Kernels are shut down between runs (not timed), ``--pause`` seconds apart (5: a pool
-has refilled, as between a user's notebooks; a refill's CPU would otherwise slow
-the next start, whichever mode it is). Modes run round-robin after one
+Kernels are shut down between runs (not timed), at least ``--pause`` seconds apart (5:
+a pool has refilled, as between a user's notebooks), and each start waits for a quiet
+machine (a refill's CPU, or a slow one's, would otherwise slow the next start,
+whichever mode it is). Modes run round-robin after one
 warm-up each, so machine noise hits all alike; medians and ratios to the baseline:
 
     .venv/bin/python benchmarks/server_kernel_startup.py [--runs 7]
@@ -86,6 +87,24 @@ class Server:
         return json.loads(response.body) if response.body else None
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+
+async def quiet(idle: float = 0.9, window: float = 0.5, at_most: float = 30.0) -> None:
+    """Wait until the CPUs were at least ``idle`` idle over ``window`` seconds (a pool's
+    refill, a kernel shutting down: done), for ``at_most`` seconds."""
+    deadline = time.monotonic() + at_most
+    while time.monotonic() < deadline:
+        idle0, total0 = _cpu_times()
+        await asyncio.sleep(window)
+        idle1, total1 = _cpu_times()
+        if (idle1 - idle0) >= idle * max(1, total1 - total0):
+            return
+
+
 def message(kind: str, content: dict, session: str) -> tuple[str, str]:
     msg_id = uuid.uuid4().hex
     return msg_id, json.dumps({
@@ -143,6 +162,7 @@ async def run(runs: int, kernels: list[str], pause: float) -> int:
             await asyncio.sleep(10)  # let pools refill and templates finish
             for _ in range(runs):
                 for label, server, name in modes:
+                    await quiet()
                     times[label].append(await start_and_execute(server, name))
                     await asyncio.sleep(pause)  # pools refill between a user's notebooks
         finally:

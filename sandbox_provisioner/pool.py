@@ -2,19 +2,22 @@
 
 A member is a sandbox of the kernelspec's runtime whose main process is the
 kernel agent (:mod:`sandbox_provisioner.agent`), with ipykernel and the
-configured modules imported, no kernel socket open and no workspace bound.
+configured modules imported and a kernel prepared on the member's own endpoint
+(:mod:`sandbox_provisioner.agent.prepared`), but no workspace bound.
 It sees the *stage* (``pool_root``, the directory all its possible workspaces
 lie under) at :data:`STAGE_TARGET`, which only the agent uses. Taking a member
 hands its agent the kernel's mount plan (the workspace at its host path, dot
 files hidden, ``.git`` read-only: what a cold sandbox would have), its
-environment and an IPC endpoint in the member's private directory; the agent
-binds the workspace, unmounts the stage, seals the root and forks the kernel,
-which drops every privilege first (:mod:`sandbox_provisioner.agent.confine`).
+environment and its IPC endpoint in the member's private directory; the agent
+binds the workspace, unmounts the stage, seals the root and gives the prepared
+kernel its notebook (or forks one), a kernel that holds no privilege the
+sandbox's kernels must not have (:mod:`sandbox_provisioner.agent.confine`).
 
 The server claims each member's agent with a key made for the pool and
 known to no one else, over a Unix socket in a directory only the server
 reaches. Members that die while waiting are replaced, never handed out; the
-pool refills in the background and ends with the server (``close_pools``, and
+pool refills in the background (a moment after a take, so that a member's boot
+does not slow the kernel just handed out) and ends with the server (``close_pools``, and
 an exit handler for the members' directories).
 """
 
