@@ -43,12 +43,17 @@ async def agent(tmp_path: Path) -> AsyncIterator[dict]:
         yield running
 
 
-@pytest.fixture
-async def prepared_agent(tmp_path: Path) -> AsyncIterator[dict]:
-    """An agent told to prepare its first kernel, on an IPC endpoint as a pool member's."""
-    (tmp_path / "ipc").mkdir()
-    endpoint = pool.kernel_endpoint(tmp_path)
-    prepare = json.dumps({"connection": endpoint, "args": []})
+@pytest.fixture(params=["ipc", "tcp"])
+async def prepared_agent(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict]:
+    """An agent told to prepare its first kernel: on an IPC endpoint as a pool member's, or
+    on TCP ports of its own address as a pod's."""
+    if request.param == "ipc":
+        (tmp_path / "ipc").mkdir()
+        endpoint: dict | None = pool.kernel_endpoint(tmp_path)
+        wanted = endpoint
+    else:
+        endpoint, wanted = None, {"transport": "tcp"}  # the start asks for none
+    prepare = json.dumps({"connection": wanted, "args": []})
     async for running in _agent(tmp_path, "--prepare", prepare):
         yield {**running, "endpoint": endpoint}
 

@@ -21,7 +21,7 @@ import nbformat
 import pytest
 import yaml
 from cluster_fixtures import condition, wait_for
-from conftest import Kernel, async_wait_until
+from conftest import KERNEL_AGE, Kernel, async_wait_until
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from test_notebooks import NOTEBOOKS, outputs, stdout
@@ -99,7 +99,11 @@ def claims_of(k8s, ns: str, kernel: Kernel) -> list[dict]:
 
 async def test_kernel_from_warm_pool(k8s, namespace, pool, start_kernel):
     warm = {m["metadata"]["name"] for m in ready_members(k8s, namespace)}
+    await asyncio.sleep(3)
     kernel = await start(start_kernel, pool)
+    # The kernel was prepared when its pod booted (the template's --prepare), not forked
+    # when it was claimed.
+    assert await kernel.value(KERNEL_AGE) > 2
     sandbox = kernel.provisioner()._sandbox
     # An adopted pool member keeps the pool's name; the claim says which one it is.
     assert sandbox.sandbox_name in warm

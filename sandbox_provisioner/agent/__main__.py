@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     serve_p.add_argument("--workdir", default=os.getcwd(), help="the kernel's directory")
     serve_p.add_argument(
         "--prepare", type=json.loads, default=None,
-        help='prepare the first kernel: {"connection": {IPC endpoint}, "args": [...]}',
+        help='prepare the first kernel: {"connection": {IPC endpoint} or {"transport": '
+             '"tcp"} (ports on --host), "args": [the kernel\'s arguments]}',
     )  # fmt: skip
     key_p = sub.add_parser("public-key", help="print a controller key's public half")
     key_p.add_argument("keyfile")

@@ -41,8 +41,9 @@ BANNER_ARG = "--InteractiveShell.banner2="
 #: as JupyterLab's JPY_SESSION_NAME or a locale, are applied with the go.
 INIT_ENV = ("HOME", "IPYTHON*", "JUPYTER*", "JPY_*", "PYTHON*", "MPLBACKEND", "PYDEVD*",
             "DEBUGPY*", "SOURCE_DATE_EPOCH")  # fmt: skip
-#: Read at init, and applied with the go by :func:`_go`.
-_LATE_ENV = ("JPY_SESSION_NAME",)
+#: Exceptions: read at init and applied with the go by :func:`_go`, or read by this
+#: project's code only, never while a kernel initializes.
+_LATE_ENV = ("JPY_SESSION_NAME", "JUPYTER_SANDBOX_*")
 
 
 def preload(modules: list[str]) -> list[str]:
@@ -153,7 +154,8 @@ def late_env(prepared: dict[str, str], wanted: dict[str, str]) -> dict[str, str]
         return None
     changed = {k: v for k, v in wanted.items() if prepared.get(k) != v}
     for name in changed:
-        if name not in _LATE_ENV and any(fnmatch.fnmatchcase(name, p) for p in INIT_ENV):
+        late = any(fnmatch.fnmatchcase(name, p) for p in _LATE_ENV)
+        if not late and any(fnmatch.fnmatchcase(name, p) for p in INIT_ENV):
             return None
     return changed
 

@@ -318,7 +318,6 @@ class KernelAgent:
         path.touch(mode=0o444, exist_ok=True)
         return str(path)
 
-
     def kernel_exited(self, pid: int, code: int) -> None:
         """The zygote reaped a kernel (it is their parent)."""
         if self.kernel is not None and pid == self.kernel.pid:
@@ -390,6 +389,22 @@ class KernelAgent:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+def _prepared_endpoint(
+    agent: KernelAgent, wanted: dict[str, Any], host: str
+) -> dict[str, Any] | None:
+    """Where a kernel prepared at boot listens: the IPC endpoint given (a local pool's), or
+    for ``{"transport": "tcp"}`` (a pod's) ports chosen now on ``host``, the address the
+    controller reaches the agent at, which its starts then ask for; None if the agent
+    listens on every address (which one a controller uses is known only then)."""
+    if wanted.get("transport") != "tcp":
+        return wanted
+    if host in ("", "0.0.0.0", "::"):
+        log.info("no kernel prepared ahead: the agent listens on every address")
+        return None
+    agent.ports = _free_ports(host, len(PORT_NAMES))
+    return {"transport": "tcp", "ip": host, **agent.ports}
 
 
 def _free_ports(ip: str, count: int) -> dict[str, int]:
@@ -499,7 +514,7 @@ async def serve(
     that cannot hand one over: gVisor), else TCP on ``host:port``. Call with the stop
     signals blocked (:func:`block_stop_signals`), before any thread starts. ``prepare``
     (``{"connection": endpoint, "args": [...]}``) has a kernel prepared for the first
-    start."""
+    start (:func:`_prepared_endpoint`)."""
     become_subreaper()
     with contextlib.suppress(OSError):
         os.makedirs(workdir, exist_ok=True)
@@ -518,8 +533,9 @@ async def serve(
     zygote.on_exit = agent.kernel_exited
     zygote.listen(asyncio.get_running_loop())
     preparing = None
-    if prepare:
-        preparing = asyncio.create_task(agent.prepare(prepare["connection"], prepare["args"]))
+    endpoint = _prepared_endpoint(agent, prepare["connection"], host) if prepare else None
+    if prepare and endpoint:
+        preparing = asyncio.create_task(agent.prepare(endpoint, prepare["args"]))
     if listen_fd is not None:
         sock = socket.socket(fileno=listen_fd)
         server = await asyncio.start_unix_server(agent.handle, sock=sock, limit=256 * 1024)
