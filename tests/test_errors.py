@@ -31,6 +31,13 @@ def state_dirs() -> set[Path]:
     return {p for p in root.iterdir() if p.name != "servers"} if root.is_dir() else set()
 
 
+def left_by(km: AsyncKernelManager) -> list[Path]:
+    """What a failed start of ``km`` left in the state root: its kernel's directory.
+    (Not "anything new": another server of this uid may start kernels meanwhile.)"""
+    assert km.kernel_id
+    return [p for p in state_dirs() if km.kernel_id in p.name]
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -91,12 +98,11 @@ async def test_launch_timeout_ends_in_clear_error(tmp_path):
     from conftest import require_runtime
 
     require_runtime("gvisor")  # takes seconds to boot: a short timeout always fires
-    before = state_dirs()
     # Cold: a template build in the background would add the shared templates directory.
     km = manager("gvisor", launch_timeout=0.2, snapshot_templates=False)
     with pytest.raises(SandboxStartError, match=r"within launch_timeout=0.2s"):
         await km.start_kernel(cwd=str(tmp_path))
-    assert state_dirs() <= before  # nothing new (a sweep may remove a dead server's)
+    assert left_by(km) == []
     assert not Path(km.connection_file).exists()
 
 
@@ -109,19 +115,17 @@ class _FailingSpecs(RuntimeKernelSpecManager):
 
 async def test_kernel_dying_at_start_reports_its_output(cold_runtime, tmp_path):
     runtime = cold_runtime
-    before = state_dirs()
     km = AsyncKernelManager(kernel_name=f"failing-{runtime}", kernel_spec_manager=_FailingSpecs())
     with pytest.raises(SandboxStartError) as error:
         await km.start_kernel(cwd=str(tmp_path))
     assert "exited with code 1 while starting" in str(error.value)
     assert "kernel refused to start" in str(error.value)
-    assert state_dirs() <= before  # nothing new (a sweep may remove a dead server's)
+    assert left_by(km) == []
 
 
 async def test_filesystem_root_is_refused_as_workspace(cold_runtime):
     runtime = cold_runtime
-    before = state_dirs()
     km = manager(runtime)
     with pytest.raises(SandboxStartError, match="whole filesystem"):
         await km.start_kernel(cwd="/")
-    assert state_dirs() <= before  # nothing new (a sweep may remove a dead server's)
+    assert left_by(km) == []
