@@ -16,6 +16,7 @@ import shlex
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from .spec import ResourceLimits
 
@@ -122,6 +123,58 @@ class CgroupV1:
 
     async def destroy_when_empty(self) -> bool:
         return await remove_cgroup_dirs_when_empty(self.relpath)
+
+
+class OomWatch:
+    """Call ``on_oom`` when the memory cgroup ``relpath`` meets its limit: cgroup v1's OOM
+    notifier, an eventfd registered in ``cgroup.event_control`` against the group's
+    ``memory.oom_control``. It fires when the OOM killer is about to pick a process,
+    whichever it picks: a sandbox whose runtime does not survive losing one of its
+    processes (gVisor's systrap stubs) is ended whole instead of wedged."""
+
+    def __init__(self, relpath: str, on_oom: Any):
+        self.memory = CGROUP_ROOT / "memory" / relpath
+        self.on_oom = on_oom
+        self._fds: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, timeout: float = 30.0) -> bool:
+        """Register once the group exists (the runtime makes it as it starts); False if it
+        never appeared or the kernel has no v1 notifier."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        control = self.memory / "memory.oom_control"
+        while not control.exists():
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        try:
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._fds.append(efd)
+            ofd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
+            self._fds.append(ofd)
+            (self.memory / "cgroup.event_control").write_text(f"{efd} {ofd}")
+        except OSError:
+            self.close()
+            return False
+        self._loop = loop
+        loop.add_reader(efd, self._fired)
+        return True
+
+    def _fired(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_read(self._fds[0])
+        self.close()
+        self.on_oom()
+
+    def close(self) -> None:
+        if self._loop is not None and self._fds:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fds[0])
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds, self._loop = [], None
 
 
 async def remove_cgroup_dirs_when_empty(relpath: str, timeout: float = 5.0) -> bool:

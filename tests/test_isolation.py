@@ -278,6 +278,29 @@ async def test_memory_bomb_is_contained(runtime, start_kernel):
         assert reply["content"].get("ename") == "MemoryError", reply["content"]
 
 
+@pytest.mark.parametrize("platform", ["ptrace", "systrap"])
+async def test_a_gvisor_sandbox_at_its_memory_limit_ends_whole(start_kernel, platform):
+    """Under systrap the OOM killer takes one of gVisor's stub processes, which left the
+    sandbox neither dead nor answering; the server ends it whole (under ptrace the
+    Sentry is the one killed), and the kernel restarts."""
+    from conftest import async_wait_until, require_runtime, wait_until
+
+    require_runtime("gvisor")
+    kernel = await start_kernel("gvisor", memory_limit="384M",
+                                app_config=Config({"GVisorRuntime": {"platform": platform}}))
+    sandbox = kernel.provisioner()._sandbox
+    pids = sandbox.host_pids()
+    assert len(pids) > 2  # the monitor, the gofer, the Sentry and its stubs
+    kernel.kc.execute(MEMORY_BOMB)
+    assert await async_wait_until(lambda: kernel.provisioner().poll(), timeout=60)
+    if platform == "systrap":
+        assert sandbox.oom_killed()  # ended by the server's watch
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 10)
+    await kernel.km.restart_kernel(now=True)
+    await kernel.ready()
+    assert (await kernel.run("print('back')")).stdout.strip() == "back"
+
+
 async def test_memory_limit_without_cgroups_uses_rlimits(start_kernel):
     """What a server without root gets: the allocation fails, the kernel lives on."""
     from conftest import require_runtime
