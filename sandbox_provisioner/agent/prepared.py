@@ -51,20 +51,14 @@ class PreparedKernel:
     async def fork(cls, zygote: Zygote, launch: KernelLaunch,
                    endpoint: dict[str, Any]) -> PreparedKernel:  # fmt: skip
         """Have ``zygote`` fork a kernel for ``launch`` that waits for its go."""
-        ready_r, ready_w = os.pipe()
         go_r, go_w = os.pipe()
-        log_fd = os.open(launch.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        request = {"connection_file": launch.connection_file, "args": launch.args,
-                   "env": launch.env, "cwd": launch.cwd}  # fmt: skip
         try:
-            pid = await zygote.start(request, ready_w, log_fd, go_r)
+            pid, ready_r = await zygote.start_kernel(launch, go_r)
         except BaseException:
-            os.close(ready_r)
             os.close(go_w)
             raise
         finally:
-            for fd in (ready_w, log_fd, go_r):
-                os.close(fd)
+            os.close(go_r)
         return cls(pid, ready_r, go_w, list(launch.args), dict(launch.env), dict(endpoint))
 
     def go_for(

@@ -208,19 +208,13 @@ class KernelAgent:
                 raise
         assert self.session is not None
         info = {**endpoint, "key": kernel_key(self.session), "signature_scheme": "hmac-sha256"}
-        launch = kernel_process.KernelLaunch(
-            connection_file=str(self.state_dir / "kernel.json"),
-            args=args,
-            env=env,
-            cwd=str(body.get("cwd") or self.workdir),
-            log_path=str(self.state_dir / "kernel.log"),
-        )
+        launch = self._launch(args, env, str(body.get("cwd") or self.workdir))
         launch.write_connection_file(info)
         if prepared and go is not None:
             pid, ready_r = prepared.pid, prepared.go(go, launch.cwd)
             log.info("kernel %d (prepared at boot) given its notebook", pid)
         else:
-            pid, ready_r = await self._fork(launch)
+            pid, ready_r = await self.zygote.start_kernel(launch)
         self.kernel = RunningKernel(pid, launch.log_path)
         try:
             started = await kernel_process.read_ready(ready_r, timeout) == b"R"
@@ -249,22 +243,14 @@ class KernelAgent:
         log.info("the kernel prepared at boot does not serve this start: forking one")
         return None, None
 
-    async def _fork(self, launch: kernel_process.KernelLaunch) -> tuple[int, int]:
-        """Have the zygote fork a kernel for ``launch``: its pid and ready pipe."""
-        ready_r, ready_w = os.pipe()
-        log_fd = os.open(launch.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            pid = await self.zygote.start(
-                {"connection_file": launch.connection_file, "args": launch.args,
-                 "env": launch.env, "cwd": launch.cwd}, ready_w, log_fd,
-            )  # fmt: skip
-        except BaseException:
-            os.close(ready_r)
-            raise
-        finally:
-            os.close(ready_w)
-            os.close(log_fd)
-        return pid, ready_r
+    def _launch(
+        self, args: list[str], env: dict[str, str], cwd: str
+    ) -> kernel_process.KernelLaunch:
+        """A kernel start in this sandbox: its connection file and log are the agent's."""
+        return kernel_process.KernelLaunch(
+            connection_file=str(self.state_dir / "kernel.json"), args=args, env=env, cwd=cwd,
+            log_path=str(self.state_dir / "kernel.log"),
+        )  # fmt: skip
 
     async def prepare(self, endpoint: dict[str, Any], args: list[str]) -> None:
         """Fork the kernel the first start will use (:mod:`.prepared`), with a throwaway
@@ -273,11 +259,7 @@ class KernelAgent:
             if self.kernel is not None:
                 return  # a start came first
             info = {**endpoint, "key": secrets.token_hex(32), "signature_scheme": "hmac-sha256"}
-            launch = kernel_process.KernelLaunch(
-                connection_file=str(self.state_dir / "kernel.json"), args=args,
-                env=self.base_env, cwd="/",  # its own directory comes with its go
-                log_path=str(self.state_dir / "kernel.log"),
-            )  # fmt: skip
+            launch = self._launch(args, self.base_env, "/")  # its directory comes with its go
             launch.write_connection_file(info)
             try:
                 self.prepared = await PreparedKernel.fork(self.zygote, launch, endpoint)

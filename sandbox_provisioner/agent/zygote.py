@@ -161,6 +161,25 @@ class Zygote:
         self._inner[inner] = outer
         return outer
 
+    async def start_kernel(
+        self, launch: kernel_process.KernelLaunch, go_r: int | None = None
+    ) -> tuple[int, int]:
+        """Fork a kernel for ``launch`` writing to ``launch.log_path`` (a prepared one with
+        ``go_r``): its pid and the pipe it says it is ready on (the caller closes it)."""
+        ready_r, ready_w = os.pipe()
+        log_fd = os.open(launch.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        request = {"connection_file": launch.connection_file, "args": launch.args,
+                   "env": launch.env, "cwd": launch.cwd}  # fmt: skip
+        try:
+            pid = await self.start(request, ready_w, log_fd, go_r)
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+            os.close(log_fd)
+        return pid, ready_r
+
     def _outer_pid(self, inner: int) -> int:
         """Our pid of the zygote's child that is ``inner`` in the zygote's namespace.
 
