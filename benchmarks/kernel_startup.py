@@ -14,7 +14,7 @@ restored from a template (built after the warm-up run, as after a first cold
 start). The clock starts just before ``start_kernel`` and stops at the first
 execute_reply, as a notebook user waits: start, connect, kernel_info until
 ready, execute. Also printed: the
-memory an idle pooled sandbox holds (RSS summed over its processes). The same
+memory an idle pooled sandbox holds (PSS and RSS summed over its processes). The same
 through a real jupyter_server with the shipped configuration, as JupyterLab
 starts a kernel: ``benchmarks/server_kernel_startup.py``.
 """
@@ -105,17 +105,21 @@ async def launch_to_first_reply(mode: str, cwd: str) -> float:
     return await time_to_first_reply(kernel_manager(runtime, specs), cwd)
 
 
-def rss_bytes(pids: list[int]) -> int:
-    total = 0
+def memory_bytes(pids: list[int]) -> tuple[int, int]:
+    """RSS and PSS summed over ``pids``: RSS counts a shared page in each process that maps
+    it (gVisor's systrap maps the Sentry's memory into its stub processes too), PSS divides
+    it among them."""
+    totals = {"Rss:": 0, "Pss:": 0}
     for pid in pids:
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
             continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
+        for line in rollup.splitlines():
+            field = line.split()
+            if field and field[0] in totals:
+                totals[field[0]] += int(field[1]) * 1024
+    return totals["Rss:"], totals["Pss:"]
 
 
 def default_modes() -> list[str]:
@@ -149,7 +153,7 @@ async def main() -> int:
             while member_pool.ready < member_pool.size:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(2)
-        idle = {p.runtime.name: rss_bytes(p._ready[0].host_pids())
+        idle = {p.runtime.name: memory_bytes(p._ready[0].host_pids())
                 for p in pool._POOLS.values() if p.ready}  # fmt: skip
         await pool.close_pools()
         await templates.forget_templates()
@@ -162,8 +166,9 @@ async def main() -> int:
         ratio = median / base if base else float("nan")
         results[mode] = {"median": median, "min": min(values), "max": max(values), "ratio": ratio}
         print(f"{mode:<20}{median:9.3f}{min(values):9.3f}{max(values):9.3f}{ratio:8.2f}x")
-    for runtime, rss in idle.items():
-        print(f"an idle pooled {runtime} sandbox holds {rss / 2**20:.0f} MiB (RSS, all processes)")
+    for runtime, (rss, pss) in idle.items():
+        print(f"an idle pooled {runtime} sandbox holds {pss / 2**20:.0f} MiB (PSS, all its "
+              f"processes; RSS summed over them {rss / 2**20:.0f} MiB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

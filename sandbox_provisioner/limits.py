@@ -133,6 +133,7 @@ class OomWatch:
     processes (gVisor's systrap stubs) is ended whole instead of wedged."""
 
     def __init__(self, relpath: str, on_oom: Any):
+        self.relpath = relpath
         self.memory = CGROUP_ROOT / "memory" / relpath
         self.on_oom = on_oom
         self._fds: list[int] = []
@@ -165,7 +166,10 @@ class OomWatch:
         with contextlib.suppress(OSError):
             os.eventfd_read(self._fds[0])
         self.close()
-        self.on_oom()
+        # The notifier also fires when the group is removed, as a runtime removes it when
+        # its sandbox ends by itself: that is no OOM.
+        if (self.memory / "memory.oom_control").exists():
+            self.on_oom()
 
     def close(self) -> None:
         if self._loop is not None and self._fds:

@@ -425,7 +425,7 @@ class SandboxProvisioner(  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.launch_timeout
         paths = self._socket_paths()
-        delay = 0.005
+        delay = 0.005  # at most 10 ms late: five stat() calls a poll cost nothing beside it
         while not all(os.path.exists(p) for p in paths):
             code = await self._sandbox.poll()
             if code is not None:
@@ -441,7 +441,7 @@ class SandboxProvisioner(  # type: ignore[misc]
                     f"Its output:\n{self._log_tail()}"
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            delay = min(delay * 1.5, 0.01)
 
     async def _discard_failed_start(self) -> None:
         await self._discard_sandbox()

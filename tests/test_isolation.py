@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -299,6 +300,58 @@ async def test_a_gvisor_sandbox_at_its_memory_limit_ends_whole(start_kernel, pla
     await kernel.km.restart_kernel(now=True)
     await kernel.ready()
     assert (await kernel.run("print('back')")).stdout.strip() == "back"
+
+
+SYSTRAP = Config({"GVisorRuntime": {"platform": "systrap"}})
+
+
+async def test_a_gvisor_sandbox_that_ends_by_itself_did_not_meet_its_limit(start_kernel,
+                                                                           caplog):  # fmt: skip
+    """runsc removes a sandbox's cgroup as the sandbox ends, which wakes the OOM notifier
+    too: a kernel that exits by itself is not reported (or ended) as out of memory."""
+    from conftest import async_wait_until, require_runtime, wait_until
+
+    from sandbox_provisioner.limits import CGROUP_ROOT, cgroup_relpath
+
+    require_runtime("gvisor")
+    kernel = await start_kernel("gvisor", memory_limit="384M", app_config=SYSTRAP)
+    sandbox = kernel.provisioner()._sandbox
+    group = CGROUP_ROOT / "memory" / cgroup_relpath(sandbox.container_id)
+    assert sandbox.info()["memory_watch"] and group.is_dir()
+    kernel.kc.execute("import os; os._exit(3)")
+    assert await async_wait_until(lambda: kernel.provisioner().poll(), timeout=30)
+    assert wait_until(lambda: not group.exists(), 10)
+    await asyncio.sleep(0.5)  # the notifier's wake-up, handled on this loop
+    assert not sandbox.oom_killed()
+    assert "memory limit" not in caplog.text
+
+
+async def test_a_reattached_gvisor_sandbox_still_ends_at_its_memory_limit(start_kernel):
+    """A server that takes a running systrap sandbox over (from the provisioner's persisted
+    info) watches its memory too: the sandbox ends rather than hangs, with the original
+    server's watch gone."""
+    import json
+
+    from conftest import async_wait_until, require_runtime
+
+    from sandbox_provisioner import SandboxProvisioner
+
+    require_runtime("gvisor")
+    kernel = await start_kernel("gvisor", memory_limit="384M", app_config=SYSTRAP)
+    info = await kernel.provisioner().get_provisioner_info()
+    info = {**info, "sandbox": json.loads(json.dumps(info["sandbox"]))}
+    kernel.provisioner()._sandbox._oom.close()  # as if the first server had gone
+    other = SandboxProvisioner(kernel_id=info["kernel_id"], kernel_spec=kernel.km.kernel_spec)
+    await other.load_provisioner_info(info)
+    await asyncio.sleep(0.5)  # its watch registers
+    kernel.kc.execute(MEMORY_BOMB)
+
+    async def ended() -> bool:  # not its child: a reattached sandbox's end reads as code 0
+        return await other.poll() is not None
+
+    assert await async_wait_until(ended, timeout=60)
+    assert other._sandbox.oom_killed()
+    await other.cleanup()
 
 
 async def test_memory_limit_without_cgroups_uses_rlimits(start_kernel):

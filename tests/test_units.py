@@ -121,17 +121,18 @@ def test_runsc_release_date(version, date):
 
 
 @pytest.mark.parametrize(
-    ("version", "available", "pooling"),
-    [("0.0~20221219.0", True, False), ("0.0~20240729.0", True, True),
-     ("0.0~20250601.0", False, True), ("dev", True, False)],
+    ("version", "available", "pooling", "platform"),
+    [("0.0~20221219.0", True, False, "ptrace"), ("0.0~20240729.0", True, True, "systrap"),
+     ("0.0~20250601.0", False, True, "systrap"), ("dev", True, False, "ptrace")],
 )  # fmt: skip
 def test_an_untested_runsc_build_is_refused_with_the_reason(tmp_path, version, available,
-                                                           pooling):  # fmt: skip
+                                                           pooling, platform):  # fmt: skip
     """A stand-in runsc (a script that only prints its version: the builds themselves cannot
     be installed side by side here): a build newer than the tested ones is unavailable, with
     why and what to install, so that 'auto' falls back and a gVisor kernelspec says so
     instead of failing in some new way; an administrator may still opt in. Warm pools only
-    on builds that mount inside a running sandbox, and the doctor says which."""
+    on builds that mount inside a running sandbox, and the doctor says which; the platform
+    'auto' is systrap on the builds it was tested with, ptrace on older ones."""
     import os
 
     from sandbox_provisioner.runtimes.gvisor import GVisorRuntime, runsc_version
@@ -145,7 +146,10 @@ def test_an_untested_runsc_build_is_refused_with_the_reason(tmp_path, version, a
     found = GVisorRuntime(runsc_path=str(fake)).availability()
     assert found.available is available, found
     assert GVisorRuntime(runsc_path=str(fake)).pooling is pooling
+    assert GVisorRuntime(runsc_path=str(fake)).resolved_platform() == platform
+    assert GVisorRuntime(runsc_path=str(fake), platform="ptrace").resolved_platform() == "ptrace"
     if available:
+        assert f"platform {platform}" in str(found), found
         assert ("no warm pools" in str(found)) is not pooling, found
     if not available:
         assert "20250601" in str(found) and "bookworm" in str(found)

@@ -13,14 +13,13 @@ path swapped after the plan is refused rather than bound.
 
 Facts this module is built on (measured on hosts of this project's kind):
 netstack fails on kernels >= 6.11 with the Debian builds and the KVM platform
-hangs, so the network is ``none`` (or ``host``). The platform is ptrace. systrap
-(configurable) runs system calls faster, but a sandbox at its memory limit is wedged by
-the OOM killer (it kills one of systrap's stub processes; the sandbox neither dies nor
-answers), so under systrap the server watches each sandbox's memory cgroup
-(:class:`~..limits.OomWatch`) and ends the whole sandbox when the limit is met, as
-ptrace's sandbox dies; the kernel can then be restarted. Measured cold starts on
-20240729 were within noise of each other (ptrace 2.09 / 2.21 s, systrap 2.15 / 2.01 s, in
-alternating runs), so the default stays ptrace.
+hangs, so the network is ``none`` (or ``host``). The platform is systrap on the builds
+it was tested with (20240729; ptrace before): a system call costs the kernel about 1 us
+there against 40-60 us under ptrace, and a cold kernel starts about 0.4 s sooner. Under
+systrap the OOM killer takes one of the sandbox's stub processes and leaves the sandbox
+neither dead nor answering, so the server watches each sandbox's memory cgroup
+(:class:`~..limits.OomWatch`) and ends the whole sandbox when the limit is met, as a
+ptrace sandbox dies; the kernel can then be restarted.
 """
 
 from __future__ import annotations
@@ -63,6 +62,8 @@ _NON_ROOT_CAPS_UNTIL = 20221219
 #: The first build tested to mount inside a running sandbox (bind, read-only remount,
 #: unmount), which local warm pools need.
 _POOLING_FROM = 20240729
+#: The first build tested under systrap (an older one runs ptrace when the platform is auto).
+_SYSTRAP_FROM = 20240729
 #: What a pooled sandbox's agent holds until it has bound its kernel's workspace: the
 #: mounts, and becoming the sandbox uid for its kernels (see sandbox_provisioner.agent).
 _AGENT_CAPS = [
@@ -162,7 +163,14 @@ class GVisorSandbox(LocalSandbox):
         """End the whole sandbox when its memory cgroup ``relpath`` meets its limit (under
         systrap the OOM killer would take one of its stubs and wedge the Sentry)."""
         self._oom = OomWatch(relpath, self._out_of_memory)
-        self._oom_task = asyncio.get_running_loop().create_task(self._oom.start())
+        self._oom_task = asyncio.get_running_loop().create_task(self._watch(self._oom))
+
+    async def _watch(self, watch: OomWatch) -> None:
+        if not await watch.start() and await self.poll() is None:
+            log.warning("gVisor sandbox %s: its memory cgroup cannot be watched, so at its "
+                        "memory limit it would hang rather than end (platform systrap); "
+                        "c.GVisorRuntime.platform = 'ptrace' avoids that",
+                        self.container_id)  # fmt: skip
 
     def _out_of_memory(self) -> None:
         self.oom_ended = True
@@ -176,6 +184,7 @@ class GVisorSandbox(LocalSandbox):
 
     async def cleanup(self) -> None:
         if self._oom is not None:
+            self._oom_task.cancel()
             self._oom.close()
         await super().cleanup()
         # runsc leaves its state files and cgroups behind when its monitor is killed.
@@ -188,6 +197,7 @@ class GVisorSandbox(LocalSandbox):
             "runsc": self.runsc,
             "state_root": str(self.state_root),
             "container_id": self.container_id,
+            "memory_watch": self._oom.relpath if self._oom is not None else None,
         }
 
 
@@ -208,9 +218,10 @@ class GVisorRuntime(SandboxRuntime):
         ["auto", "systrap", "ptrace", "kvm"],
         default_value="auto",
         config=True,
-        help="gVisor platform. auto: ptrace. systrap: system calls cost less; a sandbox "
-        "at its memory limit is ended whole by the server (the OOM killer alone would "
-        "wedge it). kvm needs a real /dev/kvm (it hangs on paravirtual KVM).",
+        help="gVisor platform. auto: systrap on runsc 20240729 and later, else ptrace. "
+        "systrap: system calls cost far less; a sandbox at its memory limit is ended whole "
+        "by the server (the OOM killer alone would wedge it). ptrace: slower, works on every "
+        "build. kvm needs a real /dev/kvm (it hangs on paravirtual KVM).",
     )
     extra_flags = List(Unicode(), config=True, help="More global runsc flags, for experts.")
     allow_untested_runsc = Bool(
@@ -276,7 +287,9 @@ class GVisorRuntime(SandboxRuntime):
         return self._release() >= _POOLING_FROM
 
     def resolved_platform(self) -> str:
-        return "ptrace" if self.platform == "auto" else self.platform
+        if self.platform != "auto":
+            return self.platform
+        return "systrap" if self._release() >= _SYSTRAP_FROM else "ptrace"
 
     # -- the OCI bundle ----------------------------------------------------------------------
     def bundle(self, spec: SandboxSpec, bundle_dir: Path, cgroups: bool) -> dict[str, Any]:
@@ -454,13 +467,16 @@ class GVisorRuntime(SandboxRuntime):
         return sandbox
 
     def reattach(self, info: dict[str, Any]) -> Sandbox:
-        return GVisorSandbox(
+        sandbox = GVisorSandbox(
             pid=info["pid"],
             start_time=info["start_time"],
             runsc=info["runsc"],
             state_root=Path(info["state_root"]),
             container_id=info["container_id"],
         )
+        if info.get("memory_watch"):  # this server ends it at its limit too
+            sandbox.watch_memory(info["memory_watch"])
+        return sandbox
 
 
 def _container_id(spec: SandboxSpec) -> str:
