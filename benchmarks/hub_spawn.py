@@ -11,7 +11,7 @@ Users are spawned round-robin between the two, so machine noise hits both
 alike. Measured per user, from the API call to the server answering through the
 proxy (``GET /user/<name>/api/status`` with the user's token): the first spawn,
 then, after every server was stopped (hibernated), the resume. Also printed:
-the memory an idle user server holds (RSS of its processes) and what a
+the memory an idle user server holds (PSS and RSS of its processes) and what a
 hibernated user holds (its processes: none). Medians, p95 and ratios to the
 anchor's spawn.
 """
@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the Hub harness the tests use
 
 from hub_fixtures import KUBE_HUB_CONFIG, Hub, end_supervisors, processes_of  # noqa: E402
+from memory import memory_bytes  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest  # noqa: E402
 
 from sandbox_provisioner.runtimes.process import descendants  # noqa: E402
@@ -61,18 +62,6 @@ async def start_and_time(hub: Hub, name: str, token: str, options: dict | None =
     await hub.api("POST", f"/users/{name}/server", options, raise_error=False)
     await answers(hub, name, token)
     return time.perf_counter() - started
-
-
-def rss(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
 
 
 async def server_pids(hub: Hub, mode: str, name: str) -> list[int]:
@@ -106,7 +95,7 @@ async def bench(root: Path, users: int, runtime: str) -> int:
             for mode, hub in hubs.items():
                 spawn[mode].append(await start_and_time(hub, f"u{i}", tokens[mode, f"u{i}"]))
         await asyncio.sleep(3)  # let the servers settle before measuring memory
-        memory = {m: [rss(await server_pids(h, m, f"u{i}")) for i in range(users)]
+        memory = {m: [memory_bytes(await server_pids(h, m, f"u{i}")) for i in range(users)]
                   for m, h in hubs.items()}  # fmt: skip
         uid = (hubs[SANDBOX].root / "homes" / "u0").stat().st_uid
         for i in range(users):  # hibernate everyone
@@ -134,8 +123,10 @@ async def bench(root: Path, users: int, runtime: str) -> int:
         p50, p95 = summary(values)
         print(f"{label:28}{p50:8.3f}{p95:8.3f}{p50 / anchor:7.2f}x")
     for mode, label in ((ANCHOR, "LocalProcessSpawner"), (SANDBOX, "LocalSandboxSpawner")):
-        print(f"idle server memory, {label}: {statistics.median(memory[mode]) / 2**20:.0f} MiB "
-              "(median RSS of its processes)")  # fmt: skip
+        pss = statistics.median(pss for _, pss in memory[mode])
+        rss = statistics.median(rss for rss, _ in memory[mode])
+        print(f"idle server memory, {label}: {pss / 2**20:.0f} MiB (median PSS of its "
+              f"processes; RSS summed over them {rss / 2**20:.0f} MiB)")  # fmt: skip
     print(f"a hibernated sandboxed user holds {len(left)} processes")
     return 0
 

@@ -28,10 +28,10 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from memory import memory_bytes
 
 from sandbox_provisioner import pool, templates
 from sandbox_provisioner.kernelspecs import RuntimeKernelSpecManager
@@ -103,23 +103,6 @@ async def launch_to_first_reply(mode: str, cwd: str) -> float:
         while member_pool.ready < member_pool.size:
             await asyncio.sleep(0.05)
     return await time_to_first_reply(kernel_manager(runtime, specs), cwd)
-
-
-def memory_bytes(pids: list[int]) -> tuple[int, int]:
-    """RSS and PSS summed over ``pids``: RSS counts a shared page in each process that maps
-    it (gVisor's systrap maps the Sentry's memory into its stub processes too), PSS divides
-    it among them."""
-    totals = {"Rss:": 0, "Pss:": 0}
-    for pid in pids:
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        for line in rollup.splitlines():
-            field = line.split()
-            if field and field[0] in totals:
-                totals[field[0]] += int(field[1]) * 1024
-    return totals["Rss:"], totals["Pss:"]
 
 
 def default_modes() -> list[str]:

@@ -392,7 +392,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 async def test_cpu_limit(runtime, start_kernel):
     kernel = await start_kernel(runtime, cpu_limit=0.25)
-    assert (await kernel.run("1")).ok  # gVisor starts its ptrace stubs on first use
+    assert (await kernel.run("1")).ok  # gVisor starts its platform's stubs on first use
     pids = kernel.provisioner()._sandbox.host_pids()
     before = _cpu_seconds(pids)
     assert (await kernel.run(CPU_BURN, timeout=60)).ok
