@@ -194,6 +194,21 @@ async def remove_cgroup_dirs_when_empty(relpath: str, timeout: float = 5.0) -> b
     return True
 
 
+def cgroup_processes(relpath: str) -> list[int]:
+    """The processes in the groups ``relpath`` (and groups nested in them), in every v1
+    hierarchy."""
+    roots = [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.is_dir() else []
+    pids: set[int] = set()
+    for root in roots:
+        path = root / relpath
+        if not path.is_dir():
+            continue
+        for procs in path.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in procs.read_text().split())
+    return sorted(pids)
+
+
 def remove_cgroup_dirs(relpath: str) -> bool:
     """rmdir ``relpath`` (and then its parent, when empty) in every v1 hierarchy; True
     when none is left (False: a process is still in one)."""

@@ -113,3 +113,28 @@ async def test_cycles_leave_nothing_behind(runtime: str, start_kernel, tmp_path:
             f"mounts {now['mounts']} (before {before['mounts']}), "
             f"state {sorted(now['state'] - before['state'])}"  # type: ignore[operator]
         )
+
+
+async def test_a_gvisor_sandbox_whose_process_outlives_its_monitor_leaves_no_cgroup(
+    start_kernel,
+):
+    """What the end of a sandbox leaves when one of its processes is slow to go (seen once
+    in CI: a template's Sentry still in its groups when the wait for them ran out, and the
+    empty groups stayed): the server ends what is still in the sandbox's groups and removes
+    them. The straggler here is a process put into the sandbox's pids group."""
+    import subprocess
+
+    from sandbox_provisioner.limits import cgroup_relpath
+
+    require_runtime("gvisor")
+    kernel = await start_kernel("gvisor")
+    relpath = cgroup_relpath(kernel.provisioner()._sandbox.container_id)
+    straggler = subprocess.Popen(["sleep", "300"])
+    try:
+        (CGROUP_ROOT / "pids" / relpath / "cgroup.procs").write_text(str(straggler.pid))
+        await kernel.stop()
+        assert straggler.wait(timeout=30) == -9
+        assert not list(CGROUP_ROOT.glob(f"*/{relpath}"))
+    finally:
+        straggler.kill()
+        straggler.wait()
