@@ -39,6 +39,7 @@ from sandbox_provisioner.runtimes.process import descendants  # noqa: E402
 SANDBOX, ANCHOR = "sandbox", "local-process"
 ANCHOR_CONFIG = """
 c.JupyterHub.spawner_class = "simple"
+c.JupyterHub.cleanup_servers = True  # the shipped config keeps servers across Hub restarts
 c.Spawner.args = ["--allow-root"]
 c.SimpleLocalProcessSpawner.home_dir_template = "{root}/local-homes/{{username}}"
 """
