@@ -124,8 +124,8 @@ async def bench(root: Path, users: int, runtime: str) -> int:
         p50, p95 = summary(values)
         print(f"{label:28}{p50:8.3f}{p95:8.3f}{p50 / anchor:7.2f}x")
     for mode, label in ((ANCHOR, "LocalProcessSpawner"), (SANDBOX, "LocalSandboxSpawner")):
-        pss = statistics.median(pss for _, pss in memory[mode])
-        rss = statistics.median(rss for rss, _ in memory[mode])
+        rss = statistics.median(r for r, _ in memory[mode])
+        pss = statistics.median(p for _, p in memory[mode])
         print(f"idle server memory, {label}: {pss / 2**20:.0f} MiB (median PSS of its "
               f"processes; RSS summed over them {rss / 2**20:.0f} MiB)")  # fmt: skip
     print(f"a hibernated sandboxed user holds {len(left)} processes")

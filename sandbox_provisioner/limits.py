@@ -194,12 +194,16 @@ async def remove_cgroup_dirs_when_empty(relpath: str, timeout: float = 5.0) -> b
     return True
 
 
+def _hierarchies() -> list[Path]:
+    """The mounted v1 hierarchies (one directory per controller, or controllers)."""
+    return [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.is_dir() else []
+
+
 def cgroup_processes(relpath: str) -> list[int]:
     """The processes in the groups ``relpath`` (and groups nested in them), in every v1
     hierarchy."""
-    roots = [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.is_dir() else []
     pids: set[int] = set()
-    for root in roots:
+    for root in _hierarchies():
         path = root / relpath
         if not path.is_dir():
             continue
@@ -212,9 +216,8 @@ def cgroup_processes(relpath: str) -> list[int]:
 def remove_cgroup_dirs(relpath: str) -> bool:
     """rmdir ``relpath`` (and then its parent, when empty) in every v1 hierarchy; True
     when none is left (False: a process is still in one)."""
-    roots = [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.is_dir() else []
     left = False
-    for root in roots:
+    for root in _hierarchies():
         path = root / relpath
         if not path.is_dir():
             continue
