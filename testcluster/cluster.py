@@ -25,10 +25,26 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free now.
+
+    The sockets are held open together until all are chosen: ports picked one at a
+    time can repeat (the kernel may hand out the same port to the next ``bind`` once
+    the first socket is closed), which once gave a Hub's own port and its proxy's API
+    the same number.
+    """
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def kube_binaries() -> Path:
@@ -78,7 +94,7 @@ class TestCluster:
                     {"level": "Metadata"}]}))  # fmt: skip
             audit_flags = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
                            "--audit-log-format=json"]  # fmt: skip
-        etcd_port, peer_port = free_port(), free_port()
+        etcd_port, peer_port = free_ports(2)
         self._spawn(
             "etcd",
             [

@@ -23,7 +23,7 @@ import yaml
 
 from agent_sandbox import crds
 from agent_sandbox.kube import Resource
-from testcluster.cluster import REPO, TestCluster, free_port, kube_binaries
+from testcluster.cluster import REPO, TestCluster, free_ports, kube_binaries
 
 
 def _unavailable(reason: str) -> None:
@@ -109,7 +109,7 @@ def node_agent(cluster: TestCluster) -> Iterator[Process]:
 
 def controller_process(cluster: TestCluster, name: str = "controller", *args: str) -> Process:
     """A controller process with short leases (tests kill leaders) and a metrics port."""
-    webhook_port, metrics_port = free_port(), free_port()
+    webhook_port, metrics_port = free_ports(2)
     argv = [sys.executable, "-m", "agent_sandbox", "run", "--kubeconfig", str(cluster.kubeconfig),
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
             "--lease-duration", "3", "--lease-renew", "1", "--log-level", "INFO",

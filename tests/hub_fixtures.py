@@ -27,7 +27,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from sandbox_spawner.hub_api import event_stream
-from testcluster.cluster import free_port
+from testcluster.cluster import free_ports
 
 SHIPPED = Path(__file__).resolve().parent.parent / "jupyter_config" / "jupyterhub_config.py"
 #: The shipped configuration, on ports and in directories of the test's own, with a service
@@ -99,8 +99,7 @@ class Hub:
                  extra_config: str = "", config: str = HUB_CONFIG,
                  env: dict[str, str] | None = None, **values: Any):  # fmt: skip
         self.root = root
-        self.proxy_port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
-        self.service_port = free_port()
+        self.proxy_port, self.hub_port, self.api_port, self.service_port = free_ports(4)
         self.token, self.password = uuid.uuid4().hex, uuid.uuid4().hex
         self.config = root / "jupyterhub_config.py"
         self.config.write_text(config.format(shipped=SHIPPED, root=root, token=self.token,

@@ -15,13 +15,9 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
+from testcluster.cluster import free_port
+
 CONFIG = Path(__file__).parent.parent / "jupyter_config" / "jupyter_server_config.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def failing_server(tmp_path_factory):
 def _server(tmp_path_factory, *args: str):
     root = tmp_path_factory.mktemp("server-root")
     (root / "project").mkdir()
-    port, token = _free_port(), uuid.uuid4().hex
+    port, token = free_port(), uuid.uuid4().hex
     log = open(root.parent / "server.log", "w")  # noqa: SIM115 (closed below)
     env = {**os.environ, "JUPYTERHUB_API_TOKEN": "hub-secret-must-not-leak"}
     proc = subprocess.Popen(

@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 from cluster_fixtures import wait_for
 from test_pool_controller import make_pool, make_template
-from test_server import CONFIG, _free_port
+from test_server import CONFIG
 
 from agent_sandbox import api
 from agent_sandbox.kube import CLAIMS
 from sandbox_provisioner.limits import CGROUP_PARENT, CGROUP_ROOT, cgroups_available
 from sandbox_provisioner.runtimes.process import descendants, is_running, process_start_time
+from testcluster.cluster import free_port
 
 
 def start_server(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, Path]:
-    port = _free_port()
+    port = free_port()
     log = root / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
