@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from urllib.parse import quote, urlparse
 
 from jupyter_server.serverapp import DEFAULT_JUPYTER_SERVER_PORT
 from jupyterhub.spawner import Spawner
+from jupyterhub.utils import random_port
 from traitlets import Bool, CaselessStrEnum, Int, Unicode, default
 
 from sandbox_provisioner import filesystem, identity, instance, pyenv, templates
@@ -216,7 +216,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         run.mkdir(mode=0o700)
         os.chown(run, who.uid, who.gid)
         (state / "ctl").mkdir(mode=0o700)
-        port = _free_port()
+        port = random_port()
         self.port = port
         self.server.port, self.server.ip = port, "127.0.0.1"
         runtime = create_runtime(self.runtime)
@@ -504,9 +504,3 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
 
 async def _alive(sandbox: Any) -> bool:
     return await sandbox.poll() is None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
