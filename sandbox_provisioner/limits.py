@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shlex
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from .spec import ResourceLimits
+
+log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Parent cgroup of every sandbox's own cgroup, in each v1 controller.
@@ -102,11 +106,7 @@ class CgroupV1:
         return ["/bin/sh", "-c", f'{joins} && exec "$@"', "sandbox-cgroup", *argv]
 
     def pids(self) -> list[int]:
-        procs = self.path("pids") / "cgroup.procs"
-        try:
-            return [int(p) for p in procs.read_text().split()]
-        except OSError:
-            return []
+        return cgroup_processes(self.relpath)
 
     def oom_killed(self) -> bool:
         """True when the memory limit killed a process of this sandbox."""
@@ -121,8 +121,9 @@ class CgroupV1:
         """Remove the cgroups (every controller, as runsc creates them in all)."""
         remove_cgroup_dirs(self.relpath)
 
-    async def destroy_when_empty(self) -> bool:
-        return await remove_cgroup_dirs_when_empty(self.relpath)
+    async def end(self) -> bool:
+        """Remove the cgroups of the ended sandbox: :func:`end_cgroup_dirs`."""
+        return await end_cgroup_dirs(self.relpath)
 
 
 class OomWatch:
@@ -192,6 +193,27 @@ async def remove_cgroup_dirs_when_empty(relpath: str, timeout: float = 5.0) -> b
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+async def end_cgroup_dirs(relpath: str, timeout: float = 5.0) -> bool:
+    """Remove the groups ``relpath`` of a sandbox that has ended; True when none is left.
+
+    Its last processes leave a moment after the one that was waited for (the pid
+    namespace's members after its init, gVisor's Sentry and gofer after its monitor),
+    slowly on a loaded machine: they get ``timeout`` seconds, then what is still in the
+    groups is killed. Only the sandbox's own processes can be there (the groups are per
+    sandbox, joined as it starts), so nothing else is touched. Groups still busy after
+    that are left, with a warning, to the next server start's sweep.
+    """
+    if await remove_cgroup_dirs_when_empty(relpath, timeout):
+        return True
+    for pid in cgroup_processes(relpath):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if await remove_cgroup_dirs_when_empty(relpath, timeout=10.0):
+        return True
+    log.warning("the cgroups %s are still busy; the next server start sweeps them", relpath)
+    return False
 
 
 def _hierarchies() -> list[Path]:

@@ -115,20 +115,21 @@ async def test_cycles_leave_nothing_behind(runtime: str, start_kernel, tmp_path:
         )
 
 
-async def test_a_gvisor_sandbox_whose_process_outlives_its_monitor_leaves_no_cgroup(
-    start_kernel,
-):
+@pytest.mark.parametrize("runtime", ["bubblewrap", "gvisor"])
+async def test_a_sandbox_whose_process_outlives_it_leaves_no_cgroup(start_kernel, runtime):
     """What the end of a sandbox leaves when one of its processes is slow to go (seen once
-    in CI: a template's Sentry still in its groups when the wait for them ran out, and the
-    empty groups stayed): the server ends what is still in the sandbox's groups and removes
-    them. The straggler here is a process put into the sandbox's pids group."""
+    in CI: a gVisor template's Sentry still in its groups when the wait for them ran out,
+    and the empty groups stayed): the server ends what is still in the sandbox's groups
+    and removes them. The straggler here is a process put into the sandbox's pids group."""
     import subprocess
 
     from sandbox_provisioner.limits import cgroup_relpath
 
-    require_runtime("gvisor")
-    kernel = await start_kernel("gvisor")
-    relpath = cgroup_relpath(kernel.provisioner()._sandbox.container_id)
+    require_runtime(runtime)
+    kernel = await start_kernel(runtime, memory_limit="1G")
+    sandbox = kernel.provisioner()._sandbox
+    relpath = (cgroup_relpath(sandbox.container_id) if runtime == "gvisor"
+               else sandbox.cgroup.relpath)  # fmt: skip
     straggler = subprocess.Popen(["sleep", "300"])
     try:
         (CGROUP_ROOT / "pids" / relpath / "cgroup.procs").write_text(str(straggler.pid))

@@ -41,13 +41,7 @@ from typing import Any
 from traitlets import Bool, CaselessStrEnum, List, Unicode
 
 from ..identity import resolve
-from ..limits import (
-    OomWatch,
-    cgroup_processes,
-    cgroup_relpath,
-    cgroups_available,
-    remove_cgroup_dirs_when_empty,
-)
+from ..limits import OomWatch, cgroup_relpath, cgroups_available, end_cgroup_dirs
 from ..spec import Mount, MountKind, NetworkMode, SandboxSpec
 from . import staging
 from .base import Availability, Sandbox, SandboxRuntime
@@ -190,17 +184,7 @@ class GVisorSandbox(LocalSandbox):
         await super().cleanup()
         # runsc leaves its state files and cgroups behind when its monitor is killed.
         shutil.rmtree(self.state_root, ignore_errors=True)
-        relpath = cgroup_relpath(self.container_id)
-        if await remove_cgroup_dirs_when_empty(relpath):
-            return
-        # What is still in its groups is its own (the Sentry, the gofer, systrap's stubs)
-        # outliving the monitor, slowly on a loaded machine: ended, not waited for.
-        for pid in cgroup_processes(relpath):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        if not await remove_cgroup_dirs_when_empty(relpath, timeout=10.0):
-            log.warning("gVisor sandbox %s: its cgroups are still busy; the next server "
-                        "start sweeps them", self.container_id)  # fmt: skip
+        await end_cgroup_dirs(cgroup_relpath(self.container_id))
 
     def info(self) -> dict[str, Any]:
         return {

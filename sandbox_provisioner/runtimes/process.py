@@ -172,7 +172,7 @@ class LocalSandbox(Sandbox):
                 await asyncio.wait_for(self.wait(), timeout=10)
         if self.cgroup is not None:
             # The pid namespace dies with its init; the kernel reaps it a moment later.
-            await self.cgroup.destroy_when_empty()
+            await self.cgroup.end()
 
     def info(self) -> dict[str, Any]:
         return {
