@@ -64,7 +64,8 @@ class TestCluster:
         self.workdir = workdir
         self.bin_dir = bin_dir or kube_binaries()
         self.token = uuid.uuid4().hex
-        self.port = free_port()
+        # The API server's and etcd's (client, peer) ports, distinct: see free_ports.
+        self.port, *self._etcd_ports = free_ports(3)
         self.server = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = workdir / "kubeconfig"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -94,7 +95,7 @@ class TestCluster:
                     {"level": "Metadata"}]}))  # fmt: skip
             audit_flags = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
                            "--audit-log-format=json"]  # fmt: skip
-        etcd_port, peer_port = free_ports(2)
+        etcd_port, peer_port = self._etcd_ports
         self._spawn(
             "etcd",
             [
