@@ -37,6 +37,7 @@ from typing import Any
 
 from .agent.client import AgentClient
 from .agent.protocol import CONTROLLER_KEYS_ENV, Refused, public_key_text
+from .pyenv import is_within
 from .runtimes import Sandbox, SandboxRuntime
 from .runtimes.agent_driven import AgentDrivenSandbox
 from .spec import Mount, MountKind, SandboxSpec
@@ -358,9 +359,14 @@ def stage_plan(
     # What the member has and the kernel must not (its scratch directory), deepest first.
     plan: list[dict] = [{"kind": "unmount", "target": m.target}
                         for m in reversed(member) if m not in wanted]  # fmt: skip
+    # ``mounts`` come parents first. A mount the member has is kept only if nothing the
+    # plan mounts covers it: the kernel's Python environment inside its workspace must
+    # be bound again, read-only, over the workspace bound here.
+    mounted: list[str] = []
     for m in mounts:
-        if m in have:
+        if m in have and not any(is_within(m.target, t) for t in mounted):
             continue
+        mounted.append(m.target)
         source, expect = m.source, None
         if m.kind is MountKind.BIND:
             assert source is not None

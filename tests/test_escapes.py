@@ -377,6 +377,59 @@ async def test_a_kernel_in_a_home_cannot_plant_what_the_host_runs(
     assert (home / "data" / "result.csv").exists()
 
 
+async def test_a_kernel_cannot_change_the_python_environment_in_its_workspace(
+    start_path, launch, notebook_dir: Path, monkeypatch
+):
+    """A project directory that holds its own Python environment, as when ``jupyter lab``
+    runs in a project with a virtualenv inside: the workspace is writable, the environment
+    in it is not, however the kernel got its sandbox. A ``.pth`` file planted there runs in
+    the host's next Python (found in pooled sandboxes: the workspace, bound after the
+    member was made, covered the environment's read-only bind). The environment here is
+    the kernelspec's PYTHONPATH, one of the kernel's Python directories all the same."""
+    from sandbox_provisioner import kernelspecs
+
+    lib = notebook_dir / "env" / "site-packages"
+    (lib / "pkg").mkdir(parents=True)
+    (lib / "pkg" / "__init__.py").write_text("X = 1\n")
+    plain = kernelspecs.spec_for_runtime
+
+    def with_pythonpath(name: str, **config: Any) -> Any:
+        spec = plain(name, **config)
+        spec.env = {**spec.env, "PYTHONPATH": str(lib)}
+        return spec
+
+    monkeypatch.setattr(kernelspecs, "spec_for_runtime", with_pythonpath)
+    kernel = await launch(start_path)
+    if start_path.endswith("-pooled"):  # a pool's member, handed the kernel's mount plan
+        reply = await kernel.kc.kernel_info(reply=True, timeout=30)
+        assert f"{runtime_name(start_path)}, pooled (" in reply["content"]["banner"]
+    await define(kernel, f"""
+import os
+def attempt(action):
+    try:
+        action()
+        return 'done'
+    except OSError as exc:
+        return type(exc).__name__
+LIB = {str(lib)!r}
+outcomes = {{
+    'new .pth': attempt(lambda: open(os.path.join(LIB, 'planted.pth'), 'w').write('x')),
+    'changed module': attempt(lambda: open(os.path.join(LIB, 'pkg', '__init__.py'), 'a')),
+    'new module': attempt(lambda: open(os.path.join(LIB, 'pkg', 'new.py'), 'w').write('x')),
+}}
+import pkg
+allowed = attempt(lambda: open('result.csv', 'w').write('1'))
+""")
+    assert await kernel.value("pkg.X") == 1  # the environment is the kernel's own
+    outcomes = await kernel.value("outcomes")
+    assert len(outcomes) == 3 and not [what for what, r in outcomes.items() if r == "done"]
+    assert await kernel.value("allowed") == "done"
+    assert sorted(p.name for p in lib.rglob("*") if "__pycache__" not in p.parts) == [
+        "__init__.py", "pkg"]  # fmt: skip
+    assert (lib / "pkg" / "__init__.py").read_text() == "X = 1\n"
+    assert (notebook_dir / "result.csv").exists()
+
+
 # -- 5. the lesser findings ------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["bubblewrap", "bubblewrap-pooled"])
 async def test_personality_and_kcmp_are_refused(path, launch):

@@ -89,6 +89,29 @@ def test_mount_plan(tmp_path: Path):
     assert not any(m.target.startswith("/etc/shadow") for m in mounts)
 
 
+def test_a_pooled_kernels_plan_binds_again_what_its_workspace_covers(tmp_path: Path):
+    """A member booted with the kernel's Python environment read-only; the kernel's
+    workspace holds it. Bound over it, the workspace would make it writable: the plan
+    binds it again after, and leaves alone what the workspace does not cover."""
+    from sandbox_provisioner.pool import STAGE_RO_TARGET, stage_plan
+    from sandbox_provisioner.spec import Mount
+
+    workspace, other = tmp_path / "project", tmp_path / "other"
+    env = workspace / ".venv"
+    for d in (env, other):
+        d.mkdir(parents=True)
+    member = [Mount("/usr", source="/usr"), Mount(str(env), source=str(env)),
+              Mount(str(other), source=str(other))]  # fmt: skip
+    kernel = [Mount("/usr", source="/usr"), Mount(str(workspace), source=str(workspace),
+              writable=True), Mount(str(env), source=str(env)),
+              Mount(str(other), source=str(other))]  # fmt: skip
+    plan = stage_plan(kernel, member, str(tmp_path), check_inodes=False)
+    assert plan is not None
+    assert [(step["target"], step["writable"]) for step in plan] == [
+        (str(workspace), True), (str(env), False)]  # fmt: skip
+    assert plan[1]["source"] == f"{STAGE_RO_TARGET}/project/.venv"
+
+
 def test_scratch_workspace_plan(tmp_path: Path):
     mounts = filesystem.build_mounts(
         python_paths=[], workspace=None, workspace_writable=True, scratch_dir=str(tmp_path),
