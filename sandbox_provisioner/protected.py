@@ -28,7 +28,6 @@ from __future__ import annotations
 import glob
 import os
 import pwd
-import stat
 import time
 from collections.abc import Iterable
 
@@ -73,9 +72,18 @@ def mounts(
         found += _home_top_level(home, binds, writable)
         hidden.append(os.path.join(home, ".*"))
     found += _hidden(binds, hidden, python_binds)
-    found += [m for d in readonly_dirs for m in _read_only(d, writable)]
-    hidden_targets = {m.target for m in found if m.kind is not MountKind.BIND}
-    found += _repositories(writable, set(repository_names), hidden_targets, log)
+    read_only = [m for d in readonly_dirs for m in _read_only(d, writable)]
+    found += read_only
+    # The walk for repositories enters neither what is hidden nor what is read-only
+    # already, with nothing writable mounted inside it (a project's own virtualenv is
+    # most of many workspaces): a repository there needs no mount of its own.
+    writable_targets = [m.target for m in [*binds, *found] if m.writable]
+    settled = {
+        t for t in [*python_binds, *(m.target for m in read_only)]
+        if not any(is_within(w, t) for w in writable_targets)
+    }  # fmt: skip
+    unwalked = {m.target for m in found if m.kind is not MountKind.BIND} | settled
+    found += _repositories(writable, set(repository_names), unwalked, log)
     return found
 
 
@@ -140,6 +148,10 @@ def _hidden(binds: list[Mount], patterns: list[str], python_binds: list[str]) ->
     return hidden
 
 
+#: What a bare git repository's directory holds (see :func:`_is_bare_repository`).
+_BARE = frozenset({"HEAD", "objects", "refs"})
+
+
 def _is_bare_repository(path: str) -> bool:
     return (
         os.path.isfile(os.path.join(path, "HEAD"))
@@ -149,31 +161,48 @@ def _is_bare_repository(path: str) -> bool:
 
 
 def _repositories(
-    writable: list[Mount], names: set[str], hidden: set[str], log: object
+    writable: list[Mount], names: set[str], unwalked: set[str], log: object
 ) -> list[Mount]:
-    """Every existing repository (by name, or a bare git one) at any depth, read-only."""
+    """Every existing repository (by name, or a bare git one) at any depth, read-only.
+
+    This walk runs at every kernel start and grows with the workspace, so it reads each
+    directory once (``scandir``) and asks nothing more of an entry than its listing
+    says, but for a candidate repository: a directory holding HEAD, objects and refs, a
+    regular file by a repository's name. Symbolic links are not followed (a link by a
+    repository's name to a directory is protected where it points); the directories
+    shown at the ``unwalked`` targets are not entered.
+    """
     found: list[Mount] = []
     for bind in writable:
         assert bind.source is not None
         started = time.monotonic()
         seen = 0
-        for top, dirs, files in os.walk(bind.source):
-            seen += len(dirs) + len(files)
-            if _is_bare_repository(top) and top != bind.source:
-                found.append(Mount(_target(bind, top), source=top))
-                dirs.clear()
+        skip = {bind.source + t[len(bind.target) :] for t in unwalked if is_within(t, bind.target)}
+        pending = [bind.source]
+        while pending:
+            top = pending.pop()
+            try:
+                with os.scandir(top) as listing:
+                    entries = list(listing)
+            except OSError:
                 continue
-            for name in names.intersection(files):
-                path = os.path.join(top, name)
-                if stat.S_ISREG(os.lstat(path).st_mode):
-                    found.append(Mount(_target(bind, path), source=path))
-            for name in list(dirs):
-                path = os.path.join(top, name)
-                if name in names:
-                    found.append(Mount(_target(bind, path), source=path))
-                    dirs.remove(name)
-                elif _target(bind, path) in hidden or os.path.islink(path):
-                    dirs.remove(name)
+            seen += len(entries)
+            if (top != bind.source and _BARE.issubset(e.name for e in entries)
+                    and _is_bare_repository(top)):  # fmt: skip
+                found.append(Mount(_target(bind, top), source=top))
+                continue
+            below = []
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()  # through a link, as git would
+                    if entry.name in names:
+                        if is_dir or entry.is_file(follow_symlinks=False):
+                            found.append(Mount(_target(bind, entry.path), source=entry.path))
+                    elif is_dir and not entry.is_symlink() and entry.path not in skip:
+                        below.append(entry.path)
+                except OSError:
+                    continue
+            pending += reversed(below)  # depth first, in listing order
         took = time.monotonic() - started
         if took > SLOW_WALK and log is not None:
             log.warning(  # type: ignore[attr-defined]

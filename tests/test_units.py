@@ -112,6 +112,40 @@ def test_a_pooled_kernels_plan_binds_again_what_its_workspace_covers(tmp_path: P
     assert plan[1]["source"] == f"{STAGE_RO_TARGET}/project/.venv"
 
 
+def test_the_plan_protects_every_repository_in_the_workspace(tmp_path: Path):
+    """Repositories at any depth, of every shape, are read-only; the walk that finds
+    them follows no link out, and enters neither a hidden directory nor the Python
+    environment in the workspace (read-only as a whole already)."""
+    ws = tmp_path / "ws"
+    for d in ("a/b/c/.git/hooks", "a/.hg", "deep/x/y/bare/objects", "deep/x/y/bare/refs",
+              "notbare/objects", "notbare/refs", "secret/.git", "linked/.git",
+              ".venv/lib/pkg/.git", "dotgit-file"):  # fmt: skip
+        (ws / d).mkdir(parents=True)
+    (ws / "deep/x/y/bare/HEAD").write_text("ref: refs/heads/main\n")
+    (ws / "dotgit-file/.git").write_text("gitdir: ../a/b/c/.git\n")
+    (ws / "link-to-dir").mkdir()
+    (ws / "link-to-dir/.git").symlink_to(ws / "linked/.git")
+    (ws / "link-to-file").mkdir()
+    (ws / "link-to-file/.git").symlink_to(ws / "dotgit-file/.git")
+    (tmp_path / "outside/.git").mkdir(parents=True)
+    (ws / "link-out").symlink_to(tmp_path / "outside")
+    mounts = filesystem.build_mounts(
+        python_paths=[str(ws / ".venv")], workspace=str(ws), workspace_writable=True,
+        scratch_dir=None, ipc_dir=None, connection_file=None, etc_mounts=[],
+        hidden_paths=(str(ws / "secret"),),
+    )  # fmt: skip
+    by_target = {m.target: m for m in mounts}
+    repositories = {"a/b/c/.git", "a/.hg", "deep/x/y/bare", "dotgit-file/.git",
+                    "link-to-dir/.git", "linked/.git"}  # fmt: skip
+    for rel in repositories:
+        m = by_target[str(ws / rel)]
+        assert m.kind is MountKind.BIND and not m.writable and m.source == str(ws / rel), rel
+    inside = {m.target[len(str(ws)) + 1 :] for m in mounts if m.target.startswith(f"{ws}/")}
+    assert inside == repositories | {".venv", "secret"}, inside
+    assert by_target[str(ws / "secret")].kind is MountKind.TMPFS
+    assert not by_target[str(ws / ".venv")].writable
+
+
 def test_scratch_workspace_plan(tmp_path: Path):
     mounts = filesystem.build_mounts(
         python_paths=[], workspace=None, workspace_writable=True, scratch_dir=str(tmp_path),
