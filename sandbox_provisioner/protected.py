@@ -169,7 +169,7 @@ def _repositories(
     directory once (``scandir``) and asks nothing more of an entry than its listing
     says, but for a candidate repository: a directory holding HEAD, objects and refs, a
     regular file by a repository's name. Symbolic links are not followed (a link by a
-    repository's name to a directory is protected where it points); the directories
+    repository's name to a directory is protected where it leads); the directories
     shown at the ``unwalked`` targets are not entered.
     """
     found: list[Mount] = []
@@ -195,7 +195,14 @@ def _repositories(
             for entry in entries:
                 try:
                     is_dir = entry.is_dir()  # through a link, as git would
-                    if entry.name in names:
+                    if entry.name in names and entry.is_symlink():
+                        # A link to the repository (``repo``'s layout): the directory it
+                        # leads to, where the workspace shows it (a bind through a link
+                        # is refused); elsewhere the kernel does not see it.
+                        real = os.path.realpath(entry.path)
+                        if is_dir and is_within(real, bind.source):
+                            found.append(Mount(_target(bind, real), source=real))
+                    elif entry.name in names:
                         if is_dir or entry.is_file(follow_symlinks=False):
                             found.append(Mount(_target(bind, entry.path), source=entry.path))
                     elif is_dir and not entry.is_symlink() and entry.path not in skip:

@@ -327,6 +327,7 @@ outcomes = {
     'new top-level file': attempt(0, write('out.csv')),
     'nested repository hook': attempt(0, write('proj/.git/hooks/pre-commit')),
     'bare repository config': attempt(0, write('bare.git/config')),
+    'linked repository hook': attempt(0, write('tool/proj/.git/hooks/pre-commit')),
 }
 # Jupyter's directories are hidden behind an empty, private tmpfs: writes land there.
 attempt(0, lambda: (os.makedirs(JCFG, exist_ok=True), write(JCFG + '/jupyter_server_config.py')()))
@@ -347,6 +348,10 @@ async def test_a_kernel_in_a_home_cannot_plant_what_the_host_runs(
         (home / d).mkdir(parents=True)
     (home / "bare.git" / "HEAD").write_text("ref: refs/heads/main\n")
     (home / "bare.git" / "config").write_text("[core]\n\tbare = true\n")
+    # A checkout whose .git is a link to its repository (the ``repo`` tool's layout).
+    (home / "tool" / "gitdirs" / "proj" / "hooks").mkdir(parents=True)
+    (home / "tool" / "proj").mkdir()
+    (home / "tool" / "proj" / ".git").symlink_to("../gitdirs/proj")
     (home / "dotfiles" / "bashrc").write_text("echo hi\n")
     (home / ".bashrc").symlink_to("dotfiles/bashrc")
     (tmp_path / "profile").write_text("echo profile\n")
@@ -370,6 +375,7 @@ async def test_a_kernel_in_a_home_cannot_plant_what_the_host_runs(
     assert not planted & {p.name for p in home.iterdir()}
     assert (home / ".bashrc").is_symlink() and (home / ".profile").is_symlink()
     assert not (home / "proj" / ".git" / "hooks" / "pre-commit").exists()
+    assert not (home / "tool" / "gitdirs" / "proj" / "hooks" / "pre-commit").exists()
     assert not list(home.glob(".jupyter/*")) and not list(jcfg.glob("*"))
     after = {p: p.read_bytes() for p in before}
     changed = {p.relative_to(home).as_posix() for p in before if before[p] != after[p]}

@@ -125,6 +125,9 @@ def test_the_plan_protects_every_repository_in_the_workspace(tmp_path: Path):
     (ws / "dotgit-file/.git").write_text("gitdir: ../a/b/c/.git\n")
     (ws / "link-to-dir").mkdir()
     (ws / "link-to-dir/.git").symlink_to(ws / "linked/.git")
+    (ws / "gitdirs/proj").mkdir(parents=True)  # as the ``repo`` tool lays them out
+    (ws / "checkout").mkdir()
+    (ws / "checkout/.git").symlink_to("../gitdirs/proj")
     (ws / "link-to-file").mkdir()
     (ws / "link-to-file/.git").symlink_to(ws / "dotgit-file/.git")
     (tmp_path / "outside/.git").mkdir(parents=True)
@@ -135,8 +138,9 @@ def test_the_plan_protects_every_repository_in_the_workspace(tmp_path: Path):
         hidden_paths=(str(ws / "secret"),),
     )  # fmt: skip
     by_target = {m.target: m for m in mounts}
+    # A link is protected where it leads (a bind through a link would be refused).
     repositories = {"a/b/c/.git", "a/.hg", "deep/x/y/bare", "dotgit-file/.git",
-                    "link-to-dir/.git", "linked/.git"}  # fmt: skip
+                    "linked/.git", "gitdirs/proj"}  # fmt: skip
     for rel in repositories:
         m = by_target[str(ws / rel)]
         assert m.kind is MountKind.BIND and not m.writable and m.source == str(ws / rel), rel
