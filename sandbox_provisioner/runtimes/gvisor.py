@@ -38,7 +38,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, List, Unicode
+from traitlets import Bool, CaselessStrEnum, Integer, List, Unicode
 
 from ..identity import resolve
 from ..limits import OomWatch, cgroup_relpath, cgroups_available, end_cgroup_dirs
@@ -218,6 +218,15 @@ class GVisorRuntime(SandboxRuntime):
         "by the server (the OOM killer alone would wedge it). ptrace: slower, works on every "
         "build. kvm needs a real /dev/kvm (it hangs on paravirtual KVM).",
     )
+    malloc_top_pad = Integer(
+        16 << 20, min=0, config=True,
+        help="Bytes glibc's malloc adds to each growth of a sandboxed process's heap "
+        "(GLIBC_TUNABLES=glibc.malloc.top_pad): every growth is a system call, which "
+        "gVisor makes costly (a cold kernel starts about 0.1 s sooner with 16 MiB). "
+        "Untouched, the pad costs no memory; freed memory up to it stays with the "
+        "process. 0: glibc's default (128 KiB). A GLIBC_TUNABLES of the kernel's own "
+        "environment is kept as it is.",
+    )  # fmt: skip
     extra_flags = List(Unicode(), config=True, help="More global runsc flags, for experts.")
     allow_untested_runsc = Bool(
         False, config=True,
@@ -286,6 +295,12 @@ class GVisorRuntime(SandboxRuntime):
             return self.platform
         return "systrap" if self._release() >= _SYSTRAP_FROM else "ptrace"
 
+    def _tuning(self) -> dict[str, str]:
+        """Environment that makes gVisor's costly system calls fewer (see malloc_top_pad)."""
+        if not self.malloc_top_pad:
+            return {}
+        return {"GLIBC_TUNABLES": f"glibc.malloc.top_pad={self.malloc_top_pad}"}
+
     # -- the OCI bundle ----------------------------------------------------------------------
     def bundle(self, spec: SandboxSpec, bundle_dir: Path, cgroups: bool) -> dict[str, Any]:
         rootfs = bundle_dir / "rootfs"
@@ -350,7 +365,7 @@ class GVisorRuntime(SandboxRuntime):
                 "terminal": False,
                 "user": user,
                 "args": args,
-                "env": [f"{k}={v}" for k, v in spec.env.items()],
+                "env": [f"{k}={v}" for k, v in {**self._tuning(), **spec.env}.items()],
                 "cwd": spec.cwd,
                 "capabilities": capabilities,
                 "noNewPrivileges": True,
