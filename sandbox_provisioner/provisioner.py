@@ -59,6 +59,7 @@ from .runtimes import (
     SandboxRuntime,
     banner_arguments,
     create_runtime,
+    history_arguments,
     known_names,
     runtime_classes,
 )
@@ -324,7 +325,8 @@ class SandboxProvisioner(  # type: ignore[misc]
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=extra_arguments)
         banner = banner_arguments(cmd, f"{runtime.name} (cold start)")
-        return await super().pre_launch(cmd=cmd + banner, **kwargs)
+        history = history_arguments(cmd, self._kernel_env(kwargs.get("env", {}), cmd))
+        return await super().pre_launch(cmd=cmd + banner + history, **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         if self._sandbox is not None:  # kept by cleanup(restart=True)

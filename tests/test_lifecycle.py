@@ -34,6 +34,33 @@ async def test_banner_names_the_sandbox(runtime, start_kernel):
     assert expected in reply["content"]["banner"]
 
 
+async def test_history_is_kept_for_the_session_in_memory(runtime, start_kernel):
+    """The kernel's IPython directory is the sandbox's private /tmp, thrown away with it:
+    the history is the session's as always, and no database is written to be discarded."""
+    kernel = await start_kernel(runtime)
+    for code in ("a = 6", "b = a * 7"):  # as a notebook's cells run: into the history
+        reply = await kernel.kc.execute_interactive(code, timeout=30, store_history=True)
+        assert reply["content"]["status"] == "ok"
+    assert await kernel.value("get_ipython().history_manager.hist_file") == ":memory:"
+    inputs = await kernel.value("[line for _, _, line in get_ipython().history_manager"
+                                ".get_range(output=False)]")  # fmt: skip
+    assert inputs[:2] == ["a = 6", "b = a * 7"], inputs
+    assert await kernel.value("os.path.exists(os.path.expanduser('~/.ipython/profile_default"
+                              "/history.sqlite'))") is False  # fmt: skip
+
+
+async def test_an_ipython_directory_of_the_kernels_own_keeps_its_history_file(start_kernel):
+    """One the kernel is given (IPYTHONDIR, allowed through) may be meant to last: its
+    history database is written as IPython would."""
+    from sandbox_provisioner.provisioner import DEFAULT_ENV_ALLOWLIST
+
+    kernel = await start_kernel("bubblewrap", env={"IPYTHONDIR": "/tmp/own-ipython"},
+                                env_allowlist=[*DEFAULT_ENV_ALLOWLIST, "IPYTHONDIR"])  # fmt: skip
+    hist = "/tmp/own-ipython/profile_default/history.sqlite"
+    assert await kernel.value("str(get_ipython().history_manager.hist_file)") == hist
+    assert await kernel.value(f"os.path.exists({hist!r})") is True
+
+
 async def test_interrupt_reaches_kernel(runtime, start_kernel):
     kernel = await start_kernel(runtime)
     msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")

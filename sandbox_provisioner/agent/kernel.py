@@ -36,6 +36,9 @@ KERNEL_MODULES = ("ipykernel.kernelapp",)
 #: The argument that sets a kernel's banner (which says how it started); a prepared
 #: kernel takes it with its go.
 BANNER_ARG = "--InteractiveShell.banner2="
+#: The argument that keeps a kernel's history in memory (its IPython directory is the
+#: sandbox's private /tmp: see :func:`sandbox_provisioner.runtimes.history_arguments`).
+HISTORY_ARG = "--HistoryManager.hist_file=:memory:"
 #: Variables a kernel reads while it initializes (configuration, its parent, plotting):
 #: a prepared kernel serves a start only if these are the same for it. The rest, such
 #: as JupyterLab's JPY_SESSION_NAME or a locale, are applied with the go.
@@ -94,7 +97,9 @@ def learn_kernel_imports(timeout: float = 120.0) -> int:
             from ipykernel.kernelapp import IPKernelApp
 
             with open(launch.log_path, "w") as log_file, contextlib.redirect_stdout(log_file):
-                IPKernelApp.instance().initialize(["-f", launch.connection_file, "--quiet"])
+                # A throwaway: no history database to write.
+                IPKernelApp.instance().initialize(["-f", launch.connection_file, "--quiet",
+                                                   HISTORY_ARG])  # fmt: skip
             new = [m for m in sys.modules if m not in before]
             os.write(ready_w, json.dumps(new).encode())
             code = 0

@@ -11,7 +11,14 @@ import functools
 from importlib.metadata import entry_points
 from typing import Any
 
-from .base import Availability, RuntimeUnavailable, Sandbox, SandboxRuntime, banner_arguments
+from .base import (
+    Availability,
+    RuntimeUnavailable,
+    Sandbox,
+    SandboxRuntime,
+    banner_arguments,
+    history_arguments,
+)
 
 ENTRY_POINT_GROUP = "sandbox_provisioner.runtimes"
 AUTO = "auto"
@@ -24,6 +31,7 @@ __all__ = [
     "SandboxRuntime",
     "banner_arguments",
     "create_runtime",
+    "history_arguments",
     "runtime_classes",
 ]
 

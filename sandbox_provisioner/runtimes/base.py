@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from traitlets.config import LoggingConfigurable
 
-from ..agent.kernel import BANNER_ARG
+from ..agent.kernel import BANNER_ARG, HISTORY_ARG
 from ..errors import SandboxError
 from ..spec import SandboxSpec
 
@@ -46,11 +46,23 @@ class _Meta(abc.ABCMeta, type(LoggingConfigurable)):  # type: ignore[misc]
     """ABCs and traitlets together, as jupyter_client's provisioner base does."""
 
 
+def _ipykernel(cmd: list[str]) -> bool:
+    return any("ipykernel" in part for part in cmd)
+
+
 def banner_arguments(cmd: list[str], label: str) -> list[str]:
     """For IPython kernels: ipykernel arguments that name the sandbox in the banner."""
-    if not any("ipykernel" in part for part in cmd):
+    return [f"{BANNER_ARG}Sandboxed kernel: {label}\n"] if _ipykernel(cmd) else []
+
+
+def history_arguments(cmd: list[str], env: dict[str, str]) -> list[str]:
+    """For an IPython kernel whose IPython directory is in the sandbox's private ``/tmp``
+    (HOME=/tmp and no IPYTHONDIR): its history in memory. The session's history is the
+    same; only the database file, which the sandbox's end throws away, is not written
+    (in gVisor, where file system calls are costly, about 0.07 s of a cold start)."""
+    if not _ipykernel(cmd) or env.get("HOME") != "/tmp" or "IPYTHONDIR" in env:
         return []
-    return [f"{BANNER_ARG}Sandboxed kernel: {label}\n"]
+    return [HISTORY_ARG]
 
 
 class Sandbox(abc.ABC):
