@@ -353,8 +353,10 @@ class SandboxProvisioner(  # type: ignore[misc]
                 os.unlink(path)
         runtime = self.runtime_instance
         restore = getattr(runtime, "restore", None) if self.snapshot_templates else None
-        spec = self._sandbox_spec(cmd, kwargs.get("env", {}), kwargs.get("cwd"),
-                                  ctl=restore is not None)  # fmt: skip
+        # Off the event loop: the plan walks the workspace (see protected._repositories),
+        # and a large one would hold up every other kernel and client of the server.
+        spec = await asyncio.to_thread(self._sandbox_spec, cmd, kwargs.get("env", {}),
+                                       kwargs.get("cwd"), ctl=restore is not None)  # fmt: skip
         template = self._template(spec, cmd) if restore is not None else None
         how = "from a template" if template else "cold"
         self.log.info("Starting kernel %s in a %s sandbox (%s, workspace %s)", self.kernel_id,

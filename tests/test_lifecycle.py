@@ -61,6 +61,30 @@ async def test_an_ipython_directory_of_the_kernels_own_keeps_its_history_file(st
     assert await kernel.value(f"os.path.exists({hist!r})") is True
 
 
+async def test_the_workspace_is_walked_off_the_event_loop(
+    runtime, start_kernel, notebook_dir: Path, monkeypatch
+):
+    """A kernel's start walks its workspace for repositories to protect, which takes as
+    long as the workspace is large: not on the server's event loop, which every other
+    kernel and client of the server shares."""
+    import threading
+
+    from sandbox_provisioner import protected
+
+    walked_in: list[threading.Thread] = []
+    walk = protected._repositories
+
+    def recording(writable, *args):
+        if any(b.source == str(notebook_dir) for b in writable):
+            walked_in.append(threading.current_thread())
+        return walk(writable, *args)
+
+    monkeypatch.setattr(protected, "_repositories", recording)
+    kernel = await start_kernel(runtime)
+    assert (await kernel.run("1")).ok
+    assert walked_in and threading.main_thread() not in walked_in, walked_in
+
+
 async def test_interrupt_reaches_kernel(runtime, start_kernel):
     kernel = await start_kernel(runtime)
     msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -143,8 +144,10 @@ class PooledLaunch:
         workspace, writable, kernel_cwd = self._workspace(cwd)
         self._workspace_host = workspace
         scratch = member.slot / "scratch" if workspace is None else None
-        mounts = self._mounts(cmd, kernel_env, workspace, writable, scratch, member.slot,
-                              self._inside_uid())
+        mounts = await asyncio.to_thread(  # off the event loop, as a cold start's plan
+            self._mounts, cmd, kernel_env, workspace, writable, scratch, member.slot,
+            self._inside_uid(),
+        )  # fmt: skip
         plan = pool.stage_plan(list(mounts), list(member.inherited), self._pool_root(),
                                self.runtime_instance.host_inodes)  # fmt: skip
         assert plan is not None, "_poolable checked that the workspace is on the stage"
