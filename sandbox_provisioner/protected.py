@@ -195,18 +195,18 @@ def _repositories(
             for entry in entries:
                 try:
                     is_dir = entry.is_dir()  # through a link, as git would
-                    if entry.name in names and entry.is_symlink():
+                    if entry.name not in names:
+                        if is_dir and not entry.is_symlink() and entry.path not in skip:
+                            below.append(entry.path)
+                    elif entry.is_symlink():
                         # A link to the repository (``repo``'s layout): the directory it
                         # leads to, where the workspace shows it (a bind through a link
                         # is refused); elsewhere the kernel does not see it.
                         real = os.path.realpath(entry.path)
                         if is_dir and is_within(real, bind.source):
                             found.append(Mount(_target(bind, real), source=real))
-                    elif entry.name in names:
-                        if is_dir or entry.is_file(follow_symlinks=False):
-                            found.append(Mount(_target(bind, entry.path), source=entry.path))
-                    elif is_dir and not entry.is_symlink() and entry.path not in skip:
-                        below.append(entry.path)
+                    elif is_dir or entry.is_file(follow_symlinks=False):
+                        found.append(Mount(_target(bind, entry.path), source=entry.path))
                 except OSError:
                     continue
             pending += reversed(below)  # depth first, in listing order
