@@ -273,10 +273,8 @@ def sweep_cgroups(older_than: float = STALE_CGROUP_AGE, prefix: str = "") -> lis
     ``prefix`` limits the sweep to groups whose name starts with it.
     """
     removed: list[str] = []
-    if not CGROUP_ROOT.is_dir():
-        return removed
     now = time.time()
-    for root in CGROUP_ROOT.iterdir():
+    for root in _hierarchies():
         parent = root / CGROUP_PARENT
         if not parent.is_dir():
             continue
