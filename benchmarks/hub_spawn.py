@@ -170,7 +170,6 @@ async def bench_kubernetes(root: Path, users: int) -> int:
                              extra_config=KUBE_ANCHOR_CONFIG if mode == ANCHOR else "",
                              env={"KUBECONFIG": str(cluster.kubeconfig), "POD_NAMESPACE": ns,
                                   "JUPYTER_SANDBOX_LEASE_NAMESPACE": "default"})  # fmt: skip
-            hubs[mode].env["JUPYTER_SANDBOX_PROXY_URL"] = hubs[mode].url
             hubs[mode].start()
         options = {SANDBOX: {"profile": "plain"}, ANCHOR: None}
         tokens, spawn, resume = {}, {m: [] for m in hubs}, {m: [] for m in hubs}

@@ -68,7 +68,7 @@ c.JupyterHub.services = [{
     "name": "sandbox-service",
     "url": f"http://127.0.0.1:{service_port}",
     "command": [sys.executable, "-m", "sandbox_spawner.service",
-                f"--proxy-url={c.JupyterHub.bind_url}", f"--timeout={hibernate_after}",
+                "--hibernate", f"--timeout={hibernate_after}",
                 "--binder-links", f"--binder-cache={binder_cache}",
                 "--binder-allowed-hosts=github.com,gitlab.com,gist.github.com",
                 "--binder-per-repo-limit=20", *(["--binder-anonymous"] if anonymous else [])],

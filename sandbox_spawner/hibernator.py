@@ -3,9 +3,10 @@
 jupyterhub-idle-culler goes by the Hub's record of activity, which a kernel
 running a long computation with no browser attached does not update: it culls
 the busy kernel with its server (idle-culler #10, JupyterHub #1498). The
-hibernator asks each server itself, through the proxy with its own token
-(``?no_track_activity=1``, so that asking is not activity). A server is idle
-when
+hibernator asks each server itself (:mod:`.activity`): at the server's own address,
+with a key valid for that one question of that one server, never a credential of
+the Hub's or the service's (a server is user code, and can log what it is sent). A
+server is idle when
 
 * none of its kernels is busy (or starting),
 * no terminal is open,
@@ -17,7 +18,9 @@ spawners is hibernation, not loss: LocalSandboxSpawner and SandboxSpawner keep
 the user's home (and the API token, ``will_resume``); the Hub starts the server again on the
 user's next visit. Users, groups and profiles can be exempt; ``max_age``
 hibernates even a server in use (never one with a busy kernel); ``dry_run``
-only logs. A server that cannot be asked is left alone (and logged).
+only logs. A server that cannot be asked, or answers what is no report, is left
+alone (and logged). Servers are asked a few at a time, each with a short timeout,
+so no server's answer (or silence) holds up the sweep.
 
 It runs in the Hub service :mod:`sandbox_spawner.service`, which gives it its
 options, its Hub API token and its metrics.
@@ -38,8 +41,11 @@ from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from .activity import HEADER, MAX_REPORT, BadReport, Report, parse_report
+
 log = logging.getLogger("jupyter-sandbox-hibernator")
-_BUSY = {"busy", "starting"}
+#: Servers asked at once, and the seconds each has to answer.
+CONCURRENCY, ASK_TIMEOUT = 8, 10.0
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
@@ -54,11 +60,14 @@ class Verdict:
     reason: str
 
 
+class NotAsked(RuntimeError):
+    """The server cannot be asked (it was started without a key, or answers no report)."""
+
+
 @dataclass
 class Hibernator:
     api_url: str
     api_token: str
-    proxy_url: str
     timeout: float = 3600
     #: Seconds after which a server hibernates even if in use (0: never); a busy kernel
     #: still keeps it.
@@ -76,12 +85,14 @@ class Hibernator:
     temporary_timeout: float = 600
     metrics: Any = None
     _starts_seen: set[tuple[str, str, str]] = field(default_factory=set)
+    _client: Any = None
 
-    # -- the Hub ------------------------------------------------------------------------------
+    # -- the Hub (the service's token goes there, and only there) -------------------------
     async def _fetch(self, url: str, method: str = "GET") -> Any:
+        assert url.startswith(self.api_url + "/"), url  # the token is the Hub's business
         response = await AsyncHTTPClient().fetch(HTTPRequest(
             url, method=method, headers={"Authorization": f"token {self.api_token}"},
-            request_timeout=30, allow_nonstandard_methods=True,
+            request_timeout=30, allow_nonstandard_methods=True, follow_redirects=False,
         ))  # fmt: skip
         return json.loads(response.body) if response.body else None
 
@@ -94,7 +105,7 @@ class Hibernator:
                 f"{self.api_url}/users?include_stopped_servers=1&offset={offset}&limit=200",
                 headers={"Authorization": f"token {self.api_token}",
                          "Accept": "application/jupyterhub-pagination+json"},
-                request_timeout=30,
+                request_timeout=30, follow_redirects=False,
             ))  # fmt: skip
             body = json.loads(page.body)
             items = body["items"] if isinstance(body, dict) else body
@@ -104,32 +115,43 @@ class Hibernator:
                 return found
             offset = nxt["offset"]
 
-    # -- one server -------------------------------------------------------------------------
+    # -- one server (user code: a key for one question, and nothing else) ----------------
+    async def ask(self, server: dict[str, Any]) -> Report:
+        """What ``server`` (the Hub's model, with its spawner's state) says of itself."""
+        where = (server.get("state") or {}).get("activity") or {}
+        url, key = where.get("url"), where.get("key")
+        if not (isinstance(url, str) and isinstance(key, str) and url.startswith("http")):
+            raise NotAsked("it was started without an activity key (before this version "
+                           "of the spawner?): it hibernates once restarted")  # fmt: skip
+        if self._client is None:  # answers are small: a bigger one is refused, not read
+            self._client = AsyncHTTPClient(force_instance=True, max_body_size=MAX_REPORT,
+                                           max_header_size=MAX_REPORT * 4)  # fmt: skip
+        try:
+            response = await self._client.fetch(HTTPRequest(
+                url, headers={HEADER: key}, request_timeout=ASK_TIMEOUT,
+                connect_timeout=ASK_TIMEOUT, follow_redirects=False, decompress_response=False,
+            ))  # fmt: skip
+        except HTTPClientError as exc:
+            if exc.code == 404:
+                raise NotAsked("it answered 404: is sandbox_spawner.activity loaded in the "
+                               "server (its image has this project)?") from None
+            raise NotAsked(str(exc) if exc.code == 599 else f"it answered {exc.code}") from None
+        try:
+            return parse_report(response.body)
+        except BadReport as exc:
+            raise NotAsked(f"it answered no report: {exc}") from None
+
     async def verdict(self, server: dict[str, Any], now: datetime.datetime,
                       timeout: float | None = None) -> Verdict:  # fmt: skip
         """Whether ``server`` (the Hub's server model) is idle, and why (not)."""
         timeout = self.timeout if timeout is None else timeout
-        base = self.proxy_url.rstrip("/") + server["url"]
-
-        async def get(path: str) -> Any:
-            return await self._fetch(f"{base}api/{path}?no_track_activity=1")
-
-        status = await get("status")
-        kernels = await get("kernels")
-        try:
-            terminals = await get("terminals")
-        except HTTPClientError as exc:
-            if exc.code != 404:  # terminals disabled
-                raise
-            terminals = []
-        busy = [k for k in kernels if k.get("execution_state") in _BUSY]
-        if busy:
-            return Verdict(False, f"{len(busy)} kernel(s) busy")
-        if terminals:
-            return Verdict(False, f"{len(terminals)} terminal(s) open")
-        times = [parse_time(k.get("last_activity")) for k in kernels]
-        times += [parse_time(status.get("last_activity")), parse_time(server.get("last_activity")),
-                  parse_time(server.get("started"))]  # fmt: skip
+        report = await self.ask(server)
+        if report.busy_kernels:
+            return Verdict(False, f"{report.busy_kernels} kernel(s) busy")
+        if report.terminals:
+            return Verdict(False, f"{report.terminals} terminal(s) open")
+        times = [report.last_activity, parse_time(server.get("last_activity")),
+                 parse_time(server.get("started"))]  # fmt: skip
         last = max((t for t in times if t is not None), default=None)
         if last is None:
             return Verdict(False, "no activity recorded yet")
@@ -154,9 +176,9 @@ class Hibernator:
     async def sweep(self) -> list[str]:
         """Check every ready server once; stop the idle ones. The servers stopped."""
         now = datetime.datetime.now(datetime.UTC)
-        stopped: list[str] = []
         users = await self.users()
         self._observe(users)
+        checks = []
         for user in users:
             temporary = self._temporary(user)
             if temporary and await self._delete_if_done(user, now):
@@ -166,30 +188,42 @@ class Hibernator:
                     continue
                 if self.exempt(user, server):
                     continue
-                label = f"{user['name']}/{name}" if name else user["name"]
-                try:
-                    timeout = self.temporary_timeout if temporary else None
-                    verdict = await self.verdict(server, now, timeout)
-                except Exception as exc:  # unreachable, or an error: never stop on doubt
-                    log.warning("cannot tell whether %s is idle: %s", label, exc)
-                    self._count("errors")
-                    continue
-                self._count("checks")
-                if not verdict.idle:
-                    log.debug("%s stays: %s", label, verdict.reason)
-                    continue
-                if self.dry_run:
-                    log.info("would hibernate %s (dry run): %s", label, verdict.reason)
-                    stopped.append(label)
-                    continue
-                log.info("hibernating %s: %s", label, verdict.reason)
-                path = f"/users/{quote(user['name'])}/server"
-                if name:
-                    path = f"/users/{quote(user['name'])}/servers/{quote(name)}"
-                await self._fetch(self.api_url + path, method="DELETE")
-                self._count("hibernations")
-                stopped.append(label)
-        return stopped
+                timeout = self.temporary_timeout if temporary else None
+                checks.append((user["name"], name, server, timeout))
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def check(user: str, name: str, server: dict[str, Any],
+                        timeout: float | None) -> str | None:  # fmt: skip
+            async with gate:
+                return await self._check(user, name, server, timeout, now)
+
+        stopped = await asyncio.gather(*(check(*c) for c in checks))
+        return [label for label in stopped if label]
+
+    async def _check(self, user: str, name: str, server: dict[str, Any],
+                     timeout: float | None, now: datetime.datetime) -> str | None:  # fmt: skip
+        """Ask one server; stop it if idle. Its label if it was (or would be) stopped."""
+        label = f"{user}/{name}" if name else user
+        try:
+            verdict = await self.verdict(server, now, timeout)
+        except Exception as exc:  # unreachable, or an error: never stop on doubt
+            log.warning("cannot tell whether %s is idle: %s", label, exc)
+            self._count("errors")
+            return None
+        self._count("checks")
+        if not verdict.idle:
+            log.debug("%s stays: %s", label, verdict.reason)
+            return None
+        if self.dry_run:
+            log.info("would hibernate %s (dry run): %s", label, verdict.reason)
+            return label
+        log.info("hibernating %s: %s", label, verdict.reason)
+        path = f"/users/{quote(user)}/server"
+        if name:
+            path = f"/users/{quote(user)}/servers/{quote(name)}"
+        await self._fetch(self.api_url + path, method="DELETE")
+        self._count("hibernations")
+        return label
 
     def _temporary(self, user: dict[str, Any]) -> bool:
         return bool(self.temporary_prefix) and user["name"].startswith(self.temporary_prefix)
@@ -267,8 +301,10 @@ async def run(hibernator: Hibernator, interval: float, stop: asyncio.Event) -> N
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The hibernator's options (the service's command line)."""
-    parser.add_argument("--proxy-url", help="where the Hub's proxy listens (hibernation is "
-                        "off without it)")  # fmt: skip
+    parser.add_argument("--hibernate", action="store_true",
+                        help="stop (hibernate) servers that are not in use")  # fmt: skip
+    # The old switch (the hibernator asked servers through the proxy): --hibernate now.
+    parser.add_argument("--proxy-url", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=3600,
                         help="seconds without activity before a server hibernates")  # fmt: skip
     parser.add_argument("--max-age", type=float, default=0,
@@ -294,7 +330,6 @@ def from_args(args: argparse.Namespace, metrics: Any = None) -> tuple[Hibernator
     hibernator = Hibernator(
         api_url=os.environ["JUPYTERHUB_API_URL"].rstrip("/"),
         api_token=os.environ["JUPYTERHUB_API_TOKEN"],
-        proxy_url=args.proxy_url,
         timeout=args.timeout,
         max_age=args.max_age,
         exempt_users=names(args.exempt_users),

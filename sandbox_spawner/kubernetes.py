@@ -46,6 +46,7 @@ from agent_sandbox.kube import CLAIMS, JSON_PATCH, SANDBOXES, TEMPLATES, Kube, i
 from sandbox_provisioner.runtimes.kubernetes import hub_server_id, server_selector
 
 from . import manifests
+from .activity import ActivityKey
 from .binder import server as binder_server
 from .starts import RecordsStarts
 
@@ -54,7 +55,7 @@ class SpawnFailed(RuntimeError):
     """The Sandbox cannot become Ready; the message says why (it reaches the spawn page)."""
 
 
-class SandboxSpawner(RecordsStarts, KubeSpawner):
+class SandboxSpawner(RecordsStarts, ActivityKey, KubeSpawner):
     """KubeSpawner's configuration, each server in a hibernating Sandbox."""
 
     sandbox_template = Unicode(
@@ -105,6 +106,7 @@ class SandboxSpawner(RecordsStarts, KubeSpawner):
     # -- start --------------------------------------------------------------------------
     async def _start(self) -> str:
         began = time.monotonic()
+        self.new_activity_key()
         await self.load_user_options()
         if self.enable_user_namespaces:
             await self._ensure_namespace()

@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -60,10 +61,13 @@ from sandbox_provisioner.runtimes import AUTO, create_runtime
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
-from . import data_root, supervisor
+from . import activity, data_root, supervisor
+from .activity import ActivityKey
 from .binder import server as binder_server
 from .binder.inside import ENV_PATH
+from .hub_instance import HubConflict, HubInstance, claim, legacy_slug, server_key, slug
 from .starts import RecordsStarts
+from .streams import open_own_unix_connection
 
 #: Inside every user's sandbox: the run directory (the server's and the Hub API's sockets).
 RUN_DIR = "/run/jupyter-sandbox"
@@ -76,16 +80,13 @@ TEMPLATE_RUNNER = "sandbox_spawner.server_template"
 _ENV_PASSED = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
 
 
-def slug(name: str) -> str:
-    """A file-name-safe, unique form of a JupyterHub user or server name."""
-    return "".join(
-        c if (c.isascii() and c.isalnum()) or c in "-_." else f"-{ord(c):x}-" for c in name
-    ) or "-"
-
-
-def _server_config() -> str:
+def _server_config(project: str | None) -> str:
+    """The server's configuration; ``project``: this project's checkout, when Python does
+    not cover it (the server imports :mod:`.activity` from there, read-only)."""
+    path = f"import sys\nsys.path.insert(0, {project!r})\n" if project else ""
     return (
         "# Written by LocalSandboxSpawner: the user's server inside its sandbox.\n"
+        f"{path}"
         f"c.ServerApp.sock = {RUN_DIR + '/' + SERVER_SOCKET!r}\n"
         "c.ServerApp.sock_mode = '0600'\n"
         "# Kernels and terminals run in this sandbox, as plain processes: it is the boundary.\n"
@@ -94,7 +95,7 @@ def _server_config() -> str:
     )
 
 
-class LocalSandboxSpawner(RecordsStarts, Spawner):
+class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
     """Each user's server in a local sandbox (gVisor or bubblewrap)."""
 
     runtime = Unicode(
@@ -111,9 +112,12 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
     )  # fmt: skip
     pids_limit = Int(1024, config=True, help="Processes and threads per server; 0 = none.")
     uid_base = Int(
-        1_000_000_000, config=True,
+        None, allow_none=True, config=True,
         help="With the Hub as root, a user's server runs as host uid uid_base + the user's "
-        "id, a uid no account has. Without root, every server runs as the Hub's uid.",
+        "id, a uid no account has. None (the default): the range this Hub had, else the "
+        "first one (from 1000000000, 2**20 uids each) no other Hub on this machine holds. "
+        "A range another Hub holds is refused. Without root, every server runs as the "
+        "Hub's uid.",
     )  # fmt: skip
     delete_home_on_user_delete = Bool(
         False, config=True, help="Remove a user's home when the user is deleted."
@@ -156,6 +160,20 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         self._binder: binder_server.BinderServer | None = None
 
     # -- where things are ------------------------------------------------------------------
+    #: Each Hub's instance (its id, its uids), by state root: claimed on first use.
+    _instances: dict[tuple[str, int | None], HubInstance] = {}
+
+    @property
+    def instance(self) -> HubInstance:
+        key = (os.path.abspath(self.state_root), self.uid_base)
+        if key not in self._instances:
+            registry = data_root() / "hubs" if os.geteuid() == 0 else None
+            self._instances[key] = claim(self.state_root, self.uid_base, registry)
+            found = self._instances[key]
+            self.log.info("this Hub's sandboxes: instance %s, host uids from %s", found.id,
+                          found.uid_base if found.uid_base is not None else "(not root)")
+        return self._instances[key]
+
     @property
     def user_slug(self) -> str:
         return slug(self.user.name)
@@ -169,13 +187,14 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         return self.home_path
 
     def _state_dir(self) -> Path:
-        return Path(self.state_root) / f"{self.user_slug}--{slug(self.name) if self.name else ''}"
+        """The server's own directory (by the user's id: short, as a socket's path must be)."""
+        return Path(self.state_root) / f"{self.user.id}-{server_key(self.name)}"
 
     def identity(self) -> SandboxIdentity:
-        """The server's host uid: its own, when the Hub is root."""
+        """The server's host uid: its own, when the Hub is root (this Hub's alone)."""
         if os.geteuid() != 0:
             return identity.resolve()
-        uid = self.uid_base + int(self.user.id)
+        uid = self.instance.uid(int(self.user.id))
         return SandboxIdentity(uid, uid, 0, 0)
 
     # -- JupyterHub's spawner contract ----------------------------------------------------
@@ -201,6 +220,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
 
     async def start(self) -> str:
         began, resumed = time.monotonic(), self.home.exists()
+        self.new_activity_key()
         self._events = asyncio.Queue()
         self._event(10, "Preparing the home directory")
         self._binder = binder_server.from_user_options(self.user_options or {},
@@ -209,6 +229,9 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         self._prepare_home(who)
         home = self._binder.copy_for(self.home, who.uid, who.gid) if self._binder else None
         state = self._state_dir()
+        if supervisor.holds(state):
+            raise HubConflict(f"a server of {self.user.name} still runs from {state} (its "
+                              "supervisor holds it): stop it first")  # fmt: skip
         shutil.rmtree(state, ignore_errors=True)
         run = state / "run"
         for directory in (Path(self.state_root), state):
@@ -313,14 +336,60 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         elif self.delete_home_on_user_delete and not self.name:  # named servers share the home
             shutil.rmtree(self.home, ignore_errors=True)
 
+    def _user_names(self) -> list[str]:
+        from jupyterhub import orm
+
+        return [name for (name,) in self.user.db.query(orm.User.name)]
+
     # -- the sandbox ----------------------------------------------------------------------
     def _prepare_home(self, who: SandboxIdentity) -> None:
+        """The user's home: made (theirs) if new; refused if it belongs to another uid (an
+        earlier account of this name, a copy): ownership is never "repaired" to whoever
+        starts now. A home made under the old escaping of names moves to its new name."""
         home = self.home
         Path(self.homes_root).mkdir(mode=0o711, parents=True, exist_ok=True)
-        home.mkdir(mode=0o700, exist_ok=True)
-        if os.geteuid() == 0 and home.stat().st_uid != who.uid:
-            # A home kept from an earlier account of this name: it is this user's now.
-            filesystem.chown_tree(home, who.uid, who.gid)
+        self._move_legacy_home(who)
+        try:
+            home.mkdir(mode=0o700)
+            if os.geteuid() == 0:
+                os.lchown(home, who.uid, who.gid)
+        except FileExistsError:
+            pass
+        found = os.lstat(home)
+        if not stat.S_ISDIR(found.st_mode):
+            raise HubConflict(f"the home {home} of {self.user.name} is not a directory: an "
+                              "administrator must move it away")  # fmt: skip
+        if os.geteuid() == 0 and found.st_uid != who.uid:
+            raise HubConflict(
+                f"the home {home} of {self.user.name} belongs to uid {found.st_uid}, not to "
+                f"this user's uid {who.uid} (an earlier account of this name, or another "
+                "Hub's?). Nothing was changed. If it is this user's, an administrator gives it "
+                f"to them: chown -R --from={found.st_uid} {who.uid}:{who.gid} {home}"
+            )  # fmt: skip
+
+    def _move_legacy_home(self, who: SandboxIdentity) -> None:
+        """A home made under the old escaping (which gave "josé" and "jos-e9-" one home)
+        moves to the user's new name when it is surely theirs: owned by their uid (root),
+        or (without root) no other user of this Hub had that old name."""
+        old = Path(self.homes_root) / legacy_slug(self.user.name)
+        if old == self.home or os.path.lexists(self.home):
+            return
+        try:
+            found = os.lstat(old)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(found.st_mode):
+            return
+        if os.geteuid() == 0:
+            theirs = found.st_uid == who.uid
+        else:
+            theirs = [legacy_slug(n) for n in self._user_names()].count(old.name) == 1
+        if theirs:
+            os.rename(old, self.home)
+            self.log.info("moved the home of %s from %s to %s", self.user.name, old, self.home)
+        else:
+            self.log.warning("%s may be the home of %s under its old name; it is not surely "
+                             "theirs, so it stays where it is", old, self.user.name)  # fmt: skip
 
     def _spec(
         self, state: Path, runtime: str, who: SandboxIdentity, home: Path | None = None
@@ -329,13 +398,15 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         gVisor every server has the control directory a template restore reads from, so
         that all of them, and the template, are laid out alike."""
         python = sys.executable
-        # Under gVisor: the control directory and the template runner's package (when it
-        # is a checkout), in every server, so that all are laid out as the template.
-        ctl = [filesystem.ExtraMount(str(state / "ctl"), SERVER_CTL, True),
-               *own_module(python, TEMPLATE_RUNNER)[1]]  # fmt: skip
+        # This project's packages, read-only, when they are a checkout: the server imports
+        # its activity extension, and a gVisor template's runner is this project's.
+        project = own_module(python, TEMPLATE_RUNNER)[1]
+        # Under gVisor: the control directory, in every server, so that all are laid out
+        # as the template.
+        ctl = [filesystem.ExtraMount(str(state / "ctl"), SERVER_CTL, True)]
         inside_uid = identity.INSIDE_UID if runtime == "bubblewrap" else who.uid
         config = state / "jupyter_server_config.py"
-        config.write_text(_server_config())
+        config.write_text(_server_config(pyenv.own_package_root(pyenv.python_dirs(python))))
         etc = filesystem.synthetic_etc(state / "etc", "jupyter", inside_uid, inside_uid,
                                        user=self.user_slug, home=self.inside_home,
                                        shell="/bin/bash")  # fmt: skip
@@ -350,6 +421,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
             extra=[
                 filesystem.ExtraMount(str(home or self.home), self.inside_home, True),
                 filesystem.ExtraMount(str(state / "run"), RUN_DIR, True),
+                *project,
                 *(ctl if runtime == "gvisor" else []),
                 *(self._binder.mounts() if self._binder else []),
             ],
@@ -369,7 +441,7 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
             if self._binder.anonymous:  # a launch's temporary user arrives with a token
                 env["JUPYTERHUB_ALLOW_TOKEN_IN_URL"] = "1"
         return SandboxSpec(
-            kernel_id=f"hub-{self.user.id}-{slug(self.name) if self.name else 'default'}",
+            kernel_id=self.instance.sandbox_name(int(self.user.id), server_key(self.name)),
             argv=argv,
             env=env,
             cwd=self.inside_home,
@@ -442,7 +514,8 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
         the run directory's socket, and nothing else of the Hub's environment."""
         hub = self.get_env()
         api = f"http+unix://{quote(RUN_DIR + '/' + HUB_SOCKET, safe='')}/hub/api"
-        env = {k: v for k, v in hub.items() if k.startswith(("JUPYTERHUB_", "JPY_"))}
+        env = {k: v for k, v in hub.items()
+               if k.startswith(("JUPYTERHUB_", "JPY_")) or k == activity.KEY_ENV}  # fmt: skip
         env.update({k: hub[k] for k in _ENV_PASSED if k in hub})
         for key in ("JUPYTERHUB_API_URL", "JUPYTERHUB_ACTIVITY_URL"):
             if key in env:
@@ -470,11 +543,10 @@ class LocalSandboxSpawner(RecordsStarts, Spawner):
     async def _wait_for_server(self, sock: Path) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            if sock.exists():
-                with contextlib.suppress(OSError):
-                    _, writer = await asyncio.open_unix_connection(str(sock))
-                    writer.close()
-                    return
+            with contextlib.suppress(OSError):  # the socket node itself, never a link
+                _, writer = await open_own_unix_connection(str(sock))
+                writer.close()
+                return
             if self._process is not None and self._process.poll() is not None:
                 raise RuntimeError(f"the sandboxed server of {self.user.name} exited while "
                                    f"starting. Its output:\n{self._log_tail()}")  # fmt: skip

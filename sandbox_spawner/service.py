@@ -6,9 +6,11 @@ needs nothing installed beside it:
 * **the Agent Sandbox controller** (``--controller``, Kubernetes only),
   in-process and leader-elected: a second Hub replica's service stays passive
   until the leader's lease lapses;
-* **the hibernator** (:mod:`.hibernator`, with ``--proxy-url``): stops servers
+* **the hibernator** (:mod:`.hibernator`, with ``--hibernate``): stops servers
   with no busy kernel, no open terminal and no recent activity; the spawners
-  (LocalSandboxSpawner, SandboxSpawner) make a stop a hibernation;
+  (LocalSandboxSpawner, SandboxSpawner) make a stop a hibernation. It asks each
+  server with that server's activity key (:mod:`.activity`): the service's own token
+  never leaves for a user's server;
 * **metrics** on the service's URL at ``/metrics`` (Prometheus text): servers
   running and hibernated, hibernations, start and resume durations, and the
   controller's own;
@@ -17,10 +19,10 @@ needs nothing installed beside it:
 
 Its Hub role (:data:`HUB_SCOPES`, :func:`hub_role`) needs ``list:users``,
 ``read:users``, ``read:servers``, ``admin:server_state`` (the spawners' start
-records), ``delete:servers`` (hibernate) and ``access:servers`` (ask servers
-about their kernels).
+records, and each server's activity key and address) and ``delete:servers``
+(hibernate).
 
-    python -m sandbox_spawner.service --proxy-url http://127.0.0.1:8000 --timeout 3600 \\
+    python -m sandbox_spawner.service --hibernate --timeout 3600 \\
         [--controller --namespace jhub] [--exempt-profiles gpu] [--dry-run]
 """
 
@@ -41,10 +43,11 @@ from tornado import web
 from . import hibernator
 
 log = logging.getLogger("jupyter-sandbox-service")
-#: The service's Hub role: list servers and read their spawners' start records, ask servers
-#: about their kernels (through the proxy), stop (hibernate) them. Nothing else.
+#: The service's Hub role: list servers, read their spawners' state (start records, each
+#: server's activity key and address), stop (hibernate) them. Nothing else: no access to
+#: users' servers (it asks them with their own activity keys, :mod:`.activity`).
 HUB_SCOPES = ["list:users", "read:users", "read:servers", "admin:server_state",
-              "delete:servers", "access:servers"]  # fmt: skip
+              "delete:servers"]  # fmt: skip
 
 
 #: With Binder links: start users' servers; with anonymous launches, make and delete
@@ -102,7 +105,11 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    status: dict = {"controller": bool(args.controller), "hibernation": bool(args.proxy_url),
+    if args.proxy_url and not args.hibernate:
+        log.warning("--proxy-url is no longer used (servers are asked at their own address): "
+                    "give --hibernate instead")  # fmt: skip
+        args.hibernate = True
+    status: dict = {"controller": bool(args.controller), "hibernation": bool(args.hibernate),
                     "binder": bool(args.binder)}  # fmt: skip
     launcher = None
     if args.binder:
@@ -113,7 +120,7 @@ async def run(args: argparse.Namespace) -> None:
     if os.environ.get("JUPYTERHUB_SERVICE_URL"):
         serve(os.environ["JUPYTERHUB_SERVICE_URL"], status, launcher)
     tasks = []
-    if args.proxy_url:
+    if args.hibernate:
         sleeper, interval = hibernator.from_args(args, hibernator.metrics())
         if args.binder and args.binder_anonymous:  # launches' temporary users
             sleeper.temporary_prefix = args.binder_anonymous_prefix
@@ -127,7 +134,7 @@ async def run(args: argparse.Namespace) -> None:
         quiet_client_logs()
         tasks.append(asyncio.create_task(run_from_args(args, stop)))
     if not tasks and not args.binder:  # with Binder links, the pages are the work
-        raise SystemExit("nothing to do: give --proxy-url (hibernation), --controller or "
+        raise SystemExit("nothing to do: give --hibernate, --controller or "
                          "--binder-links")  # fmt: skip
     done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)  # fmt: skip

@@ -3,6 +3,12 @@
 The supervisor carries the proxy's connections to a user's server and the server's to the
 Hub API with them; a Binder preparation's forwarder and its egress proxy (:mod:`.binder`)
 carry a sandbox's only way out.
+
+The server's socket lies in its run directory, which is the user's: their code can put
+anything there under the socket's name. Root connects only to a socket node that is
+itself in that directory (:func:`open_own_unix_connection`), never through a link: a
+link to another socket (a root-only one, another user's server) is refused. A socket
+the user made there is theirs, and answers only their own route.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import stat
 from typing import Any
 
 _CHUNK = 1 << 16
@@ -39,20 +47,57 @@ async def join(
     await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
 
 
-async def forward_tcp_to_unix(port: int, path: str) -> asyncio.Server:
-    """127.0.0.1:``port`` -> the Unix socket ``path``."""
+def open_socket_node(path: str) -> int:
+    """An ``O_PATH`` descriptor of the socket ``path`` names, its last component not
+    followed: a link (or anything but a socket) there is refused. The directory holding
+    it may be a user's; the directories above it must not be."""
+    parent, name = os.path.split(path)
+    directory = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    finally:
+        os.close(directory)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConnectionRefusedError(f"{path} is not a socket (a link?): refused")
+    return fd
+
+
+async def open_own_unix_connection(path: str) -> tuple[asyncio.StreamReader,
+                                                       asyncio.StreamWriter]:  # fmt: skip
+    """A connection to the socket node at ``path`` itself (:func:`open_socket_node`),
+    made through its descriptor, so no name is looked up twice."""
+    fd = open_socket_node(path)
+    try:
+        return await asyncio.open_unix_connection(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+async def forward_tcp_to_unix(port: int, path: str, own_socket: bool = False) -> asyncio.Server:
+    """127.0.0.1:``port`` -> the Unix socket ``path``; ``own_socket``: only the socket node
+    at ``path`` itself, never through a link (``path``'s directory is a user's)."""
+    connect = open_own_unix_connection if own_socket else asyncio.open_unix_connection
     return await asyncio.start_server(
-        lambda r, w: join(r, w, lambda: asyncio.open_unix_connection(path)), "127.0.0.1", port
+        lambda r, w: join(r, w, lambda: connect(path)), "127.0.0.1", port
     )
 
 
 async def forward_unix_to_tcp(path: str, host: str, port: int) -> asyncio.Server:
-    """The Unix socket ``path`` (made here, 0666 in a directory only its sandbox sees) ->
-    ``host:port``."""
+    """The Unix socket ``path`` (made here, 0666, in a directory the sandbox's user may
+    write) -> ``host:port``. Its mode comes with it at bind (the umask): nothing is done
+    to ``path`` by name after it exists, when the user could have swapped it for a link."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    server = await asyncio.start_unix_server(
-        lambda r, w: join(r, w, lambda: asyncio.open_connection(host, port)), path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o111)  # 0666: the server in the sandbox runs as the user's uid
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return await asyncio.start_unix_server(
+        lambda r, w: join(r, w, lambda: asyncio.open_connection(host, port)), sock=sock
     )
-    os.chmod(path, 0o666)  # the server in the sandbox runs as the user's uid
-    return server

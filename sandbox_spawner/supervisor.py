@@ -9,6 +9,8 @@ sandbox of this project's runtimes, and carries two byte streams:
   to the server's Unix socket in the sandbox's run directory. The server opens
   no TCP port; a sandbox without network reaches no host port, so no other
   user's code reaches this server, except through the proxy (and its login).
+  The run directory is the user's: the supervisor connects only to the socket
+  node there, never through a link the user's code put in its place.
 * the server's to the Hub API: a Unix socket in the run directory
   (``http+unix`` in ``JUPYTERHUB_API_URL``) to the Hub's API port. It is the one
   host service the sandbox reaches; the proxy's API is not.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -38,13 +41,31 @@ from sandbox_provisioner.spec import SandboxSpec
 from .streams import forward_tcp_to_unix, forward_unix_to_tcp
 
 log = logging.getLogger("jupyter-sandbox-supervisor")
-PLAN, EXIT, LOG = "plan.json", "exit", "supervisor.log"
+PLAN, EXIT, LOG, LOCK = "plan.json", "exit", "supervisor.log", "supervisor.lock"
+
+
+def holds(state_dir: Path) -> bool:
+    """Whether a live supervisor runs from ``state_dir`` (it holds the lock there for as
+    long as it runs): its directory must not be removed or reused."""
+    try:
+        fd = os.open(state_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 async def supervise(state_dir: Path) -> int:
+    lock = os.open(state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends: see holds()
     plan = json.loads((state_dir / PLAN).read_text())
     spec = SandboxSpec.from_dict(plan["spec"])
-    proxy_side = await forward_tcp_to_unix(plan["port"], plan["server_socket"])
+    proxy_side = await forward_tcp_to_unix(plan["port"], plan["server_socket"], own_socket=True)
     hub_side = await forward_unix_to_tcp(plan["hub_socket"], *plan["hub_api"])
     runtime = create_runtime(plan["runtime"])
     if plan.get("restore_from"):  # a gVisor template: restored, then told to go on

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from cluster_fixtures import hub_service_account
@@ -163,14 +164,14 @@ class Hub:
     async def spawn(self, name: str, timeout: float = 180,
                     options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         """Make the user (if new), start the default server, wait until it is ready."""
-        await self.api("POST", f"/users/{name}", raise_error=False)
-        await self.api("POST", f"/users/{name}/server", options, raise_error=False)
+        await self.api("POST", f"/users/{_q(name)}", raise_error=False)
+        await self.api("POST", f"/users/{_q(name)}/server", options, raise_error=False)
         return await self.wait_ready(name, timeout)
 
     async def wait_ready(self, name: str, timeout: float = 180) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            user = await self.api("GET", f"/users/{name}")
+            user = await self.api("GET", f"/users/{_q(name)}")
             server = (user.get("servers") or {}).get("")
             if server and server.get("ready"):
                 return user
@@ -183,7 +184,7 @@ class Hub:
         """Whether ``name``'s server stops (is hibernated) within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not (await self.api("GET", f"/users/{name}")).get("servers"):
+            if not (await self.api("GET", f"/users/{_q(name)}")).get("servers"):
                 return True
             await asyncio.sleep(0.5)
         return False
@@ -191,31 +192,32 @@ class Hub:
     async def wait_stopped(self, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not (await self.api("GET", f"/users/{name}")).get("servers"):
+            if not (await self.api("GET", f"/users/{_q(name)}")).get("servers"):
                 return
             await asyncio.sleep(0.3)
         raise TimeoutError(f"{name}'s server did not stop")
 
     async def state(self, name: str) -> dict[str, Any]:
         """The spawner's state of ``name``'s default server (admin:servers)."""
-        user = await self.api("GET", f"/users/{name}")
+        user = await self.api("GET", f"/users/{_q(name)}")
         return user["servers"][""]["state"]
 
     async def user_token(self, name: str) -> str:
-        reply = await self.api("POST", f"/users/{name}/tokens", {"note": "tests"})
+        reply = await self.api("POST", f"/users/{_q(name)}/tokens", {"note": "tests"})
         return reply["token"]
 
     async def server_api(self, name: str, token: str, method: str, path: str,
                          body: Any = None) -> Any:  # fmt: skip
         """A request to ``name``'s server, through the proxy, with ``token``."""
-        return await _request(f"{self.url}/user/{name}{path}", method, token, body)
+        return await _request(f"{self.url}/user/{_q(name)}{path}", method, token, body)
 
     async def _send_code(self, name: str, token: str, code: str,
                          kernel_name: str = "python3") -> tuple[Any, str, str]:  # fmt: skip
         """A new kernel in ``name``'s server (through the proxy), ``code`` sent to it over
         its websocket: the websocket, the request's id and the kernel's id."""
         kernel = await self.server_api(name, token, "POST", "/api/kernels", {"name": kernel_name})
-        url = f"ws://127.0.0.1:{self.proxy_port}/user/{name}/api/kernels/{kernel['id']}/channels"
+        url = (f"ws://127.0.0.1:{self.proxy_port}/user/{_q(name)}/api/kernels/{kernel['id']}"
+               "/channels")  # fmt: skip
         ws = await websocket_connect(HTTPRequest(
             f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {token}"}
         ))  # fmt: skip
@@ -285,6 +287,11 @@ class Hub:
             ws.close()
             await self.server_api(name, token, "DELETE", f"/api/kernels/{kernel_id}")
         return out
+
+
+def _q(name: str) -> str:
+    """A user name in a URL's path."""
+    return quote(name, safe="")
 
 
 async def _request(url: str, method: str, token: str, body: Any = None,
@@ -393,7 +400,6 @@ def start_kube_hub(tmp_path_factory, cluster, hibernate_after: float = 3600,
               extra_config=extra_config,
               env={"KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": namespace,
                    "JUPYTER_SANDBOX_LEASE_NAMESPACE": "default"})  # fmt: skip
-    hub.env["JUPYTER_SANDBOX_PROXY_URL"] = hub.url
     # ``env``'s values may name the Hub's namespace: "{namespace}".
     hub.env |= {k: v.format(namespace=namespace) for k, v in (env or {}).items()}
     hub.namespace = namespace  # type: ignore[attr-defined]

@@ -49,7 +49,7 @@ def test_extra_config_configures_the_spawner_and_the_service(monkeypatch):
     assert command[1:3] == ["-m", "sandbox_spawner.service"]
     args = service.parser().parse_args(command[3:])
     assert args.controller and args.namespace == ["jhub"] and args.lease_namespace == "jhub"
-    assert args.proxy_url == "http://proxy-public" and args.timeout == 3600
+    assert args.hibernate and args.timeout == 3600
     assert args.binder and args.binder_pods and args.binder_cache == c.SandboxSpawner.binder_cache
     assert args.binder_image == "quay.io/jupyter/scipy-notebook:2026-11-01"
     assert args.binder_proxy_address == "10.1.2.3:8899" and args.binder_namespace == "jhub"

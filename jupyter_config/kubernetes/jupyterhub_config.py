@@ -98,8 +98,7 @@ c.JupyterHub.services = [{
         sys.executable, "-m", "sandbox_spawner.service",
         "--controller", f"--namespace={namespace}",
         f"--lease-namespace={os.environ.get('JUPYTER_SANDBOX_LEASE_NAMESPACE', namespace)}",
-        # Where the service reaches the proxy (z2jh: the proxy-public Service).
-        f"--proxy-url={os.environ.get('JUPYTER_SANDBOX_PROXY_URL', 'http://proxy-public')}",
+        "--hibernate",
         f"--timeout={os.environ.get('JUPYTER_SANDBOX_HIBERNATE_AFTER', '3600')}",
     ],
     # The Hub passes a service little of its environment: the API server's address (in a
