@@ -2,15 +2,23 @@
 
 A workspace is the user's directory, and the kernel writes it. Some files in
 it are code the host runs without asking: shell start-up files and other dot
-files at the top of a home directory, Jupyter's and IPython's configuration,
-the server's own Python environment, git's configuration and hooks. A kernel
-that could write them would run code on the host the next time the user logs
-in, starts Jupyter or types ``git status``. So, wherever a bind exposes them:
+files at the top of a home directory, the commands in ``~/bin``, Jupyter's and
+IPython's configuration, the server's own Python environment, git's
+configuration and hooks. A kernel that could write them would run code on the
+host the next time the user logs in, types a command, starts Jupyter or types
+``git status``. So, wherever a bind exposes them:
 
 * every home directory (the server user's and every account's) keeps its top
   level as it is: no entry can be created, replaced or removed there (its
-  non-dot files and directories stay writable, each bound on its own), and its
-  dot entries are hidden;
+  non-dot files and directories but ``bin`` stay writable, each bound on its
+  own), and its dot entries are hidden;
+* the directories commands are looked up in are read-only where they really
+  are (a link's destination): each home's ``bin`` and ``.local/bin``
+  (:data:`PATH_DIRS`, which login shells put on PATH) and every directory on the
+  server's own PATH. Read-only rather than hidden: the kernel still reads and
+  runs what is there, as it did, and hiding would protect no more. One inside a
+  hidden directory (``~/.local/bin``) stays hidden. A missing one cannot be
+  created: the top of the home is read-only, and ``.local`` hidden;
 * Jupyter's and IPython's config, data and runtime directories are hidden
   (made first if missing, so a kernel cannot create one), and the server's
   Python environment is read-only;
@@ -38,6 +46,11 @@ from .spec import Mount, MountKind
 _NOT_HOMES = {"/", "/nonexistent", "/dev/null"}
 #: A workspace walk slower than this is logged (it runs at every kernel start).
 SLOW_WALK = 1.0
+#: Where in a home shell start-up looks up commands, when the directory exists: Debian's
+#: and Ubuntu's ~/.profile, Fedora's and RHEL's ~/.bashrc, openSUSE's /etc/profile (which
+#: adds ``bin/$CPU`` inside these); ``.local/bin`` is also systemd's and pip's place for
+#: a user's programs.
+PATH_DIRS = ("bin", ".local/bin")
 
 
 def homes() -> list[str]:
@@ -66,13 +79,17 @@ def mounts(
         _make_if_exposed(directory, writable)
     hidden = [*hidden_patterns, *jupyter_dirs]
     found: list[Mount] = []
+    readonly_dirs = list(readonly_dirs)
+    on_path = _server_path()
     for home in homes():
         if any(is_within(home, p) for p in python_binds):
             continue
-        found += _home_top_level(home, binds, writable)
+        on_path += [os.path.join(home, d) for d in PATH_DIRS]
+        found += _home_top_level(home, binds, writable, {os.path.realpath(d) for d in on_path})
         hidden.append(os.path.join(home, ".*"))
     found += _hidden(binds, hidden, python_binds)
     read_only = [m for d in readonly_dirs for m in _read_only(d, writable)]
+    read_only += _commands(on_path, writable, [*python_binds, *readonly_dirs], found)
     found += read_only
     # The walk for repositories enters neither what is hidden nor what is read-only
     # already, with nothing writable mounted inside it (a project's own virtualenv is
@@ -110,9 +127,35 @@ def _make_if_exposed(directory: str, writable: list[Mount]) -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
 
-def _home_top_level(home: str, binds: list[Mount], writable: list[Mount]) -> list[Mount]:
+def _server_path() -> list[str]:
+    """The absolute directories on the server's PATH (what it and the processes it starts,
+    a terminal's shell among them, look up commands in)."""
+    return [d for d in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(d)]
+
+
+def _commands(
+    on_path: list[str], writable: list[Mount], settled: list[str], found: list[Mount]
+) -> list[Mount]:
+    """The directories ``on_path`` read-only where a writable bind shows them, where they
+    really are; not those already read-only as part of a directory in ``settled``, nor
+    those inside what ``found`` hides (a read-only bind there would show them)."""
+    hidden = [m.target for m in found if m.kind is not MountKind.BIND]
+    mounts: dict[str, Mount] = {}
+    for directory in on_path:
+        if any(is_within(os.path.realpath(directory), s) for s in settled):
+            continue
+        for mount in _read_only(directory, writable):
+            if not any(is_within(mount.target, h) for h in hidden):
+                mounts.setdefault(mount.target, mount)
+    return list(mounts.values())
+
+
+def _home_top_level(
+    home: str, binds: list[Mount], writable: list[Mount], on_path: set[str]
+) -> list[Mount]:
     """The top of ``home`` read-only where a writable bind shows it (a bind of a directory
-    inside the home does not: its top is out of sight); its non-dot entries rebound."""
+    inside the home does not: its top is out of sight); its non-dot entries rebound
+    writable, but for those ``on_path`` (:func:`_commands` protects them)."""
     found: list[Mount] = []
     for bind in writable:
         assert bind.source is not None
@@ -124,7 +167,7 @@ def _home_top_level(home: str, binds: list[Mount], writable: list[Mount]) -> lis
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith(".") or entry.is_symlink():
+            if entry.name.startswith(".") or entry.is_symlink() or entry.path in on_path:
                 continue
             if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
                 found.append(Mount(_target(bind, entry.path), source=entry.path, writable=True))

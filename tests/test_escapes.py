@@ -383,6 +383,103 @@ async def test_a_kernel_in_a_home_cannot_plant_what_the_host_runs(
     assert (home / "data" / "result.csv").exists()
 
 
+#: What a kernel tries on the directories the host looks up commands in (set up by the test).
+PLANT_ON_PATH = """
+import os
+def attempt(action):
+    try:
+        action()
+        return 'done'
+    except OSError as exc:
+        return type(exc).__name__
+def write(path):
+    def act():
+        with open(path, 'w') as f:
+            f.write('#!/bin/sh\\necho planted\\n')
+    return act
+def replace(path):
+    def act():
+        write(path + '.new')()
+        os.replace(path + '.new', path)
+    return act
+def make(directory):
+    return lambda: (os.makedirs(directory), write(os.path.join(directory, 'ls'))())
+existing = {
+    'new command in bin': attempt(write('bin/ls')),
+    'overwritten bin/tool': attempt(write('bin/tool')),
+    'replaced bin/tool': attempt(replace('bin/tool')),
+    'chmod +x bin/README': attempt(lambda: os.chmod('bin/README', 0o755)),
+    'chmod 0777 bin': attempt(lambda: os.chmod('bin', 0o777)),
+    'link in bin': attempt(lambda: os.symlink('/usr/bin/true', 'bin/sudo')),
+    'new command where .local/bin leads': attempt(write('dotfiles/local-bin/pip')),
+    "new command on the server's PATH": attempt(write('tools/bin/git')),
+}
+missing = {
+    'created bin': attempt(make('bin')),
+    'created bin as a link': attempt(lambda: os.symlink('data', 'bin')),
+    'created .local/bin': attempt(make('.local/bin')),
+}
+# Inside the hidden .local (an empty tmpfs): nothing of it reaches the host.
+attempt(make('.local/bin'))
+allowed = attempt(write('data/result.sh'))
+"""
+
+
+def _tree(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every entry under ``root``: a link's destination, a directory's mode, a file's mode
+    and content."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for path in [root, *root.rglob("*")]:
+        mode = path.lstat().st_mode
+        if path.is_symlink():
+            found[path.relative_to(root).as_posix()] = ("link", os.readlink(path))
+        elif path.is_dir():
+            found[path.relative_to(root).as_posix()] = ("dir", mode)
+        else:
+            found[path.relative_to(root).as_posix()] = ("file", mode, path.read_bytes())
+    return found
+
+
+@pytest.mark.parametrize("bin_dirs", ["existing", "missing"])
+async def test_a_kernel_in_a_home_cannot_plant_a_command_on_path(
+    start_path, launch, bin_dirs: str, tmp_path: Path, monkeypatch
+):
+    """The review's scenario, the next login shell's side: Debian's ~/.profile (and
+    Fedora's ~/.bashrc, openSUSE's /etc/profile) put ~/bin and ~/.local/bin on PATH, and
+    the server's own PATH is where it and what it starts look up commands. From a kernel
+    whose workspace is the home, nothing can be created, replaced or made executable in
+    them, nor can they be created; what is in ~/bin still runs."""
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    if bin_dirs == "existing":
+        for d in ("bin", "dotfiles/local-bin", "tools/bin", ".local"):
+            (home / d).mkdir(parents=True)
+        (home / "bin" / "tool").write_text("#!/bin/sh\necho tool\n")
+        (home / "bin" / "tool").chmod(0o755)
+        (home / "bin" / "README").write_text("my scripts\n")
+        (home / "dotfiles" / "local-bin" / "black").write_text("#!/bin/sh\n")
+        (home / ".local" / "bin").symlink_to("../dotfiles/local-bin")
+        monkeypatch.setenv("PATH", f"{home / 'tools' / 'bin'}:{os.environ['PATH']}")
+    jupyter = tmp_path / "jupyter"  # the server's own directories, out of the home
+    for name in ("CONFIG", "DATA", "RUNTIME"):
+        monkeypatch.setenv(f"JUPYTER_{name}_DIR", str(jupyter / name.lower()))
+    monkeypatch.setenv("IPYTHONDIR", str(jupyter / "ipython"))
+    monkeypatch.setenv("HOME", str(home))
+    before = _tree(home)
+    kernel = await launch(start_path, cwd=home)
+    await define(kernel, PLANT_ON_PATH)
+    attempts = await kernel.value(bin_dirs)
+    assert [what for what, result in attempts.items() if result == "done"] == [], attempts
+    assert await kernel.value("allowed") == "done"
+    if bin_dirs == "existing":  # read-only, not hidden: the kernel still runs what is there
+        ran = "__import__('subprocess').run(['bin/tool'], capture_output=True).stdout"
+        assert await kernel.value(ran) == b"tool\n"
+    # On the host: the home as it was, but for the file written where the kernel may write.
+    after = _tree(home)
+    assert after.pop("data/result.sh")[0] == "file"
+    assert after == before
+
+
 async def test_a_kernel_cannot_change_the_python_environment_in_its_workspace(
     start_path, launch, notebook_dir: Path, monkeypatch
 ):

@@ -150,6 +150,32 @@ def test_the_plan_protects_every_repository_in_the_workspace(tmp_path: Path):
     assert not by_target[str(ws / ".venv")].writable
 
 
+def test_the_plan_keeps_the_directories_on_path_read_only(tmp_path: Path, monkeypatch):
+    """A home's ``bin`` (and a directory on the server's PATH) is read-only where it really
+    is, never rebound writable with the home's other entries; ``.local/bin`` stays hidden
+    with ``.local``; a PATH directory no bind shows gets no mount."""
+    home = tmp_path / "home"
+    for d in ("bin", ".local/bin", "other", "tools/bin", "dotfiles/bin"):
+        (home / d).mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (home / "linked").symlink_to("dotfiles/bin")
+    monkeypatch.setenv("HOME", str(home))
+    path = [home / "tools/bin", home / "linked", tmp_path / "elsewhere", "relative/bin"]
+    monkeypatch.setenv("PATH", os.pathsep.join(map(str, path)))
+    mounts = filesystem.build_mounts(
+        python_paths=[], workspace=str(home), workspace_writable=True, scratch_dir=None,
+        ipc_dir=None, connection_file=None, etc_mounts=[],
+    )  # fmt: skip
+    inside = {m.target[len(str(home)) + 1 :]: m for m in mounts if m.target.startswith(f"{home}/")}
+    for rel in ("bin", "tools/bin", "dotfiles/bin"):
+        m = inside[rel]
+        assert m.kind is MountKind.BIND and not m.writable and m.source == str(home / rel), rel
+    assert inside["other"].writable and inside[".local"].kind is MountKind.TMPFS
+    assert set(inside) == {"bin", "other", "tools", "tools/bin", "dotfiles", "dotfiles/bin",
+                           ".local"}, inside  # fmt: skip
+    assert not [m for m in mounts if m.target == str(tmp_path / "elsewhere")]
+
+
 def test_scratch_workspace_plan(tmp_path: Path):
     mounts = filesystem.build_mounts(
         python_paths=[], workspace=None, workspace_writable=True, scratch_dir=str(tmp_path),
