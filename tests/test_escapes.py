@@ -15,6 +15,7 @@ import asyncio
 import base64
 import os
 import platform
+import re
 import shutil
 import subprocess
 import uuid
@@ -206,6 +207,9 @@ targets = [p for p in range(1, 4096) if exists(p) and os.getsid(p) != os.getsid(
 
 
 async def test_no_other_process_in_the_sandbox_is_open_to_the_kernel(start_path, launch):
+    """At a first start: every process of the sandbox carries the filter (bubblewrap), and
+    in a pooled one none outside the kernel's session (the agent, the zygote) opens. The
+    prepared kernel, restarts and what a kernel leaves: the test after the next."""
     kernel = await launch(start_path)
     await define(kernel, OTHERS)
     if runtime_name(start_path) == "bubblewrap":
@@ -242,6 +246,127 @@ async def test_the_kernel_cannot_end_its_agent(pooled_path, launch, notebook_dir
     await kernel.ready()
     assert kernel.provisioner()._sandbox is member
     assert (await kernel.run("print('restarted')")).stdout.strip() == "restarted"
+
+
+#: What a kernel sees of the processes in its sandbox, every pid in /proc's namespace.
+MEMORY = """
+import os, subprocess, time
+def listed():
+    return sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
+def parent(pid):
+    try:
+        return int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+def own():
+    \"\"\"This kernel's process and its descendants.\"\"\"
+    mine, pids = {int(os.readlink('/proc/self'))}, listed()
+    while more := {p for p in pids if parent(p) in mine} - mine:
+        mine |= more
+    return mine
+def reads_memory(pid):
+    \"\"\"Whether this process reads bytes of ``pid``'s memory (Linux checks writing the
+    same way; gVisor has no writable /proc/PID/mem). Reading, not just opening: a
+    zombie's opens, and holds nothing.\"\"\"
+    try:
+        with open(f'/proc/{pid}/maps') as maps:
+            start = next(int(line.split('-')[0], 16) for line in maps
+                         if line.split()[1].startswith('r'))
+        fd = os.open(f'/proc/{pid}/mem', os.O_RDONLY)
+        try:
+            return len(os.pread(fd, 8, start)) == 8
+        finally:
+            os.close(fd)
+    except (OSError, StopIteration, ValueError):
+        return False
+def survey():
+    pids = listed()
+    return {'me': int(os.readlink('/proc/self')), 'listed': pids, 'own': sorted(own()),
+            'open': [p for p in pids if reads_memory(p)]}
+def running(argv):
+    \"\"\"The pids whose command line is ``argv``.\"\"\"
+    wanted = ('\\0'.join(argv) + '\\0').encode()
+    found = []
+    for pid in listed():
+        try:
+            if open(f'/proc/{pid}/cmdline', 'rb').read() == wanted:
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+child = subprocess.Popen(['sleep', '600'])
+time.sleep(0.3)
+"""
+#: A process the kernel leaves behind, in a session of its own, its parent gone.
+ORPHAN = ["sleep", "601"]
+
+
+@pytest.mark.parametrize("first", ["prepared", "forked"])
+async def test_a_pooled_kernel_reads_the_memory_of_its_own_processes_only(
+    pooled_path, launch, first: str
+):
+    """Every process of a pooled sandbox (the agent, the zygote, the kernel prepared at boot,
+    a previous kernel and what it left) against its kernel: the kernel reads the memory of
+    its own process and its children, of nothing else; the kernel prepared at boot and
+    not used (``forked``: the start sets a variable a kernel reads while it initializes)
+    is gone when the kernel starts; after a restart in place, so are the previous kernel
+    and a process it left running."""
+    from sandbox_provisioner.provisioner import DEFAULT_ENV_ALLOWLIST
+
+    kw: dict[str, Any] = {}
+    if first == "forked":
+        kw = {"env_allowlist": [*DEFAULT_ENV_ALLOWLIST, "PYTHONHASHSEED"],
+              "env": {"PYTHONHASHSEED": "7"}}  # fmt: skip
+    kernel = await launch(pooled_path, **kw)
+    member = kernel.provisioner()._sandbox
+    boot = (member.slot / "agent.log").read_text()
+    (prepared,) = re.findall(r"kernel (\d+) prepared for the first start", boot)
+    assert ("does not serve this start" in boot) == (first == "forked"), boot
+    await define(kernel, MEMORY)
+    seen = await kernel.value("survey()")
+    assert len(seen["own"]) == 2, seen  # the kernel and its child
+    assert set(seen["listed"]) - set(seen["own"]), "the agent and the zygote should be listed"
+    assert seen["open"] == seen["own"], seen
+    if first == "forked":
+        assert int(prepared) not in seen["listed"], (prepared, seen)
+    else:
+        assert int(prepared) == seen["me"]
+
+    await define(kernel, f"subprocess.run(['sh', '-c', 'setsid {' '.join(ORPHAN)} &'])\n"
+                         "time.sleep(0.3)")  # fmt: skip
+    (orphan,) = await kernel.value(f"running({ORPHAN!r})")
+    if runtime_name(pooled_path) == "bubblewrap":  # gVisor: a tracer's descendants only
+        assert await kernel.value(f"reads_memory({orphan})"), "the kernel reads what it left"
+    assert orphan not in await kernel.value("own()")
+    await kernel.km.restart_kernel(now=True)
+    await kernel.ready()
+    assert kernel.provisioner()._sandbox is member  # restarted in place
+    await define(kernel, MEMORY)
+    again = await kernel.value("survey()")
+    assert seen["me"] not in again["listed"] and orphan not in again["listed"], again
+    assert await kernel.value(f"running({ORPHAN!r})") == []
+    assert len(again["own"]) == 2 and again["open"] == again["own"], again
+
+
+async def test_a_pool_member_serves_one_claim_only(pooled_path, launch):
+    """A member's agent obeys the one controller that claimed it (its pool, at boot): a
+    second claim, even with the pool's own key, is refused; the member is handed out
+    once and ends with its kernel, never to serve another."""
+    from sandbox_provisioner import pool
+    from sandbox_provisioner.agent.client import AgentClient
+    from sandbox_provisioner.agent.protocol import Refused
+
+    kernel = await launch(pooled_path)
+    member = kernel.provisioner()._sandbox
+    (members_pool,) = pool._POOLS.values()
+    with pytest.raises(Refused, match="already claimed"):
+        await AgentClient.claim(member.socket, members_pool._key)
+    other = await launch(pooled_path)
+    assert other.provisioner()._sandbox is not member
+    assert member not in members_pool._ready
+    await kernel.stop()
+    assert await member.sandbox.poll() is not None and not member.slot.exists()
+    assert member not in members_pool._ready
 
 
 # -- 4. the kernel holds none of its agent's secrets ----------------------------------------
