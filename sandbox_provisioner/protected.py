@@ -17,8 +17,12 @@ host the next time the user logs in, types a command, starts Jupyter or types
   (:data:`PATH_DIRS`, which login shells put on PATH) and every directory on the
   server's own PATH. Read-only rather than hidden: the kernel still reads and
   runs what is there, as it did, and hiding would protect no more. One inside a
-  hidden directory (``~/.local/bin``) stays hidden. A missing one cannot be
-  created: the top of the home is read-only, and ``.local`` hidden;
+  hidden directory (``~/.local/bin``) stays hidden. A missing ``bin`` or
+  ``.local/bin`` cannot be created: the top of the home is read-only, and
+  ``.local`` hidden. A missing directory of the server's PATH, or a link's
+  missing destination, can be made where its parent is writable: protecting
+  it would mean making it on the host first, as root, following the user's
+  links;
 * Jupyter's and IPython's config, data and runtime directories are hidden
   (made first if missing, so a kernel cannot create one), and the server's
   Python environment is read-only;
