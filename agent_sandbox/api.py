@@ -216,3 +216,12 @@ def label_value(text: str) -> str:
     """``text`` as a valid label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
     cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in text)
     return cleaned[:63].strip("._-")
+
+
+def unique_label_value(text: str) -> str:
+    """``text`` as a label value that no other text has: :func:`label_value` is lossy (it
+    cuts and replaces characters), so two users' ids could share one, and a selector for
+    one would match the other's objects. A readable part, then a digest of all of it."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    readable = label_value(text)[:46].strip("._-")
+    return f"{readable}-{digest}" if readable else digest

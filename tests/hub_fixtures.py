@@ -290,8 +290,8 @@ class Hub:
 
 
 def _q(name: str) -> str:
-    """A user name in a URL's path."""
-    return quote(name, safe="")
+    """A user name (or ``user/server``) in a URL's path."""
+    return quote(name, safe="/")
 
 
 async def _request(url: str, method: str, token: str, body: Any = None,

@@ -90,7 +90,7 @@ async def test_kernels_run_in_claimed_sandboxes_and_go_with_the_server(
     (claim,) = wait_for(lambda: live_claims(k8s, ns, of_carol), 120, "carol's kernel claim")
     labels = claim["metadata"]["labels"]
     assert labels[api.LABEL_KERNEL_ID] == kernel_id
-    assert labels[api.LABEL_KERNEL_SERVER] == api.label_value(hub_server_id("carol"))
+    assert labels[api.LABEL_KERNEL_SERVER] == api.unique_label_value(hub_server_id("carol"))
     name = claim["metadata"]["name"]
     sandbox = wait_for(lambda: ((k8s.get(CLAIMS, ns, name) or {}).get("status") or {})
                        .get("sandbox", {}).get("name"), 60, "the claim's sandbox")  # fmt: skip
@@ -99,7 +99,7 @@ async def test_kernels_run_in_claimed_sandboxes_and_go_with_the_server(
     orphan = k8s.create(CLAIMS, ns, {"metadata": {
         "generateName": "kernel-carol-", "labels": {
             api.LABEL_KERNEL_USER: "carol",
-            api.LABEL_KERNEL_SERVER: api.label_value(hub_server_id("carol"))}},
+            api.LABEL_KERNEL_SERVER: api.unique_label_value(hub_server_id("carol"))}},
         "spec": {"warmPoolRef": {"name": "python-gvisor"}}})  # fmt: skip
 
     # The server stops (hibernates): its kernels' claims and Sandboxes go with it.

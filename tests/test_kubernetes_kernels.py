@@ -110,7 +110,7 @@ async def test_kernel_from_warm_pool(k8s, namespace, pool, start_kernel):
     (claim,) = claims_of(k8s, namespace, kernel)
     assert claim["status"]["sandbox"]["name"] == sandbox.sandbox_name
     labels = claim["metadata"]["labels"]
-    assert labels[api.LABEL_KERNEL_SERVER] == f"test-{namespace}"
+    assert labels[api.LABEL_KERNEL_SERVER] == api.unique_label_value(f"test-{namespace}")
     notes = claim["metadata"]["annotations"]
     assert notes[api.LABEL_KERNEL_SERVER] == f"test-{namespace}"
     assert notes[api.LABEL_KERNEL_USER] and claim["metadata"]["name"].startswith("kernel-")

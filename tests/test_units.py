@@ -254,6 +254,22 @@ def test_claim_names_and_labels_from_any_user_name():
     assert api.label_value("-.edge.-") == "edge"
 
 
+def test_a_servers_claims_are_selected_by_a_label_no_other_server_has():
+    """Stopping a server deletes its kernels' claims by the server's label: ids that the
+    lossy label_value made one ("a-b"'s default server and "a"'s server "b") must not."""
+    from agent_sandbox import api
+    from sandbox_provisioner.runtimes.kubernetes import hub_server_id, server_selector
+
+    pairs = [("a-b", ""), ("a", "b"), ("a", "b-"), ("a-b", "c"), ("a", "b-c"), ("josé", ""),
+             ("jos-", ""), ("jos-e9-", ""), ("x" * 80, ""), ("x" * 80, "y")]  # fmt: skip
+    ids = {hub_server_id(*pair) for pair in pairs}
+    assert len(ids) == len(pairs)
+    selectors = {server_selector(i) for i in ids}
+    assert len(selectors) == len(pairs)
+    for value in (s.split("=", 1)[1] for s in selectors):
+        assert value == api.label_value(value) and len(value) <= 63
+
+
 def test_a_prepared_kernel_takes_only_variables_read_after_it_initialized():
     """What a go may change (a notebook's session name, a locale) and what it may not
     (anything Python, IPython or Jupyter read while the kernel initialized)."""

@@ -26,6 +26,7 @@ import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from jupyter_core.paths import jupyter_data_dir
 from traitlets import Float, Int, Unicode, default
@@ -58,13 +59,15 @@ CONTROLLER_KEY_FILE_ENV = "JUPYTER_SANDBOX_CONTROLLER_KEY_FILE"
 
 
 def hub_server_id(user: str, server_name: str = "") -> str:
-    """The server id of a Hub user's server, which its kernels' claims carry."""
-    return f"hub-{user}-{server_name}"
+    """The server id of a Hub user's server, which its kernels' claims carry: no two
+    (user, server) pairs have one ("a-b" and "a", "b-c" did), as a server's stop and start
+    delete the claims labelled with its id."""
+    return f"hub/{quote(user, safe='')}/{quote(server_name, safe='')}"
 
 
 def server_selector(server_id: str) -> str:
-    """A label selector for the claims of the kernels of one server."""
-    return f"{api.LABEL_KERNEL_SERVER}={api.label_value(server_id)}"
+    """A label selector for the claims of the kernels of one server, and only of it."""
+    return f"{api.LABEL_KERNEL_SERVER}={api.unique_label_value(server_id)}"
 
 
 class ClaimFailed(SandboxError):
@@ -164,7 +167,7 @@ class KubernetesRuntime(SandboxRuntime):
         labels = {
             api.LABEL_KERNEL_ID: api.label_value(kernel_id),
             api.LABEL_KERNEL_USER: api.label_value(user),
-            api.LABEL_KERNEL_SERVER: api.label_value(self.server_id),
+            api.LABEL_KERNEL_SERVER: api.unique_label_value(self.server_id),
         }
         return {
             "apiVersion": api.SANDBOX_CLAIM.api_version,
