@@ -8,7 +8,11 @@
 * :mod:`.service`: the Hub service ``sandbox-service``: the Agent Sandbox
   controller (Kubernetes), the :mod:`.hibernator` (stops servers with no busy
   kernel, no open terminal and no recent activity; files stay, a visit
-  resumes) and their metrics; :mod:`.starts` records start durations for it;
+  resumes) and their metrics; :mod:`.starts` records start durations for it, and
+  :mod:`.activity` lets it ask a server whether it is in use without handing it
+  any credential;
+* :mod:`.hub_instance`: what makes one Hub's names its own on a shared machine (its
+  instance id, its range of host uids, user names as keys);
 * :mod:`.binder`: Binder-style links: a URL opens a repository, running, in a sandbox
   (served by the Hub service; both spawners).
 
