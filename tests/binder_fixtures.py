@@ -4,11 +4,14 @@ plain HTTP from this machine's loopback by the test (never the internet).
 * :func:`serve` serves a directory (git's dumb HTTP protocol needs nothing more);
 * :func:`git_repo` commits a tree of files and makes it a served bare repository;
 * :func:`wheel` writes a pure-Python wheel by hand (no build backend, no network);
-  :func:`package_index` lays wheels out as a PEP 503 "simple" index.
+  :func:`package_index` lays wheels out as a PEP 503 "simple" index;
+* :func:`served` (a module's fixture): an index with ``demo_pkg`` and a directory of
+  repositories, served; :func:`link` and :func:`preparer` prepare from them without a Hub.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
@@ -16,13 +19,18 @@ import http.server
 import json
 import subprocess
 import threading
+import time
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import pytest
 from hub_fixtures import Hub, end_supervisors
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from sandbox_spawner.binder.links import LinkPolicy, RepoLink
+from sandbox_spawner.binder.prepare import PrepareLimits, Preparer
 from sandbox_spawner.hub_api import event_stream
 from testcluster.cluster import free_port
 
@@ -119,6 +127,41 @@ def package_index(root: Path, wheels: list[Path]) -> Path:
     return root / "simple"
 
 
+# -- preparations without a Hub ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Any:
+    """An index with ``demo_pkg`` and a directory of repositories (``git_repo``), served."""
+    root = tmp_path_factory.mktemp("binder")
+    wheels = root / "wheels"
+    wheels.mkdir()
+    index_root = root / "index"
+    package_index(index_root, [wheel(wheels, "demo_pkg", "1.0", "VALUE = 'from the index'\n")])
+    index = serve(index_root)
+    repos = root / "repos"
+    repos.mkdir()
+    git = serve(repos)
+    yield {"root": root, "repos": repos, "git": git, "index": index}
+    index.close()
+    git.close()
+
+
+def link(served: dict[str, Any], name: str, ref: str = "main") -> RepoLink:
+    url = f"{served['git'].url}/{name}.git"
+    return LinkPolicy(allowed_hosts=["127.0.0.1"]).parse("git", f"{quote(url, safe='')}/{ref}")
+
+
+def preparer(served: dict[str, Any], tmp_path: Path, runtime: str, **limits: Any) -> Preparer:
+    return Preparer(tmp_path / "cache", runtime=runtime, egress=(),
+                    index_url=f"{served['index'].url}/simple/",
+                    limits=PrepareLimits(**{"timeout": 120, **limits}))  # fmt: skip
+
+
+def events() -> tuple[list[tuple[str, str]], Any]:
+    """What a preparation emits, and the ``emit`` that records it."""
+    seen: list[tuple[str, str]] = []
+    return seen, lambda phase, message: seen.append((phase, message))
+
+
 # -- Binder launches on a real Hub ------------------------------------------------------------
 SERVICE = "/services/sandbox-service"
 NOTEBOOK = {
@@ -204,3 +247,27 @@ def server_of(event: dict) -> tuple[str, str]:
     """(user, server name) of a ready event's URL (/user/<user>/<server>/...)."""
     parts = event["url"].split("?")[0].split("/")
     return parts[2], parts[3]
+
+
+async def user_token(hub: Hub, name: str) -> str:
+    await hub.api("POST", f"/users/{name}", raise_error=False)
+    return await hub.user_token(name)
+
+
+async def server_stopped(hub: Hub, user: str, server: str) -> bool:
+    model = await hub.api("GET", f"/users/{user}")
+    return server not in (model.get("servers") or {})
+
+
+async def user_gone(hub: Hub, name: str) -> bool:
+    response = await hub.api("GET", f"/users/{name}", raise_error=False)
+    return response.code == 404
+
+
+async def wait_for(check, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.5)
+    return False

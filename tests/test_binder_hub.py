@@ -13,7 +13,19 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from binder_fixtures import SERVICE, BinderHub, git_repo, launch, phases, server_of, spec
+from binder_fixtures import (
+    SERVICE,
+    BinderHub,
+    git_repo,
+    launch,
+    phases,
+    server_of,
+    server_stopped,
+    spec,
+    user_gone,
+    user_token,
+    wait_for,
+)
 from hub_fixtures import Hub
 from tornado.httpclient import AsyncHTTPClient
 
@@ -176,32 +188,6 @@ async def test_the_launch_page_in_a_browser(binder_hub: Hub, browser):
     value = await page.input_value("#markdown")
     assert value == (f"[![Launch in a sandbox]({hub.url}{SERVICE}/badge.svg)]"
                      f"({hub.url}{SERVICE}/v2/gh/org/repo/main)")  # fmt: skip
-
-
-# -- helpers ---------------------------------------------------------------------------------
-async def user_token(hub: Hub, name: str) -> str:
-    await hub.api("POST", f"/users/{name}", raise_error=False)
-    return await hub.user_token(name)
-
-
-async def server_stopped(hub: Hub, user: str, server: str) -> bool:
-    model = await hub.api("GET", f"/users/{user}")
-    return server not in (model.get("servers") or {})
-
-
-async def user_gone(hub: Hub, name: str) -> bool:
-    response = await hub.api("GET", f"/users/{name}", raise_error=False)
-    return response.code == 404
-
-
-async def wait_for(check, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.5)
-    return False
-
 
 
 async def test_launch_limits_per_user_and_per_repository(binder_hub: Hub):

@@ -8,15 +8,12 @@ import asyncio
 import os
 import socket
 import subprocess
-from pathlib import Path
-from urllib.parse import quote
 
 import pytest
-from binder_fixtures import git_repo, package_index, serve, wheel
+from binder_fixtures import events, git_repo, link, preparer
 from conftest import require_runtime
 
 from sandbox_spawner.binder.egress import Allowlist
-from sandbox_spawner.binder.links import LinkPolicy
 from sandbox_spawner.binder.prepare import PreparationFailed, PrepareLimits, Preparer
 
 #: postBuild: the package is importable; it tries the outside both ways (directly, and
@@ -60,38 +57,6 @@ class Listener:
                 return count
             conn.close()
             count += 1
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("binder")
-    wheels = root / "wheels"
-    wheels.mkdir()
-    index_root = root / "index"
-    package_index(index_root, [wheel(wheels, "demo_pkg", "1.0", "VALUE = 'from the index'\n")])
-    index = serve(index_root)
-    repos = root / "repos"
-    repos.mkdir()
-    git = serve(repos)
-    yield {"root": root, "repos": repos, "git": git, "index": index}
-    index.close()
-    git.close()
-
-
-def link(served, name: str, ref: str = "main"):
-    url = f"{served['git'].url}/{name}.git"
-    return LinkPolicy(allowed_hosts=["127.0.0.1"]).parse("git", f"{quote(url, safe='')}/{ref}")
-
-
-def preparer(served, tmp_path: Path, runtime: str, **limits) -> Preparer:
-    return Preparer(tmp_path / "cache", runtime=runtime, egress=(),
-                    index_url=f"{served['index'].url}/simple/",
-                    limits=PrepareLimits(**{"timeout": 120, **limits}))  # fmt: skip
-
-
-def events() -> tuple[list[tuple[str, str]], object]:
-    seen: list[tuple[str, str]] = []
-    return seen, lambda phase, message: seen.append((phase, message))
 
 
 @pytest.mark.parametrize("runtime", ["bubblewrap", "gvisor"])
