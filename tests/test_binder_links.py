@@ -233,6 +233,30 @@ def test_contradictions_and_links_out_of_the_repository_are_refused(tmp_path: Pa
         read_environment(bad_yaml, installed=set())
 
 
+def test_configuration_is_read_without_following_links(tmp_path: Path):
+    """A fetched repository may hold links: no configuration file is read through one, not
+    even to see whether it exists (the launch page said "Dockerfile: not supported" only
+    when its link led to a file of the machine preparing the environment), and none is
+    read past a bound."""
+    from sandbox_spawner.binder.environment import BadRepository, read_environment
+
+    said = []
+    for target in ("/etc/passwd", "/nonexistent"):
+        repo = make({"requirements.txt": "numpy\n"}, tmp_path / target.strip("/"))
+        (repo / "Dockerfile").symlink_to(target)
+        said.append(read_environment(repo, installed=set()).unsupported)
+    assert said[0] == said[1] == ["Dockerfile: not supported (only requirements.txt, "
+                                  "environment.yml's pip part, runtime.txt, apt.txt, postBuild "
+                                  "and start are)"], said  # fmt: skip
+    large = make({"binder/requirements.txt": "x\n" * (1 << 20)}, tmp_path / "large")
+    with pytest.raises(BadRepository, match="larger than"):
+        read_environment(large, installed=set())
+    linked_dir = make({"real/requirements.txt": "numpy\n"}, tmp_path / "linked-dir")
+    (linked_dir / "binder").symlink_to(linked_dir / "real")
+    with pytest.raises(BadRepository, match="binder is a symbolic link"):
+        read_environment(linked_dir, installed=set())
+
+
 async def test_fetch_checks_out_the_commit(served_repo, tmp_path: Path):
     from sandbox_spawner.binder.refs import fetch
 

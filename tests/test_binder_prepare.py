@@ -175,7 +175,8 @@ async def test_the_cache_keeps_its_bound_least_recently_launched_first(served, t
     import fcntl
 
     from sandbox_spawner.binder import cache
-    from sandbox_spawner.binder.prepare import PREPARED, disk_usage
+    from sandbox_spawner.binder.prepare import PREPARED
+    from sandbox_spawner.binder.seal import disk_usage
 
     prep = preparer(served, tmp_path, "bubblewrap")  # nothing to install: no sandbox runs
     prepared = []

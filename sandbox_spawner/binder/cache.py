@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .prepare import PREPARED, Prepared, disk_usage
+from .prepare import PREPARED, Prepared
+from .seal import disk_usage
 
 
 def touch(prepared: Prepared) -> None:

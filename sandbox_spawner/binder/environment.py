@@ -7,11 +7,17 @@ prepares: ``requirements.txt``; the pip-installable part of ``environment.yml`` 
 checked against the Python there is); ``apt.txt`` only for packages already installed;
 ``postBuild`` (run once, at preparation) and ``start`` (the launch's entrypoint).
 Everything else is reported, by name, as not supported, never silently dropped.
+
+The repository is fetched from anywhere and may hold links: its files are read beneath the
+checkout's descriptor, never through a link (a configuration file or directory that is
+one is refused), and at most :data:`CONFIG_LIMIT` bytes each.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,10 +25,14 @@ from pathlib import Path
 
 import yaml
 
+from . import untrusted
+
 #: Files repo2docker reads that this project does not build from.
 UNSUPPORTED_FILES = ("Dockerfile", "default.nix", "install.R", "Project.toml", "Pipfile",
                      "Pipfile.lock", "DESCRIPTION", "REQUIRE")  # fmt: skip
 _PLAIN = re.compile(r"^(python|pip)\s*([<>=!~].*)?$")
+#: Bytes a configuration file may have.
+CONFIG_LIMIT = 1 << 20
 
 
 class BadRepository(ValueError):
@@ -43,50 +53,91 @@ class Environment:
 
 
 def read_environment(repo: Path, installed: set[str] | None = None) -> Environment:
-    """The environment ``repo`` asks for; :class:`BadRepository` for a contradiction.
-    ``installed``: the Debian packages present (default: asked of dpkg)."""
-    candidates = [d for d in (repo / "binder", repo / ".binder") if _entry(d, repo, is_dir=True)]
-    if len(candidates) > 1:
-        raise BadRepository("the repository has both binder/ and .binder/: keep one")
-    env = Environment(candidates[0] if candidates else repo)
-    where = env.config_dir
-    requirements = _entry(where / "requirements.txt", repo)
-    if requirements:
-        env.requirements += _requirement_lines(requirements.read_text())
-    conda = next((found for n in ("environment.yml", "environment.yaml")
-                  if (found := _entry(where / n, repo))), None)  # fmt: skip
-    if conda is not None:
-        _read_conda(conda, env)
-    runtime = _entry(where / "runtime.txt", repo)
-    if runtime and conda is None:  # repo2docker ignores it beside environment.yml
-        _read_runtime(runtime.read_text().strip(), env)
-    apt = _entry(where / "apt.txt", repo)
-    if apt:
-        wanted = _requirement_lines(apt.read_text())
-        present = installed if installed is not None else _installed(wanted)
-        env.apt_packages = [p for p in wanted if p in present]
-        missing = [p for p in wanted if p not in present]
-        if missing:
-            env.unsupported.append(f"apt.txt: {', '.join(missing)} not installed here "
-                                   "(packages are not installed at launch)")  # fmt: skip
-    for name, attr in (("postBuild", "post_build"), ("start", "start")):
-        setattr(env, attr, _entry(where / name, repo))
-    for name in UNSUPPORTED_FILES:
-        if (where / name).exists():
-            env.unsupported.append(f"{name}: not supported (only requirements.txt, "
-                                   "environment.yml's pip part, runtime.txt, apt.txt, "
-                                   "postBuild and start are)")  # fmt: skip
-    return env
+    """The environment ``repo`` asks for; :class:`BadRepository` for a contradiction, a
+    link or a file too large. ``installed``: the Debian packages present (default: asked
+    of dpkg)."""
+    root = untrusted.open_dir(repo)
+    try:
+        return _Reader(repo, root).read(installed)
+    finally:
+        os.close(root)
 
 
-def _entry(path: Path, repo: Path, is_dir: bool = False) -> Path | None:
-    """``path`` if it is a regular file (or directory) of the repository itself. A symbolic
-    link is refused: it could point at a file of the machine preparing the environment."""
-    if path.is_symlink():
-        raise BadRepository(f"{path.relative_to(repo)} is a symbolic link: configuration "
-                            "files must be files of the repository")  # fmt: skip
-    found = path.is_dir() if is_dir else path.is_file()
-    return path if found else None
+@dataclass
+class _Reader:
+    """The checkout ``repo``, open at ``root``: its entries looked at without following."""
+
+    repo: Path
+    root: int
+    config: str = ""
+
+    def read(self, installed: set[str] | None) -> Environment:
+        candidates = [d for d in ("binder", ".binder") if self._kind(d, is_dir=True)]
+        if len(candidates) > 1:
+            raise BadRepository("the repository has both binder/ and .binder/: keep one")
+        self.config = candidates[0] if candidates else ""
+        env = Environment(self.repo / self.config)
+        if (requirements := self._text("requirements.txt")) is not None:
+            env.requirements += _requirement_lines(requirements)
+        conda = next((name for name in ("environment.yml", "environment.yaml")
+                      if self._kind(name)), None)  # fmt: skip
+        if conda is not None:
+            _read_conda(self._text(conda) or "", env, conda)
+        runtime = self._text("runtime.txt")
+        if runtime is not None and conda is None:  # repo2docker ignores it then
+            _read_runtime(runtime.strip(), env)
+        if (apt := self._text("apt.txt")) is not None:
+            _read_apt(_requirement_lines(apt), env, installed)
+        for name, attr in (("postBuild", "post_build"), ("start", "start")):
+            if self._kind(name):
+                setattr(env, attr, self.repo / self._path(name))
+        for name in UNSUPPORTED_FILES:
+            if self._lstat(self._path(name)) is not None:  # a link too: never followed
+                env.unsupported.append(f"{name}: not supported (only requirements.txt, "
+                                       "environment.yml's pip part, runtime.txt, apt.txt, "
+                                       "postBuild and start are)")  # fmt: skip
+        return env
+
+    def _path(self, name: str) -> str:
+        return f"{self.config}/{name}" if self.config else name
+
+    def _lstat(self, path: str) -> os.stat_result | None:
+        parent, _, name = path.rpartition("/")
+        fd = untrusted.open_beneath(self.root, parent, os.O_RDONLY | os.O_DIRECTORY) \
+            if parent else self.root  # fmt: skip
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            if fd != self.root:
+                os.close(fd)
+
+    def _kind(self, name: str, is_dir: bool = False) -> bool:
+        """Whether the configuration has ``name``, a regular file (or a directory). A link
+        is refused: it could point at a file of the machine preparing the environment."""
+        path = name if is_dir else self._path(name)
+        found = self._lstat(path)
+        if found is not None and stat.S_ISLNK(found.st_mode):
+            raise BadRepository(f"{path} is a symbolic link: configuration files must be "
+                                "files of the repository")  # fmt: skip
+        if found is None:
+            return False
+        return stat.S_ISDIR(found.st_mode) if is_dir else stat.S_ISREG(found.st_mode)
+
+    def _text(self, name: str) -> str | None:
+        """The configuration file ``name``'s text; None when there is none."""
+        if not self._kind(name):
+            return None
+        path = self._path(name)
+        try:
+            data = untrusted.read_file(self.root, path, CONFIG_LIMIT)
+        except untrusted.Refused as exc:
+            raise BadRepository(f"{path}: {exc}") from None
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise BadRepository(f"{path} is not UTF-8 text") from None
 
 
 def _requirement_lines(text: str) -> list[str]:
@@ -94,22 +145,22 @@ def _requirement_lines(text: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def _read_conda(path: Path, env: Environment) -> None:
+def _read_conda(text: str, env: Environment, name: str) -> None:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise BadRepository(f"{path.name} is not valid YAML: {exc}") from None
+        raise BadRepository(f"{name} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise BadRepository(f"{path.name} is not a conda environment (a mapping)")
+        raise BadRepository(f"{name} is not a conda environment (a mapping)")
     for dep in data.get("dependencies") or []:
         if isinstance(dep, dict) and isinstance(dep.get("pip"), list):
             env.requirements += [str(r) for r in dep["pip"]]
         elif isinstance(dep, str) and (match := _PLAIN.match(dep.strip())):
             if match.group(1) == "python" and match.group(2):
                 version = match.group(2).lstrip("=<>!~ ")
-                _check_python(".".join(version.split(".")[:2]), env, path.name)
+                _check_python(".".join(version.split(".")[:2]), env, name)
         else:
-            env.unsupported.append(f"{path.name}: conda package {dep!r} is not installed "
+            env.unsupported.append(f"{name}: conda package {dep!r} is not installed "
                                    "(only the pip: list is)")  # fmt: skip
 
 
@@ -127,6 +178,16 @@ def _check_python(version: str, env: Environment, source: str) -> None:
     if version != here:
         env.unsupported.append(f"{source}: Python {version} asked for; this deployment "
                                f"runs Python {here}")  # fmt: skip
+
+
+def _read_apt(wanted: list[str], env: Environment, installed: set[str] | None) -> None:
+    """apt.txt: which of its packages are installed here."""
+    present = installed if installed is not None else _installed(wanted)
+    env.apt_packages = [p for p in wanted if p in present]
+    missing = [p for p in wanted if p not in present]
+    if missing:
+        env.unsupported.append(f"apt.txt: {', '.join(missing)} not installed here "
+                               "(packages are not installed at launch)")  # fmt: skip
 
 
 def _installed(packages: list[str]) -> set[str]:

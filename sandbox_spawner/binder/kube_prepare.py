@@ -18,7 +18,10 @@ service fetches the repository and writes the plan there (as on one machine);
   and nothing else.
 
 The service reads the log from the volume as it grows (a pod's log through the API
-needs a kubelet; the volume works everywhere) and watches the pod's phase.
+needs a kubelet; the volume works everywhere) and watches the pod's phase. The log's
+directory is the pod's to write: the service reads the file it first opened there,
+never a link the pod puts in its place (:class:`~.untrusted.LogTail`), and takes in what
+the pod prepared as the local preparer does, by descriptor (:mod:`.seal`).
 """
 
 from __future__ import annotations

@@ -12,12 +12,15 @@ project's runtimes (gVisor or bubblewrap):
 * with no network but the egress proxy (:mod:`.egress`): only the package index
   and the repository's host (and what the deployment adds) can be reached;
 * with a time limit, memory, CPU and process limits (cgroups as root), and a disk
-  limit checked as it runs.
+  limit checked as it runs and once it has ended.
 
-The result goes to ``<cache>/<repository key>/<commit>/`` (``repo/``, ``env/``,
-``prepared.json``), moved there in one rename once complete, and is never
-written again: every launch of that commit, by any user, uses it read-only. A
-lock per commit makes concurrent launches of one commit prepare it once.
+What the sandbox wrote is input to the service, which is root: its log is streamed from
+the file first found under that name (never through a link, up to a bound), and the
+rest is measured and read by descriptor (:mod:`.seal`, :mod:`.untrusted`), off the
+event loop. The result goes to ``<cache>/<repository key>/<commit>/`` (``repo/``,
+``env/``, ``prepared.json``), moved there in one rename once complete, and is never
+written again: every launch of that commit, by any user, uses it read-only. A lock per
+commit makes concurrent launches of one commit prepare it once.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from sandbox_provisioner.launch.plan import own_module
 from sandbox_provisioner.runtimes import AUTO, create_runtime
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
-from . import refs
+from . import refs, seal, untrusted
 from .egress import Allowlist, EgressProxy
 from .environment import BadRepository, read_environment
 from .inside import ENV_PATH, SITE_FILE, site_dir
@@ -89,6 +92,8 @@ class PrepareLimits:
     disk_bytes: int = 5 << 30
     cpus: float = 1.0
     pids: int = 512
+    #: Bytes of the preparation's log shown on the launch page.
+    log_bytes: int = 8 << 20
 
 
 @dataclass
@@ -131,7 +136,7 @@ class Preparer:
                 _seal(work)
                 os.rename(work, entry)
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                await asyncio.to_thread(shutil.rmtree, work, True)
             return Prepared(entry, record), False
 
     async def _prepare(self, link: RepoLink, commit: str, work: Path, emit: Emit) -> dict:
@@ -166,7 +171,7 @@ class Preparer:
             (work / "plan" / "requirements.txt").write_text("\n".join(wanted.requirements) + "\n")
             plan["requirements"] = f"{_PLAN_DIR}/requirements.txt"
         if wanted.post_build:
-            wanted.post_build.chmod(0o755)  # as repo2docker does
+            _make_executable(work / "repo", str(config / "postBuild"))  # as repo2docker does
             plan["post_build"] = f"{REPO_PATH}/{config / 'postBuild'}"
         allow = Allowlist((*self.egress, *_host_entry(link.url), *_host_entry(self.index_url)))
         if self.runner is not None:
@@ -178,8 +183,11 @@ class Preparer:
         if code != 0:
             raise PreparationFailed(f"preparing the environment failed (exit code {code}); "
                                     "the log above says where")  # fmt: skip
-        with contextlib.suppress(OSError):  # where the preparation's Python put packages
-            record["site"] = (work / "env" / SITE_FILE).read_text().strip() or record["site"]
+        # At rest now: what it left, once more against the limits (its last second too).
+        if problem := await _off_loop(self._over_limits, work, True):
+            raise PreparationFailed(f"preparing used {problem}")
+        # Where the preparation's Python put packages: what the sandbox wrote, so input.
+        record["site"] = await _off_loop(seal.read_site, work / "env", SITE_FILE, record["site"])
         return record
 
     async def _run_sandbox(self, work: Path, plan: dict[str, Any], allow: Allowlist,
@@ -210,43 +218,46 @@ class Preparer:
         finally:
             await proxy.close()
             shutil.rmtree(egress, ignore_errors=True)
-            if who.separate:
-                filesystem.chown_tree(work, os.getuid(), os.getgid())
+            if who.separate:  # (ended: nothing of the sandbox uid writes there any more)
+                await asyncio.to_thread(filesystem.chown_tree, work, os.getuid(), os.getgid())
         return code, proxy.denied
 
     async def watch(self, sandbox: Any, log: Path, work: Path, emit: Emit) -> int | None:
-        """Stream the log until the sandbox ends; enforce the time and disk limits."""
+        """Stream the log until the sandbox ends; enforce the time and disk limits.
+
+        The log is the file first found at ``log`` (a pod may replace the name with a link:
+        it is read from the file opened then, never by the name again)."""
         deadline = time.monotonic() + self.limits.timeout
-        offset, partial, next_disk = 0, b"", 0.0
+        next_disk = 0.0
+        tail = untrusted.LogTail(log, self.limits.log_bytes)
         waiting = asyncio.ensure_future(sandbox.wait())
         try:
             while True:
                 done = waiting.done()
-                with contextlib.suppress(OSError), open(log, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                    offset += len(chunk)
-                    *lines, partial = (partial + chunk).split(b"\n")
-                    for line in lines:
-                        emit("building", line.decode(errors="replace").rstrip())
+                try:
+                    for line in tail.lines(final=done):
+                        emit("building", line)
+                except untrusted.Refused as exc:
+                    await sandbox.kill()
+                    raise PreparationFailed(f"the preparation's log is refused: {exc}") from None
                 if done:
-                    if partial:
-                        emit("building", partial.decode(errors="replace"))
                     return waiting.result()
                 now = time.monotonic()
                 if now > deadline:
                     await sandbox.kill()
                     raise PreparationFailed(f"preparing took longer than {self.limits.timeout:g}s")
                 if now >= next_disk:
-                    next_disk = now + 1.0
-                    used = disk_usage(work / "repo") + disk_usage(work / "env")
-                    if used > self.limits.disk_bytes:
+                    if problem := await _off_loop(self._over_limits, work, False):
                         await sandbox.kill()
-                        raise PreparationFailed(
-                            f"preparing used more than {self.limits.disk_bytes >> 20} MiB of disk")
+                        raise PreparationFailed(f"preparing used {problem}")
+                    next_disk = time.monotonic() + 1.0
                 await asyncio.wait({waiting}, timeout=0.2)
         finally:
             waiting.cancel()
+            tail.close()
+
+    def _over_limits(self, work: Path, strict: bool) -> str | None:
+        return seal.over_limits(work, self.limits.disk_bytes, strict=strict)
 
     def _spec(
         self, work: Path, egress: Path, runtime: str, who: identity.SandboxIdentity
@@ -317,13 +328,26 @@ def _seal(work: Path) -> None:
             path.chmod(0o755)
 
 
-def disk_usage(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
+def _make_executable(repo: Path, path: str) -> None:
+    """``chmod 755`` of the repository's file ``path``, reached through no link."""
+    root = untrusted.open_dir(repo)
+    try:
+        fd = untrusted.open_beneath(root, path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(root)
+
+
+async def _off_loop(work: Callable[..., Any], *args: Any) -> Any:
+    """``work(*args)`` in a thread (it walks what the preparation wrote: any size); what it
+    left unusable, as :class:`PreparationFailed`."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except (seal.Unusable, untrusted.Refused) as exc:
+        raise PreparationFailed(str(exc)) from None
 
 
 @contextlib.asynccontextmanager

@@ -34,6 +34,7 @@ from typing import Any
 from sandbox_provisioner import filesystem
 
 from .prepare import ENV_PATH, Prepared, load
+from .seal import valid_site
 
 OPTION = "binder"
 #: In a server's pod on Kubernetes: the prepared commit's files, read-only (copied once).
@@ -138,4 +139,8 @@ def from_user_options(options: dict[str, Any], cache_root: Path) -> BinderServer
     if prepared is None:
         raise BadBinderOptions(f"{key} at {commit[:12]} has not been prepared: launch it "
                                "through its Binder link")  # fmt: skip
+    if not valid_site(prepared.record.get("site")):
+        raise BadBinderOptions(f"{key} at {commit[:12]} was prepared with an unusable "
+                               "environment: an administrator removes it from the "
+                               "cache")  # fmt: skip
     return BinderServer(prepared, key, bool(raw.get("anonymous")))

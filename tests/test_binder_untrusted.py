@@ -1,0 +1,148 @@
+"""What a preparation or a user wrote, met by root: the attacks of the review of the Binder
+links (issue 23), run for real. A repository served on loopback, its preparation in a real
+bubblewrap or gVisor sandbox; the damage is looked for on the host (what root read).
+
+* a link (or a pipe, or junk) the preparation leaves as the environment's ``.site``;
+* on Kubernetes, a preparation pod that replaces its log with a link.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+from binder_fixtures import events, git_repo, link, preparer
+from conftest import require_runtime
+
+from sandbox_spawner.binder.prepare import PreparationFailed, PrepareLimits, Preparer, repo_key
+from sandbox_spawner.binder.server import BinderServer
+
+RUNTIMES = ["bubblewrap", "gvisor"]
+
+
+def root_only_secret(tmp_path: Path) -> tuple[Path, str]:
+    """A file like the Hub's cookie secret: root's, mode 0600."""
+    secret = secrets.token_hex(32)
+    path = tmp_path / "jupyterhub_cookie_secret"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return path, secret
+
+
+def no_preparation_left(prep: Preparer) -> None:
+    assert os.listdir(prep.cache_root / ".work") == []
+    leftover = subprocess.run(["pgrep", "-f", "sandbox_spawner.binder.inside"],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert leftover == []
+
+
+# -- 1. the environment's .site, written in the sandbox, read by root --------------------------
+SITE_ATTACKS = {
+    # A link to a root-only file of the host: root read it into the server's PYTHONPATH.
+    "link": "ln -sf {secret_path} /srv/binder/.site",
+    # A named pipe: root's read of it waits for a writer, on the service's event loop.
+    "fifo": "rm -f /srv/binder/.site && mkfifo /srv/binder/.site",
+    # Content that is no relative path: PYTHONPATH gains host-like paths and separators.
+    "path-list": "printf '../../../etc:/root' > /srv/binder/.site",
+    "control": "printf 'lib\\033[2Jx' > /srv/binder/.site",
+    "large": "head -c 2000000 /dev/zero | tr '\\0' a > /srv/binder/.site",
+}
+
+
+#: gVisor keeps a sandbox's named pipes in its own kernel: the host sees no pipe (the file is
+#: just gone, and the default applies), so that attack is bubblewrap's only.
+SITE_CASES = [(r, a) for r in RUNTIMES for a in SITE_ATTACKS if (r, a) != ("gvisor", "fifo")]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("runtime", "attack"), SITE_CASES)
+async def test_the_environments_site_file_is_input_not_a_path(served, tmp_path, runtime, attack):
+    require_runtime(runtime)
+    secret_path, secret = root_only_secret(tmp_path)
+    name = f"site-{attack}-{runtime}"
+    post_build = "#!/bin/sh\n" + SITE_ATTACKS[attack].format(secret_path=secret_path) + "\n"
+    commit = git_repo(served["repos"], name, {"requirements.txt": "demo_pkg\n",
+                                              "postBuild": post_build},
+                      executable=("postBuild",))  # fmt: skip
+    prep = preparer(served, tmp_path, runtime)
+    seen, emit = events()
+    try:
+        prepared, _ = await prep.prepare(link(served, name), commit, emit)
+    except PreparationFailed as exc:
+        failure = str(exc)
+    else:
+        server = BinderServer(prepared, repo_key(link(served, name).url), False)
+        pythonpath = server.env()["PYTHONPATH"]
+        pytest.fail(f"prepared; the server's PYTHONPATH would be {pythonpath[:200]!r}"
+                    + (" (the Hub's secret)" if secret in pythonpath else ""))  # fmt: skip
+    assert ".site" in failure, failure
+    assert secret not in failure and not any(secret in m for _, m in seen)
+    assert prep.cached(link(served, name), commit) is None
+    no_preparation_left(prep)
+
+
+# -- 1 (Kubernetes). The preparation pod's log, on the shared volume -----------------------------
+POD_LOG_LINK = """#!/bin/sh
+echo before the swap
+sleep 1
+ln -sf {target} /var/log/binder/build.log
+echo after the swap
+sleep 3
+echo done
+"""
+
+
+async def test_a_preparation_pods_log_link_is_not_followed(served, cluster, node_agent,
+                                                           tmp_path):  # fmt: skip
+    """The pod's log directory is writable by the pod (0777): the pod replaced its log with
+    a link to a root-only file of the Hub's pod, and the service streamed that file to the
+    launch page. (Here the service is this test's process, the pod runs on the test
+    cluster's stand-in node.)"""
+    import sys
+    import uuid
+
+    from agent_sandbox.kube import Kube
+    from sandbox_spawner.binder.egress import SharedEgressProxy
+    from sandbox_spawner.binder.kube_prepare import PodRunner
+    from testcluster.cluster import free_port
+
+    namespace = f"binder-{uuid.uuid4().hex[:8]}"
+    status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    assert status == 201, body
+    secret_path = tmp_path / "service-token"
+    secret = "SERVICE_TOKEN=" + secrets.token_hex(16)
+    secret_path.write_text("#" * 4096 + "\n" + secret + "\n")  # past any offset the log had
+    secret_path.chmod(0o600)
+    proxy = SharedEgressProxy()
+    port = free_port()
+    await proxy.start_tcp("127.0.0.1", port)
+    kube = await Kube.connect(str(cluster.kubeconfig))
+    try:
+        cache_root = cluster.workdir / "node" / "pvc" / namespace / "binder-cache"
+        runner = PodRunner(namespace=namespace, claim="binder-cache", image="unused:1",
+                           proxy=proxy, proxy_address=f"127.0.0.1:{port}", runtime_class=None,
+                           python=sys.executable, kube=kube)  # fmt: skip
+        prep = Preparer(cache_root, egress=(), index_url=f"{served['index'].url}/simple/",
+                        runner=runner, limits=PrepareLimits(timeout=120))  # fmt: skip
+        commit = git_repo(served["repos"], "pod-log-link", {
+            "requirements.txt": "demo_pkg\n",
+            "postBuild": POD_LOG_LINK.format(target=secret_path),
+        }, executable=("postBuild",))  # fmt: skip
+        seen, emit = events()
+        try:
+            await prep.prepare(link(served, "pod-log-link"), commit, emit)
+        except PreparationFailed as exc:
+            seen.append(("failed", str(exc)))
+        log = "\n".join(m for _, m in seen)
+        assert secret not in log, f"the service streamed {secret_path}:\n{log[-600:]}"
+        # The pod's own output after the swap still reaches the page: the service reads the
+        # file it opened, not whatever the name points at now.
+        assert "after the swap" in log and "done" in log, log
+        assert os.listdir(cache_root / ".work") == []
+    finally:
+        await proxy.close()
+        await kube.close()
+        cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")
