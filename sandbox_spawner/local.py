@@ -227,7 +227,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
                                                        Path(self.binder_cache))  # fmt: skip
         who = self.identity()
         self._prepare_home(who)
-        home = self._binder.copy_for(self.home, who.uid, who.gid) if self._binder else None
+        home = await self._binder.copy_for(self.home, who.uid, who.gid) if self._binder else None
         state = self._state_dir()
         if supervisor.holds(state):
             raise HubConflict(f"a server of {self.user.name} still runs from {state} (its "

@@ -1,15 +1,19 @@
 """What a preparation or a user wrote, met by root: the attacks of the review of the Binder
 links (issue 23), run for real. A repository served on loopback, its preparation in a real
-bubblewrap or gVisor sandbox; the damage is looked for on the host (what root read).
+bubblewrap or gVisor sandbox, the user's copy made by the real code the spawner calls; the
+damage is looked for on the host (what root read, where a copy landed, who owns a file).
 
 * a link (or a pipe, or junk) the preparation leaves as the environment's ``.site``;
-* on Kubernetes, a preparation pod that replaces its log with a link.
+* on Kubernetes, a preparation pod that replaces its log with a link;
+* links in the user's home that would redirect the copy of the repository.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from sandbox_spawner.binder.prepare import PreparationFailed, PrepareLimits, Pre
 from sandbox_spawner.binder.server import BinderServer
 
 RUNTIMES = ["bubblewrap", "gvisor"]
+#: A uid no account has: the owner of the test's "user" home.
+USER_UID = 1_990_000_000 + os.getpid() % 100_000
 
 
 def root_only_secret(tmp_path: Path) -> tuple[Path, str]:
@@ -146,3 +152,119 @@ async def test_a_preparation_pods_log_link_is_not_followed(served, cluster, node
         await proxy.close()
         await kube.close()
         cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
+# -- 2. the user's copy, in a home the user writes ---------------------------------------------
+POST_BUILD_FILES = """#!/bin/sh
+set -e
+echo mine > private.txt && chmod 600 private.txt
+mkdir -p deep/er && echo x > deep/er/file.txt && chmod 700 deep
+truncate -s 200M sparse.bin && echo tail >> sparse.bin
+ln -s /etc/shadow escape
+"""
+
+
+def users_home(tmp_path: Path) -> Path:
+    home = tmp_path / "homes" / "mallory"
+    home.mkdir(parents=True, mode=0o700)
+    os.chown(home, USER_UID, USER_UID)
+    return home
+
+
+def plant_link(target: Path, at: Path) -> None:
+    """A link the user made (owned by the user, as one made by their server is)."""
+    at.symlink_to(target)
+    os.lchown(at, USER_UID, USER_UID)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_the_users_copy_never_goes_through_a_link_in_the_home(served, tmp_path, runtime):
+    require_runtime(runtime)
+    name = f"copy-{runtime}"
+    commit = git_repo(served["repos"], name, {"requirements.txt": "demo_pkg\n",
+                                              "postBuild": POST_BUILD_FILES},
+                      executable=("postBuild",))  # fmt: skip
+    prep = preparer(served, tmp_path, runtime)
+    prepared, _ = await prep.prepare(link(served, name), commit, events()[1])
+    key = repo_key(link(served, name).url)
+    server = BinderServer(prepared, key, False)
+    home = users_home(tmp_path)
+    victim = tmp_path / "root-only"  # as /root: root's, mode 0700
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_text("root's\n")
+
+    # ~/binder is a link to the root-only directory.
+    plant_link(victim, home / "binder")
+    try:
+        made = await server.copy_for(home, USER_UID, USER_UID)
+    except Exception as exc:  # what it is is asserted below
+        refused: Exception | None = exc
+    else:
+        refused = None
+    assert sorted(os.listdir(victim)) == ["shadow"], (
+        f"the copy went through ~/binder into {victim}: {sorted(os.listdir(victim))}, "
+        f"owners {[os.lstat(victim / n).st_uid for n in os.listdir(victim)]}")
+    from sandbox_spawner.binder.server import CopyFailed
+
+    assert isinstance(refused, CopyFailed) and "binder" in str(refused), refused
+    assert (home / "binder").is_symlink()  # what the user made is left as it is
+
+    # ~/binder/<key> is a link to it: never taken for the user's copy.
+    (home / "binder").unlink()
+    (home / "binder").mkdir()
+    os.chown(home / "binder", USER_UID, USER_UID)
+    plant_link(victim, home / "binder" / key)
+    try:
+        made = await server.copy_for(home, USER_UID, USER_UID)
+    except CopyFailed as exc:
+        assert key in str(exc) and "link" in str(exc), exc
+    else:
+        pytest.fail(f"copy_for gave {made} (a link to {os.readlink(made)}) as the user's copy")
+    assert sorted(os.listdir(victim)) == ["shadow"] and (home / "binder" / key).is_symlink()
+
+    # A file in its place is refused too, and kept.
+    (home / "binder" / key).unlink()
+    (home / "binder" / key).write_text("not a copy\n")
+    with pytest.raises(CopyFailed, match="not a directory"):
+        await server.copy_for(home, USER_UID, USER_UID)
+    assert (home / "binder" / key).read_text() == "not a copy\n"
+
+    # Without links: the copy, made as the user, sparse files sparse, links as links.
+    (home / "binder" / key).unlink()
+    made = await server.copy_for(home, USER_UID, USER_UID)
+    assert made == home / "binder" / key and not made.is_symlink()
+    for path in (made, *made.rglob("*")):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid) == (USER_UID, USER_UID), path
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), path
+    assert (made / "private.txt").read_text() == "mine\n"
+    assert (made / "deep/er/file.txt").read_text() == "x\n"
+    assert os.readlink(made / "escape") == "/etc/shadow"
+    sparse = os.stat(made / "sparse.bin")
+    assert sparse.st_size == (200 << 20) + 5 and sparse.st_blocks * 512 < 1 << 20, sparse
+    assert (made / "sparse.bin").open("rb").read(4) == b"\0" * 4
+    # Kept, with the user's changes, on the next launch.
+    (made / "notes.txt").write_text("my notes\n")
+    assert await server.copy_for(home, USER_UID, USER_UID) == made
+    assert (made / "notes.txt").read_text() == "my notes\n"
+    assert sorted(p.name for p in (home / "binder").iterdir()) == [key]  # no staging left
+    shutil.rmtree(tmp_path / "homes")
+
+
+@pytest.mark.timeout(60)
+async def test_special_files_are_neither_kept_nor_opened(served, tmp_path):
+    """A named pipe left in the repository made every launch's copy fail (shutil refuses to
+    copy one); opened for reading it would wait for a writer."""
+    require_runtime("bubblewrap")
+    name = "fifo-in-repo"
+    commit = git_repo(served["repos"], name, {
+        "requirements.txt": "demo_pkg\n",
+        "postBuild": "#!/bin/sh\nmkfifo pipe\nmkdir sub\nmkfifo sub/pipe\necho kept > kept.txt\n",
+    }, executable=("postBuild",))  # fmt: skip
+    prep = preparer(served, tmp_path, "bubblewrap")
+    prepared, _ = await prep.prepare(link(served, name), commit, events()[1])
+    server = BinderServer(prepared, repo_key(link(served, name).url), False)
+    made = await server.copy_for(users_home(tmp_path), USER_UID, USER_UID)
+    assert (made / "kept.txt").read_text() == "kept\n"
+    assert not (made / "pipe").exists() and not (made / "sub" / "pipe").exists()
+    assert not (prepared.repo / "pipe").exists()  # not kept in the prepared commit either

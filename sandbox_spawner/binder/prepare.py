@@ -16,11 +16,11 @@ project's runtimes (gVisor or bubblewrap):
 
 What the sandbox wrote is input to the service, which is root: its log is streamed from
 the file first found under that name (never through a link, up to a bound), and the
-rest is measured and read by descriptor (:mod:`.seal`, :mod:`.untrusted`), off the
-event loop. The result goes to ``<cache>/<repository key>/<commit>/`` (``repo/``,
-``env/``, ``prepared.json``), moved there in one rename once complete, and is never
-written again: every launch of that commit, by any user, uses it read-only. A lock per
-commit makes concurrent launches of one commit prepare it once.
+rest is measured, read and sealed by descriptor (:mod:`.seal`, :mod:`.untrusted`), off
+the event loop. The result goes to ``<cache>/<repository key>/<commit>/`` (``repo/``,
+``env/``, ``prepared.json``), readable by every user, moved there in one rename once
+complete, and is never written again: every launch of that commit, by any user, uses
+it read-only. A lock per commit makes concurrent launches of one commit prepare it once.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Preparer:
                 record = await self._prepare(link, commit, work, emit)
                 record["seconds"] = round(time.monotonic() - began, 3)
                 (work / PREPARED).write_text(json.dumps(record, indent=1))
-                _seal(work)
+                await _off_loop(seal.seal, work)
                 os.rename(work, entry)
             finally:
                 await asyncio.to_thread(shutil.rmtree, work, True)
@@ -316,16 +316,6 @@ def _host_entry(url: str | None) -> list[str]:
     parts = urlsplit(url or "")
     port = parts.port or {"https": 443, "http": 80, "git": 9418}.get(parts.scheme, 443)
     return [f"{parts.hostname}:{port}"] if parts.hostname else []
-
-
-def _seal(work: Path) -> None:
-    """Keep what servers use (the repository, the environment, the record), readable by
-    every user's server (read-only there: it is bound so)."""
-    for sub in ("state", "plan", "etc", "log"):
-        shutil.rmtree(work / sub, ignore_errors=True)
-    for path in (work, work / "repo", work / "env"):
-        with contextlib.suppress(OSError):  # (a pod's uid made them: the same, or root's)
-            path.chmod(0o755)
 
 
 def _make_executable(repo: Path, path: str) -> None:

@@ -8,7 +8,9 @@ commit, never by path) and gives the server
 * the user's own copy of the repository as its home (``<home>/binder/<KEY>`` on the
   host, at ``/home/jovyan`` inside, as repo2docker lays it out): made from the
   prepared commit on the first launch and kept, with the user's changes, for the
-  next (anonymous users' copies go with the user);
+  next (anonymous users' copies go with the user). The home is the user's to change
+  while the Hub copies (their default server may be running): the copy is made by the
+  user's uid, through no link (:mod:`.home_copy`);
 * the prepared environment read-only at :data:`~.prepare.ENV_PATH`, first on
   ``PYTHONPATH`` and ``PATH`` (so kernels import the repository's packages);
 * the repository's ``start`` script, when it has one, run before the server with
@@ -21,12 +23,12 @@ cache volume, as is the environment) on the first start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import os
 import re
-import secrets
-import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,17 @@ OPTION = "binder"
 REPO_SOURCE = "/srv/binder-repo"
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,80}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+#: Seconds the copy of a repository into a home may take.
+COPY_TIMEOUT = 900.0
+_CHILD_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
 
 
 class BadBinderOptions(ValueError):
     """``user_options["binder"]`` names no prepared commit; the message says why."""
+
+
+class CopyFailed(RuntimeError):
+    """The user's copy of the repository could not be made; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -100,27 +109,33 @@ class BinderServer:
             container["args"] = [*begin, *(container.get("args") or [])]
         return pod
 
-    def copy_for(self, home: Path, uid: int, gid: int) -> Path:
+    async def copy_for(self, home: Path, uid: int, gid: int) -> Path:
         """The user's copy of the repository (made now from the prepared commit if the user
-        has none), owned by the user."""
-        copy = home / "binder" / self.key
-        if copy.exists():
-            return copy
-        copy.parent.mkdir(mode=0o755, exist_ok=True)
-        staging = copy.parent / f".{self.key}.{secrets.token_hex(4)}"
+        has none), ``<home>/binder/<key>``: made by the user's uid, never through a link of
+        the home, never over what is there (:mod:`.home_copy`, a child process: the Hub's
+        event loop goes on meanwhile). :class:`CopyFailed` says why there is none."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sandbox_spawner.binder.home_copy", str(self.prepared.repo),
+            str(home), self.key, str(uid), str(gid), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",
+            env=_CHILD_ENV,
+        )  # fmt: skip
         try:
-            shutil.copytree(self.prepared.repo, staging, symlinks=True)
-            for path in (staging, *staging.rglob("*")):
-                if not path.is_symlink():
-                    with contextlib.suppress(OSError):
-                        path.chmod(path.stat().st_mode | 0o200)  # the user's to change
-            filesystem.chown_tree(staging, uid, gid)
-            with contextlib.suppress(OSError):
-                os.lchown(copy.parent, uid, gid)
-            os.rename(staging, copy)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return copy
+            _, err = await asyncio.wait_for(proc.communicate(), COPY_TIMEOUT)
+        except BaseException as exc:  # too long, or the start was cancelled: it ends too
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(BaseException):
+                await proc.wait()
+            if isinstance(exc, TimeoutError):
+                raise CopyFailed(f"copying the repository into your home took more than "
+                                 f"{COPY_TIMEOUT:g}s") from None  # fmt: skip
+            raise
+        if proc.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            reason = lines[-1] if lines else f"exit code {proc.returncode}"
+            raise CopyFailed(f"your copy of the repository could not be made: {reason}")
+        return home / "binder" / self.key
 
 
 def from_user_options(options: dict[str, Any], cache_root: Path) -> BinderServer | None:

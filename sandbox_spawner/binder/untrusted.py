@@ -13,23 +13,27 @@ environment, a chown of ``/etc/shadow``. So here
 * what is read is checked on the descriptor (``fstat``): a regular file, of a bounded
   size; opened ``O_NONBLOCK`` so that a named pipe cannot hold the reader;
 * trees are walked by descriptor, depth bounded, and a directory that changed between
-  its listing and its opening is refused, not followed.
+  its listing and its opening is refused, not followed;
+* file data is copied sparsely: holes stay holes (``SEEK_DATA``/``SEEK_HOLE``).
 
-Standard library only. (``sandbox_provisioner.runtimes.mount_stage`` resolves its mounts
-alike; it runs before anything is importable, so it keeps its own.)
+Standard library only: :mod:`.home_copy` (a short-lived child of the Hub) imports it.
+(``sandbox_provisioner.runtimes.mount_stage`` resolves its mounts alike; it runs before
+anything is importable, so it keeps its own.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-#: Directories beneath directories, at most: deeper is refused (a walk, a limit).
+#: Directories beneath directories, at most: deeper is refused (a walk, a copy, a limit).
 MAX_DEPTH = 128
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CHUNK = 1 << 20
 
 
 class Refused(OSError):
@@ -156,6 +160,47 @@ def usage(top: int, *, max_bytes: int = 0, strict: bool = False) -> int:
     return found
 
 
+def copy_data(src: int, dst: int, size: int) -> None:
+    """``size`` bytes of ``src`` into ``dst`` (both regular files, ``dst`` empty), holes left
+    holes: only the data segments are copied (in the kernel where it can)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from here to the end
+                break
+            raise
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        _copy_range(src, dst, start, end)
+        offset = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    position = start
+    while position < end:
+        want = min(end - position, 64 * _CHUNK)
+        try:
+            done = os.copy_file_range(src, dst, want, position, position)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            done = _copy_by_hand(src, dst, position, min(want, _CHUNK))
+        if done == 0:  # the source is shorter than it said
+            return
+        position += done
+
+
+def _copy_by_hand(src: int, dst: int, position: int, count: int) -> int:
+    data = os.pread(src, count, position)
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(dst, view, position + len(data) - len(view))
+        view = view[written:]
+    return len(data)
+
+
 class LogTail:
     """A log that less privileged code writes, read as it grows: the file found at ``path``
     when it first appears (a regular file, opened beneath its directory, not through a
@@ -210,3 +255,15 @@ class LogTail:
             if fd is not None:
                 os.close(fd)
         self._fd = self._dir = None
+
+
+def remove_beneath(dir_fd: int, name: str) -> None:
+    """Remove ``name`` beneath ``dir_fd`` (a tree: entry by entry, by descriptor)."""
+    import shutil
+
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
