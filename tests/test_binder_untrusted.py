@@ -5,7 +5,8 @@ damage is looked for on the host (what root read, where a copy landed, who owns 
 
 * a link (or a pipe, or junk) the preparation leaves as the environment's ``.site``;
 * on Kubernetes, a preparation pod that replaces its log with a link;
-* links in the user's home that would redirect the copy of the repository.
+* links in the user's home that would redirect the copy of the repository;
+* a sparse file that fills no block and a flood of empty files, against the limits.
 """
 
 from __future__ import annotations
@@ -268,3 +269,37 @@ async def test_special_files_are_neither_kept_nor_opened(served, tmp_path):
     assert (made / "kept.txt").read_text() == "kept\n"
     assert not (made / "pipe").exists() and not (made / "sub" / "pipe").exists()
     assert not (prepared.repo / "pipe").exists()  # not kept in the prepared commit either
+
+
+# -- 3. disk: apparent sizes, file counts ------------------------------------------------------
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_a_sparse_file_counts_its_apparent_size(served, tmp_path, runtime):
+    """``truncate -s 3G`` allocates no block: counted by blocks it passed any limit, and
+    its copy into a home wrote 3 GiB."""
+    require_runtime(runtime)
+    name = f"sparse-{runtime}"
+    commit = git_repo(served["repos"], name, {
+        "requirements.txt": "demo_pkg\n", "postBuild": "#!/bin/sh\ntruncate -s 3G big.bin\n",
+    }, executable=("postBuild",))  # fmt: skip
+    prep = preparer(served, tmp_path, runtime, disk_bytes=20 << 20)
+    _, emit = events()
+    with pytest.raises(PreparationFailed, match="more than 20 MiB of disk"):
+        await prep.prepare(link(served, name), commit, emit)
+    assert prep.cached(link(served, name), commit) is None
+    no_preparation_left(prep)
+
+
+async def test_a_flood_of_empty_files_is_limited(served, tmp_path):
+    require_runtime("bubblewrap")
+    name = "many-files"
+    commit = git_repo(served["repos"], name, {
+        "requirements.txt": "demo_pkg\n",
+        "postBuild": "#!/bin/sh\nmkdir many && cd many && seq 1 3000 | xargs touch\n",
+    }, executable=("postBuild",))  # fmt: skip
+    prep = Preparer(tmp_path / "cache", runtime="bubblewrap", egress=(),
+                    index_url=f"{served['index'].url}/simple/",
+                    limits=PrepareLimits(timeout=120, files=1000))  # fmt: skip
+    _, emit = events()
+    with pytest.raises(PreparationFailed, match="more than 1000 files"):
+        await prep.prepare(link(served, name), commit, emit)
+    no_preparation_left(prep)

@@ -175,8 +175,11 @@ class Launcher:
     async def _bound_cache(self, launching: Path) -> None:
         users = await self.hub.request("GET", "/users?state=active&limit=1000")
         keep = cache.in_use(users, self.preparer.cache_root) | {launching}
-        for removed in cache.evict(self.preparer.cache_root, self.settings.cache_bytes, keep):
-            log.info("removed the prepared commit %s (the cache's bound)", removed)
+        # It measures every prepared commit (any number of files): off the event loop.
+        removed = await asyncio.to_thread(cache.evict, self.preparer.cache_root,
+                                          self.settings.cache_bytes, keep)  # fmt: skip
+        for entry in removed:
+            log.info("removed the prepared commit %s (the cache's bound)", entry)
 
     async def _check_repo_limit(self, name: str, user: str | None) -> None:
         limit = self.settings.per_repo_limit

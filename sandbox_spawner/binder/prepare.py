@@ -11,8 +11,8 @@ project's runtimes (gVisor or bubblewrap):
   read-only; nothing else of the host;
 * with no network but the egress proxy (:mod:`.egress`): only the package index
   and the repository's host (and what the deployment adds) can be reached;
-* with a time limit, memory, CPU and process limits (cgroups as root), and a disk
-  limit checked as it runs and once it has ended.
+* with a time limit, memory, CPU and process limits (cgroups as root), and limits on
+  disk (apparent sizes) and files, checked as it runs and once it has ended.
 
 What the sandbox wrote is input to the service, which is root: its log is streamed from
 the file first found under that name (never through a link, up to a bound), and the
@@ -89,7 +89,11 @@ class Prepared:
 class PrepareLimits:
     timeout: float = 600.0
     memory_bytes: int = 2 << 30
+    #: The repository and the environment together, in apparent sizes (a sparse file
+    #: counts its length: a copy of it may write that much).
     disk_bytes: int = 5 << 30
+    #: Files, directories and links of the repository and the environment together.
+    files: int = 250_000
     cpus: float = 1.0
     pids: int = 512
     #: Bytes of the preparation's log shown on the launch page.
@@ -223,7 +227,7 @@ class Preparer:
         return code, proxy.denied
 
     async def watch(self, sandbox: Any, log: Path, work: Path, emit: Emit) -> int | None:
-        """Stream the log until the sandbox ends; enforce the time and disk limits.
+        """Stream the log until the sandbox ends; enforce the time, disk and file limits.
 
         The log is the file first found at ``log`` (a pod may replace the name with a link:
         it is read from the file opened then, never by the name again)."""
@@ -257,7 +261,7 @@ class Preparer:
             tail.close()
 
     def _over_limits(self, work: Path, strict: bool) -> str | None:
-        return seal.over_limits(work, self.limits.disk_bytes, strict=strict)
+        return seal.over_limits(work, self.limits.disk_bytes, self.limits.files, strict=strict)
 
     def _spec(
         self, work: Path, egress: Path, runtime: str, who: identity.SandboxIdentity

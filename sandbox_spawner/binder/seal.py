@@ -6,8 +6,8 @@ an unprivileged uid; the service (root) then measures them, reads the environmen
 All of it by descriptor (:mod:`.untrusted`): the writer may have left links, pipes,
 files linked twice, directories nested to no end, sparse files of any length.
 
-* :func:`over_limits`: what it takes on disk, against the preparation's limit; while it
-  runs and once it has ended;
+* :func:`over_limits`: apparent sizes (a sparse file counts its length) and entries
+  (inodes), against the preparation's limits; while it runs and once it has ended;
 * :func:`read_site`: ``.site`` is a short relative path of the environment, else refused;
 * :func:`seal`: every directory and file readable (and searchable) by all, no set-id
   bit, no write but the owner's; special files removed (they mean nothing outside the
@@ -39,31 +39,38 @@ class Unusable(ValueError):
     """What the preparation left cannot be used; the message says why."""
 
 
-def over_limits(work: Path, max_bytes: int, *, strict: bool) -> str | None:
+def over_limits(work: Path, max_bytes: int, max_entries: int, *, strict: bool) -> str | None:
     """What the preparation in ``work`` has gone past (its repository and environment
-    together), None when it is within ``max_bytes`` (0: no limit). ``strict``: the tree is
-    at rest (else a running sandbox's: what vanishes meanwhile is skipped)."""
-    used = 0
+    together), None when it is within ``max_bytes`` and ``max_entries`` (0: no limit).
+    ``strict``: the tree is at rest (else a running sandbox's: what vanishes meanwhile is
+    skipped)."""
+    used = untrusted.Usage()
     for sub in KEPT:
         try:
             fd = untrusted.open_dir(work / sub)
             try:  # (+ 1: what is left of a bound may be 0, which is no bound to usage())
-                used += untrusted.usage(fd, max_bytes=max_bytes and max_bytes - used + 1,
+                found = untrusted.usage(fd, max_bytes=max_bytes and max_bytes - used.bytes + 1,
+                                        max_entries=max_entries and max_entries - used.entries + 1,
                                         strict=strict)  # fmt: skip
             finally:
                 os.close(fd)
         except untrusted.Refused as exc:
             return str(exc)
-        if max_bytes and used > max_bytes:
-            return f"more than {max_bytes >> 20} MiB of disk"
+        used.bytes += found.bytes
+        used.entries += found.entries
+        if max_bytes and used.bytes > max_bytes:
+            return (f"more than {max_bytes >> 20} MiB of disk (apparent sizes: a sparse file "
+                    "counts its length)")  # fmt: skip
+        if max_entries and used.entries > max_entries:
+            return f"more than {max_entries} files and directories"
     return None
 
 
 def disk_usage(root: Path) -> int:
-    """Bytes the files below ``root`` (a prepared commit, at rest) take on disk."""
+    """Apparent bytes of the files below ``root`` (a prepared commit, at rest)."""
     fd = untrusted.open_dir(root)
     try:
-        return untrusted.usage(fd, strict=False)
+        return untrusted.usage(fd, strict=False).bytes
     finally:
         os.close(fd)
 

@@ -148,14 +148,24 @@ def _enter(stack: list[tuple[int, Iterator[str]]], fd: int) -> None:
     stack[-1] = (fd, iter(os.listdir(fd)))
 
 
-def usage(top: int, *, max_bytes: int = 0, strict: bool = False) -> int:
-    """Bytes the files of the tree at ``top`` take on disk (allocated blocks); the count
-    stops once past ``max_bytes`` (when given: enough to know it is too much)."""
-    found = 0
+@dataclass
+class Usage:
+    """What a tree holds: apparent bytes (``st_size``: a sparse file counts its length, a
+    file linked twice counts twice, as a copy makes it) and entries (inodes a copy makes)."""
+
+    bytes: int = 0
+    entries: int = 0
+
+
+def usage(top: int, *, max_bytes: int = 0, max_entries: int = 0, strict: bool = False) -> Usage:
+    """What the tree at ``top`` holds; the count stops once past ``max_bytes`` or
+    ``max_entries`` (when given: enough to know it is too much)."""
+    found = Usage()
     for entry in walk(top, strict=strict):
+        found.entries += 1
         if stat.S_ISREG(entry.stat.st_mode):
-            found += entry.stat.st_blocks * 512
-        if max_bytes and found > max_bytes:
+            found.bytes += entry.stat.st_size
+        if (max_bytes and found.bytes > max_bytes) or (max_entries and found.entries > max_entries):
             break
     return found
 

@@ -158,7 +158,11 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     option("runtime", default="auto", help="the preparations' sandbox: auto, gvisor, bubblewrap")
     option("prepare-timeout", type=float, default=600, help="seconds a preparation may take")
     option("prepare-memory", type=int, default=2048, help="MiB a preparation may use")
-    option("prepare-disk", type=int, default=5120, help="MiB of disk a prepared commit may use")
+    option("prepare-disk", type=int, default=5120,
+           help="MiB a prepared commit may hold (apparent sizes: a sparse file counts its "
+           "length)")  # fmt: skip
+    option("prepare-files", type=int, default=250_000,
+           help="files, directories and links a prepared commit may hold")
     option("anonymous", action="store_true",
            help="visitors who are not logged in launch as temporary users")  # fmt: skip
     option("anonymous-prefix", default="binder-", help="temporary users' names start so")
@@ -200,7 +204,8 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
     policy = LinkPolicy(allowed_hosts=_names(args.binder_allowed_hosts), bases=bases)
     limits = PrepareLimits(timeout=args.binder_prepare_timeout,
                            memory_bytes=args.binder_prepare_memory << 20,
-                           disk_bytes=args.binder_prepare_disk << 20)  # fmt: skip
+                           disk_bytes=args.binder_prepare_disk << 20,
+                           files=args.binder_prepare_files)  # fmt: skip
     preparer = Preparer(Path(args.binder_cache), runtime=args.binder_runtime,
                         egress=tuple(_names(args.binder_egress)),
                         index_url=args.binder_index_url, limits=limits)  # fmt: skip
