@@ -6,7 +6,8 @@ damage is looked for on the host (what root read, where a copy landed, who owns 
 * a link (or a pipe, or junk) the preparation leaves as the environment's ``.site``;
 * on Kubernetes, a preparation pod that replaces its log with a link;
 * links in the user's home that would redirect the copy of the repository;
-* a sparse file that fills no block and a flood of empty files, against the limits.
+* a sparse file that fills no block and a flood of empty files, against the limits;
+* ``apt.txt`` names that are options of ``dpkg-query``.
 """
 
 from __future__ import annotations
@@ -303,3 +304,25 @@ async def test_a_flood_of_empty_files_is_limited(served, tmp_path):
     with pytest.raises(PreparationFailed, match="more than 1000 files"):
         await prep.prepare(link(served, name), commit, emit)
     no_preparation_left(prep)
+
+
+# -- 4b. apt.txt ------------------------------------------------------------------------------
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_apt_names_never_reach_dpkg_query_as_options(served, tmp_path, runtime):
+    """The first name was an option of dpkg-query: it changed the output format and made a
+    missing package look installed (and an installed one missing)."""
+    require_runtime(runtime)
+    name = f"apt-{runtime}"
+    apt = "--showformat=no-such-pkg-xyz installed\\n\ncoreutils\nno-such-pkg-xyz\n"
+    commit = git_repo(served["repos"], name, {"requirements.txt": "demo_pkg\n",
+                                              "apt.txt": apt})  # fmt: skip
+    prep = preparer(served, tmp_path, runtime)
+    seen, emit = events()
+    prepared, _ = await prep.prepare(link(served, name), commit, emit)
+    said = [m for _, m in seen if m.startswith("Not prepared: apt.txt")]
+    unsupported = [u for u in prepared.record["unsupported"] if u.startswith("apt.txt")]
+    assert any("no-such-pkg-xyz not installed" in u for u in unsupported), unsupported
+    assert not any("coreutils" in u for u in unsupported), unsupported
+    assert any("--showformat" in u and "not a Debian package name" in u
+               for u in unsupported), unsupported  # fmt: skip
+    assert len(said) == len(unsupported)

@@ -10,7 +10,9 @@ Everything else is reported, by name, as not supported, never silently dropped.
 
 The repository is fetched from anywhere and may hold links: its files are read beneath the
 checkout's descriptor, never through a link (a configuration file or directory that is
-one is refused), and at most :data:`CONFIG_LIMIT` bytes each.
+one is refused), and at most :data:`CONFIG_LIMIT` bytes each. ``apt.txt``'s names are
+checked against Debian's form of a package name before ``dpkg-query`` sees them (after
+``--``): anything else is reported, never passed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from . import untrusted
 UNSUPPORTED_FILES = ("Dockerfile", "default.nix", "install.R", "Project.toml", "Pipfile",
                      "Pipfile.lock", "DESCRIPTION", "REQUIRE")  # fmt: skip
 _PLAIN = re.compile(r"^(python|pip)\s*([<>=!~].*)?$")
+#: A Debian package name (Debian policy 5.6.1): lower case letters, digits, "+", "-", ".".
+_DEBIAN_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 #: Bytes a configuration file may have.
 CONFIG_LIMIT = 1 << 20
 
@@ -181,20 +185,28 @@ def _check_python(version: str, env: Environment, source: str) -> None:
 
 
 def _read_apt(wanted: list[str], env: Environment, installed: set[str] | None) -> None:
-    """apt.txt: which of its packages are installed here."""
-    present = installed if installed is not None else _installed(wanted)
-    env.apt_packages = [p for p in wanted if p in present]
-    missing = [p for p in wanted if p not in present]
+    """apt.txt: which of its packages are installed here; names that are no Debian package
+    name are reported and never passed on (to dpkg-query they were options)."""
+    names = [p for p in wanted if _DEBIAN_NAME.match(p)]
+    bad = [p for p in wanted if not _DEBIAN_NAME.match(p)]
+    if bad:
+        env.unsupported.append(f"apt.txt: {', '.join(map(repr, bad))} "
+                               f"{'is' if len(bad) == 1 else 'are'} not a Debian package name "
+                               "(not checked)")  # fmt: skip
+    present = installed if installed is not None else _installed(names)
+    env.apt_packages = [p for p in names if p in present]
+    missing = [p for p in names if p not in present]
     if missing:
         env.unsupported.append(f"apt.txt: {', '.join(missing)} not installed here "
                                "(packages are not installed at launch)")  # fmt: skip
 
 
 def _installed(packages: list[str]) -> set[str]:
+    """The packages of ``packages`` (Debian package names) installed here."""
     if not packages:
         return set()
     result = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\\n", *packages],
+        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\\n", "--", *packages],
         capture_output=True, text=True,
     )  # fmt: skip
     return {line.split()[0] for line in result.stdout.splitlines() if line.endswith(" installed")}
