@@ -225,14 +225,17 @@ def spec(url: str, ref: str = "main") -> str:
 
 
 async def launch(hub: Hub, provider: str, what: str, token: str | None = None,
-                 urlpath: str = "index.ipynb") -> list[dict]:  # fmt: skip
-    """The launch's event stream, to its end."""
+                 urlpath: str = "index.ipynb", source: str | None = None,
+                 headers: dict[str, str] | None = None) -> list[dict]:  # fmt: skip
+    """The launch's event stream, to its end; ``source``: the address the request comes from
+    (a loopback address, 127.0.0.2 say: another client of the proxy)."""
     events: list[dict] = []
     query = f"?urlpath={quote(urlpath, safe='')}" if urlpath else ""
     response = await AsyncHTTPClient().fetch(HTTPRequest(
         f"{hub.url}{SERVICE}/build/{provider}/{what}{query}",
-        headers={"Authorization": f"token {token}"} if token else {},
+        headers={**({"Authorization": f"token {token}"} if token else {}), **(headers or {})},
         streaming_callback=event_stream(events.append), request_timeout=300,
+        network_interface=source,
     ), raise_error=False)  # fmt: skip
     assert response.code == 200, (response.code, response.body)
     assert events and events[-1]["phase"] in ("ready", "failed"), events

@@ -5,7 +5,8 @@ to the root processes that prepare and launch, looked for on the host.
 * a preparation that makes its environment's ``.site`` a link to the Hub's cookie secret;
 * a user whose running server plants links in their home, where the Hub makes their copy
   of a repository as root (``~/binder`` a link; a directory swapped for a link mid-copy);
-* a launch that copies a large repository while the Hub must go on answering.
+* a launch that copies a large repository while the Hub must go on answering;
+* anonymous launches: a global cap and a rate per client, behind the proxy.
 
 Two Hubs on one machine collide (cgroup names, uids): run this module alone, e.g. under
 ``flock /tmp/jupyter-sandbox-hub-tests.lock``."""
@@ -226,3 +227,38 @@ async def while_measuring(hub: Hub, work) -> tuple[object, float]:
         client.close()
         if not task.done():
             task.cancel()
+
+
+# -- 4a. anonymous launches ------------------------------------------------------------------
+async def test_anonymous_launches_have_a_global_cap_and_a_rate_per_client(tmp_path_factory):
+    """Behind the proxy every visitor is one address to the service; the proxy appends the
+    visitor's own to X-Forwarded-For, and only that part of the header is believed."""
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    # (A long idle timeout: no temporary user goes away during the test.)
+    limits = ("--binder-anonymous-limit=3", "--binder-client-launches=2",
+              "--binder-client-window=600", "--binder-anonymous-timeout=600")  # fmt: skip
+    anon = BinderHub(tmp_path_factory.mktemp("anon"), args=limits)  # (short: socket paths)
+    hub = anon.hub
+    git_repo(anon.repos, "other", {"README.md": "hi\n"})
+    try:
+        one = [await launch(hub, "git", spec(anon.repo_url), source="127.0.0.2", urlpath="")
+               for _ in range(2)]  # fmt: skip
+        assert [e[-1]["phase"] for e in one] == ["ready", "ready"], [e[-1] for e in one]
+        third = await launch(hub, "git", spec(anon.repo_url), source="127.0.0.2", urlpath="")
+        assert third[-1].get("reason") == "too-many-launches", third[-1]
+        assert "address" in third[-1]["message"], third[-1]
+        spoofed = await launch(hub, "git", spec(anon.repo_url), source="127.0.0.2", urlpath="",
+                               headers={"X-Forwarded-For": "203.0.113.9"})  # fmt: skip
+        assert spoofed[-1].get("reason") == "too-many-launches", spoofed[-1]
+        other = await launch(hub, "git", spec(anon.repo_url), source="127.0.0.3", urlpath="")
+        assert other[-1]["phase"] == "ready", other[-1]  # another visitor, 3 temporary users
+        capped = await launch(hub, "git", spec(repo_url(anon, "other")), source="127.0.0.4",
+                              urlpath="")  # fmt: skip
+        assert capped[-1].get("reason") == "too-many-launches", capped[-1]
+        assert "temporary users" in capped[-1]["message"], capped[-1]
+        users = [u["name"] for u in await hub.api("GET", "/users")]
+        assert len([u for u in users if u.startswith("binder-")]) == 3, users
+    finally:
+        anon.close()

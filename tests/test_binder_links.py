@@ -257,6 +257,26 @@ def test_configuration_is_read_without_following_links(tmp_path: Path):
         read_environment(linked_dir, installed=set())
 
 
+def test_a_launch_without_login_counts_against_the_address_the_proxy_saw():
+    """X-Forwarded-For is read only from a trusted proxy, and only what the proxies
+    appended: what the client wrote in front is not believed."""
+    from sandbox_spawner.binder.admission import ClientRate, client_of, networks
+
+    proxies = networks(["127.0.0.1", "10.0.0.0/8"])
+    assert client_of("127.0.0.1", "203.0.113.9, 198.51.100.7", proxies) == "198.51.100.7"
+    assert client_of("127.0.0.1", "203.0.113.9, 10.1.2.3", proxies) == "203.0.113.9"  # 2 hops
+    assert client_of("198.51.100.7", "127.0.0.9", proxies) == "198.51.100.7"  # not the proxy
+    assert client_of("127.0.0.1", None, proxies) == "127.0.0.1"
+    assert client_of("127.0.0.1", "no address, 127.0.0.1", proxies) == "127.0.0.1"
+    assert client_of("::ffff:198.51.100.7", None, proxies) == "198.51.100.7"
+    assert client_of("127.0.0.1", "2001:db8::1", proxies) == "2001:db8::/64"
+    assert client_of("127.0.0.1", "[2001:db8::ffff]", proxies) == "2001:db8::/64"
+    rate = ClientRate(2, 60)
+    assert [rate.allow("a", now=t) for t in (0, 1, 2)] == [True, True, False]
+    assert rate.allow("b", now=2) and rate.allow("a", now=61)
+    assert all(ClientRate(0, 60).allow("a") for _ in range(100))  # 0: no limit
+
+
 async def test_fetch_checks_out_the_commit(served_repo, tmp_path: Path):
     from sandbox_spawner.binder.refs import fetch
 

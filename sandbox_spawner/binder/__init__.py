@@ -9,10 +9,11 @@
   pod (:mod:`.kube_prepare`); :mod:`.seal` takes in what the sandbox left (measured,
   read as input, readable by all); :mod:`.cache` bounds what is kept;
 * :mod:`.launch` takes a link to a running server (BinderHub's event stream), through
-  the Hub API; :mod:`.server` is what a spawner adds to a launched repository's server
-  (the user's copy made by :mod:`.home_copy`, as the user; :mod:`.begin` in its pod on
-  Kubernetes); :mod:`.web` serves the launch page, the event stream and a form for links
-  and badges on the Hub service.
+  the Hub API, within :mod:`.admission`'s limits for launches without login;
+  :mod:`.server` is what a spawner adds to a launched repository's server (the user's
+  copy made by :mod:`.home_copy`, as the user; :mod:`.begin` in its pod on Kubernetes);
+  :mod:`.web` serves the launch page, the event stream and a form for links and badges
+  on the Hub service.
 
 Whatever a sandbox, a repository or a user wrote is handled by root only through
 :mod:`.untrusted`: beneath descriptors, never through a link, within bounds.

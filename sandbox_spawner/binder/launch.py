@@ -17,7 +17,8 @@
 Who launches: a logged-in user gets a named server of their own per repository
 (its home their persistent copy); without login, when the deployment allows it, a
 temporary user made for this launch (deleted after idle by the hibernator). Limits:
-launches in flight per user, and servers running per repository.
+launches in flight per user, servers running per repository, and for launches without
+login temporary users at once and launches per client (:mod:`.admission`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..hub_api import HubAPI, HubAPIError
-from . import cache, refs
+from . import admission, cache, refs
 from .environment import BadRepository
 from .links import BadLink, LinkPolicy, RepoLink, launch_path
 from .prepare import PreparationFailed, Preparer, repo_key
@@ -61,12 +62,24 @@ class LaunchSettings:
     per_repo_limit: int = 0
     #: Launches one user has in flight at once (0: no limit).
     per_user_limit: int = 2
+    #: Temporary users at once: running, starting, or being made (0: no limit).
+    anonymous_limit: int = 20
+    #: Launches without login one client may start per ``client_window`` seconds (0: no
+    #: limit).
+    client_launches: int = 10
+    client_window: float = 600
+    #: Where the Hub's proxy connects from: the only peers whose X-Forwarded-For is read.
+    trusted_proxies: tuple[str, ...] = admission.LOOPBACK
     #: Seconds a server has to start.
     launch_timeout: float = 300
     #: The prepared commits' cache holds at most this (least recently launched out first).
     cache_bytes: int = 20 << 30
     #: The profile (``user_options["profile"]``) launched servers get; empty: the default.
     profile: str = ""
+
+
+#: The launches in flight of visitors who are not logged in, counted under this name.
+ANONYMOUS = "(a temporary user)"
 
 
 def server_name(link: RepoLink) -> str:
@@ -82,6 +95,12 @@ class Launcher:
         self.policy, self.preparer, self.hub = policy, preparer, hub
         self.settings = settings or LaunchSettings()
         self._in_flight: collections.Counter[str] = collections.Counter()
+        self.trusted_proxies = admission.networks(self.settings.trusted_proxies)
+        self._rate = admission.ClientRate(self.settings.client_launches,
+                                          self.settings.client_window)  # fmt: skip
+        self._admitting = asyncio.Lock()
+        #: Temporary users made by launches in flight (the Hub lists them too).
+        self._temporary: set[str] = set()
 
     async def start(self) -> None:
         """Start what launches need beside the pages (on Kubernetes, the egress proxy)."""
@@ -92,8 +111,10 @@ class Launcher:
         """The link and the path inside the server; :class:`BadLink` at once for a bad one."""
         return self.policy.parse(provider, spec), launch_path(**query)
 
-    async def launch(self, provider: str, spec: str, query: dict[str, str],
-                     user: str | None) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    async def launch(self, provider: str, spec: str, query: dict[str, str], user: str | None,
+                     client: str = "") -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+        """The launch's events; ``user`` None: a visitor without login, from ``client``
+        (:func:`.admission.client_of`)."""
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
         def emit(phase: str, message: str, **extra: Any) -> None:
@@ -101,7 +122,7 @@ class Launcher:
 
         async def run() -> None:
             try:
-                await self._launch(provider, spec, query, user, emit)
+                await self._launch(provider, spec, query, user, client, emit)
             except (BadLink, LaunchFailed) as exc:
                 emit("failed", str(exc), reason=exc.reason)
             except BadRepository as exc:
@@ -123,21 +144,44 @@ class Launcher:
                 task.cancel()
 
     async def _launch(self, provider: str, spec: str, query: dict[str, str],
-                      user: str | None, emit: Any) -> None:  # fmt: skip
+                      user: str | None, client: str, emit: Any) -> None:  # fmt: skip
         link, path = self.check(provider, spec, query)
         emit("waiting", f"Launching {link.url} at {link.ref}")
         if user is None and not self.settings.anonymous:
             raise LaunchFailed("launch-failed", "log in to launch repositories here")
-        who = user or "(a temporary user)"
+        who = user or ANONYMOUS
         limit = self.settings.per_user_limit
-        if user is not None and limit and self._in_flight[user] >= limit:
+        if user is None:
+            await self._admit(client)  # counted in flight from here
+        elif limit and self._in_flight[user] >= limit:
             raise LaunchFailed("too-many-launches", f"{user} has {limit} launches in progress; "
                                "wait for one to finish")  # fmt: skip
-        self._in_flight[who] += 1
+        else:
+            self._in_flight[user] += 1
         try:
             await self._launch_for(link, path, user, emit)
         finally:
             self._in_flight[who] -= 1
+
+    async def _admit(self, client: str) -> None:
+        """Count a launch without login in flight, or refuse it: too many from ``client``
+        lately, or as many temporary users as the deployment keeps at once."""
+        settings = self.settings
+        if not self._rate.allow(client):
+            raise LaunchFailed("too-many-launches", "too many launches from your address "
+                               f"({settings.client_launches} in {settings.client_window:g}s, "
+                               "the limit here); try again later, or log in")  # fmt: skip
+        async with self._admitting:  # one count at a time: two launches never both fit
+            if settings.anonymous_limit:
+                users = await self.hub.request("GET", "/users?state=active&limit=1000")
+                running = {u["name"] for u in users
+                           if u["name"].startswith(settings.anonymous_prefix)}  # fmt: skip
+                at_once = len(running - self._temporary) + self._in_flight[ANONYMOUS]
+                if at_once >= settings.anonymous_limit:
+                    raise LaunchFailed("too-many-launches", f"{at_once} temporary users are "
+                                       "running, as many as this deployment runs at once; try "
+                                       "again later, or log in")  # fmt: skip
+            self._in_flight[ANONYMOUS] += 1
 
     async def _launch_for(self, link: RepoLink, path: str, user: str | None, emit: Any) -> None:
         commit = await refs.resolve(link)
@@ -170,6 +214,8 @@ class Launcher:
                 with contextlib.suppress(Exception):
                     await self.hub.request("DELETE", f"/users/{quote(user, safe='')}")
             raise
+        finally:  # running now (the Hub counts it), or gone
+            self._temporary.discard(user)
         emit("ready", f"{link.url} is running; opening {path or 'its server'}", **ready)
 
     async def _bound_cache(self, launching: Path) -> None:
@@ -195,6 +241,7 @@ class Launcher:
 
     async def _temporary_user(self) -> str:
         name = f"{self.settings.anonymous_prefix}{secrets.token_hex(6)}"
+        self._temporary.add(name)
         await self.hub.request("POST", f"/users/{name}")
         return name
 

@@ -15,7 +15,9 @@ Who is launching comes from the Hub's login (OAuth, as every Hub service; an API
 token in the ``Authorization`` header works too). Without one, the page sends the
 visitor to log in, unless the deployment launches anonymously (``--binder-anonymous``):
 then a visitor logged in to the Hub still launches as themself (through the Hub's
-login, at once), and one who is not as a temporary user (``?login=1`` asks to log in).
+login, at once), and one who is not as a temporary user (``?login=1`` asks to log in),
+within the limits of :mod:`.admission` (the client's address: from the proxy's
+``X-Forwarded-For`` when the request comes from a trusted proxy).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tornado import iostream, web
 
 from .. import data_root
 from ..hub_api import HubAPI
+from .admission import LOOPBACK, client_of
 from .launch import Launcher, LaunchSettings
 from .links import DEFAULT_BASES, BadLink, LinkPolicy
 from .prepare import DEFAULT_EGRESS, PrepareLimits, Preparer
@@ -92,9 +95,11 @@ class BuildStream(_BinderHandler):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         user = self.user_name()
+        client = client_of(self.request.remote_ip or "", self.request.headers.get(
+            "X-Forwarded-For"), self.launcher.trusted_proxies)  # fmt: skip
         beat = asyncio.create_task(self._heartbeat())
         try:
-            async for event in self.launcher.launch(provider, spec, self.query(), user):
+            async for event in self.launcher.launch(provider, spec, self.query(), user, client):
                 self.write(f"data: {json.dumps(event)}\n\n")
                 await self.flush()
         except iostream.StreamClosedError:
@@ -172,6 +177,16 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     option("per-repo-limit", type=int, default=0,
            help="servers of one repository running at once, all users (0: no limit)")
     option("per-user-limit", type=int, default=2, help="launches in flight per user")
+    option("anonymous-limit", type=int, default=20,
+           help="temporary users at once (running, starting or being made; 0: no limit)")
+    option("client-launches", type=int, default=10,
+           help="launches without login per client (address, IPv6 /64) and window (0: no "
+           "limit)")  # fmt: skip
+    option("client-window", type=float, default=600,
+           help="seconds of that window")  # fmt: skip
+    option("trusted-proxies", default=",".join(LOOPBACK),
+           help="addresses or networks of the Hub's proxy (comma-separated): the only peers "
+           "whose X-Forwarded-For names the client")  # fmt: skip
     option("profile", default="", help="the profile launched servers get (Kubernetes Hubs' "
            "profile_list; default: the default profile)")
     option("launch-timeout", type=float, default=300, help="seconds a server has to start")
@@ -226,10 +241,17 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
                               anonymous_prefix=args.binder_anonymous_prefix,
                               per_repo_limit=args.binder_per_repo_limit,
                               per_user_limit=args.binder_per_user_limit,
+                              anonymous_limit=args.binder_anonymous_limit,
+                              client_launches=args.binder_client_launches,
+                              client_window=args.binder_client_window,
+                              trusted_proxies=tuple(_names(args.binder_trusted_proxies)),
                               launch_timeout=args.binder_launch_timeout,
                               cache_bytes=args.binder_cache_size << 20,
                               profile=args.binder_profile)  # fmt: skip
-    return Launcher(policy, preparer, HubAPI(), settings)
+    try:
+        return Launcher(policy, preparer, HubAPI(), settings)
+    except ValueError as exc:  # a trusted proxy that is no address or network
+        raise SystemExit(f"--binder-trusted-proxies: {exc}") from None
 
 
 def _names(text: str) -> list[str]:
