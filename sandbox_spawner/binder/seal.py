@@ -31,7 +31,7 @@ from . import untrusted
 #: Bytes ``.site`` may have (a path of the environment's, relative).
 SITE_LIMIT = 4096
 _SITE = re.compile(r"[^\x00-\x1f\x7f-\x9f:]+")
-#: What the service keeps of a preparation's directory besides these (its own files).
+#: What the preparation wrote and servers use (beside the record, the service's own).
 KEPT = ("repo", "env")
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,8 +65,11 @@ def open_beneath(dir_fd: int, path: str, flags: int = os.O_RDONLY) -> int:
         parent = opened[-1] if opened else dir_fd
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        if exc.errno == errno.ELOOP:
             raise Refused(exc.errno, f"{path} is reached through a link (or is one)") from None
+        if exc.errno == errno.ENOTDIR:
+            raise Refused(exc.errno, f"{path}: on its way, a file where a directory should "
+                          "be") from None  # fmt: skip
         raise
     finally:
         for fd in opened:
@@ -269,8 +273,6 @@ class LogTail:
 
 def remove_beneath(dir_fd: int, name: str) -> None:
     """Remove ``name`` beneath ``dir_fd`` (a tree: entry by entry, by descriptor)."""
-    import shutil
-
     with contextlib.suppress(FileNotFoundError):
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
