@@ -72,6 +72,8 @@ from .streams import open_own_unix_connection
 #: Inside every user's sandbox: the run directory (the server's and the Hub API's sockets).
 RUN_DIR = "/run/jupyter-sandbox"
 SERVER_SOCKET, HUB_SOCKET = "server.sock", "hub.sock"
+#: The longest path a Unix socket may have (sun_path, without its final NUL).
+MAX_SOCKET_PATH = 107
 #: The server's configuration inside the sandbox (read-only).
 SERVER_CONFIG = "/etc/jupyter-sandbox/jupyter_server_config.py"
 #: gVisor: the control directory a server restored from a template reads its start from.
@@ -229,6 +231,11 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self._prepare_home(who)
         home = await self._binder.copy_for(self.home, who.uid, who.gid) if self._binder else None
         state = self._state_dir()
+        longest = len(os.fsencode(state / "run" / SERVER_SOCKET))
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(f"{state}/run/{SERVER_SOCKET} is {longest} bytes long, more than "
+                             f"a Unix socket's path may be ({MAX_SOCKET_PATH}): set "
+                             "c.LocalSandboxSpawner.state_root to a shorter directory")  # fmt: skip
         if supervisor.holds(state):
             raise HubConflict(f"a server of {self.user.name} still runs from {state} (its "
                               "supervisor holds it): stop it first")  # fmt: skip

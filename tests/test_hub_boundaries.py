@@ -295,3 +295,27 @@ async def test_two_hubs_on_one_machine_keep_to_their_own(runtime, tmp_path_facto
         for hub in hubs:
             hub.close()
             end_supervisors(hub.root)
+
+
+async def test_a_state_root_too_long_for_a_socket_fails_at_once_saying_so(tmp_path_factory):
+    """A server's sockets live under the state root: one too long for a Unix socket's path
+    made every start wait out its whole timeout, saying nothing."""
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    root = tmp_path_factory.mktemp("long-state-root")
+    deep = root / ("d" * 60) / ("e" * 60)
+    hub = Hub(root, extra_config=f"c.LocalSandboxSpawner.state_root = {str(deep)!r}\n")
+    try:
+        hub.start()
+        await hub.api("POST", "/users/rita", raise_error=False)
+        started = time.monotonic()
+        await hub.api("POST", "/users/rita/server", raise_error=False)
+        events = await hub.progress("rita")
+        assert events[-1].get("failed"), events
+        assert "more than a Unix socket's path may be" in events[-1]["message"]
+        assert "state_root" in events[-1]["message"]
+        assert time.monotonic() - started < 30
+    finally:
+        hub.close()
+        end_supervisors(root)
