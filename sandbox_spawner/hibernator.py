@@ -165,11 +165,15 @@ class Hibernator:
         return Verdict(True, f"idle for {quiet:.0f}s, no busy kernel, no terminal")
 
     def exempt(self, user: dict[str, Any], server: dict[str, Any] | None = None) -> bool:
-        profile = ((server or {}).get("user_options") or {}).get("profile")
+        """Whether ``user``'s ``server`` never hibernates. Its profile is the one its spawner
+        checked and recorded in its state (SandboxSpawner: one of its profile list), never
+        what the user sent in ``user_options``: that is the user's to choose."""
+        profile = ((server or {}).get("state") or {}).get("profile")
+        groups = {g for g in user.get("groups") or [] if isinstance(g, str)}
         return (
             user["name"] in self.exempt_users
-            or bool(self.exempt_groups & set(user.get("groups") or []))
-            or (profile is not None and profile in self.exempt_profiles)
+            or bool(self.exempt_groups & groups)
+            or (isinstance(profile, str) and profile in self.exempt_profiles)
         )
 
     # -- a sweep ----------------------------------------------------------------------------
@@ -180,16 +184,20 @@ class Hibernator:
         self._observe(users)
         checks = []
         for user in users:
-            temporary = self._temporary(user)
-            if temporary and await self._delete_if_done(user, now):
-                continue
-            for name, server in (user.get("servers") or {}).items():
-                if not server.get("ready") or server.get("pending"):
+            try:  # one user's records (or a failed deletion) hold up nobody else's
+                temporary = self._temporary(user)
+                if temporary and await self._delete_if_done(user, now):
                     continue
-                if self.exempt(user, server):
-                    continue
-                timeout = self.temporary_timeout if temporary else None
-                checks.append((user["name"], name, server, timeout))
+                for name, server in (user.get("servers") or {}).items():
+                    if not server.get("ready") or server.get("pending"):
+                        continue
+                    if self.exempt(user, server):
+                        continue
+                    timeout = self.temporary_timeout if temporary else None
+                    checks.append((user["name"], name, server, timeout))
+            except Exception:
+                log.exception("cannot check the servers of %s", user.get("name"))
+                self._count("errors")
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def check(user: str, name: str, server: dict[str, Any],
@@ -235,7 +243,10 @@ class Hibernator:
         if any(s.get("ready") or s.get("pending") for s in servers):
             return False
         created = parse_time(user.get("created"))
-        launched = any(s.get("stopped") for s in servers)  # its server ran, and stopped
+        # Its server ran, and stopped: a server that never started is listed as stopped
+        # too (a user just made by a launch has one), but has no start record.
+        launched = any(s.get("stopped") and (s.get("state") or {}).get("last_start")
+                       for s in servers)  # fmt: skip
         if not launched and (created is None or (now - created).total_seconds() < 600):
             return False  # perhaps a launch still making its server
         if self.dry_run:

@@ -10,11 +10,17 @@ So:
 * each Hub has an **instance id**, kept in its state root (``hub.json``), part of every
   cgroup and container name of its servers (:meth:`HubInstance.sandbox_name`);
 * each Hub run as root has a **range of host uids** of its own, ``uid_base`` to
-  ``uid_base + UID_RANGE - 1`` (a user's uid is ``uid_base`` + their id), recorded
-  machine-wide in a registry (``<data root>/hubs``, one file per range naming the Hub's
-  state root). A range stays with its Hub as long as the Hub's state root does (a
-  stopped Hub's users keep their uids, and their homes); a second Hub is never given
-  it, and a configured ``uid_base`` that overlaps a range another Hub holds is refused;
+  ``uid_base + UID_RANGE - 1``, recorded machine-wide in a registry (``<data
+  root>/hubs``, one file per range naming the Hub's state root). A range stays with its
+  Hub as long as the Hub's state root does (a stopped Hub's users keep their uids, and
+  their homes); a second Hub is never given it, and a configured ``uid_base`` that
+  overlaps a range another Hub holds is refused;
+* in its range, each **account** gets a uid of its own, never given again
+  (:meth:`HubInstance.account_uid`): not ``uid_base`` + the user's id, as JupyterHub's
+  database may give a deleted user's id to the next user (SQLite does), who then had
+  the deleted one's uid, and their home if they took the name;
+* a running Hub holds its state root and its homes' directory (a lock): a second Hub
+  configured with either is refused, not merged with the first;
 * user and server names become directory names through :func:`slug`, an escaping that
   cannot map two names to one (percent-encoding).
 """
@@ -35,6 +41,9 @@ from urllib.parse import quote
 
 #: Users one Hub can have (by id), and where ranges start and end (uid_t -1 is no uid).
 UID_RANGE = 1 << 20
+#: Below this offset, the uids of homes made before accounts had uids of their own
+#: (``uid_base`` + the user's id); accounts get theirs from here up.
+ACCOUNTS_FROM = 1 << 19
 FIRST_BASE = 1_000_000_000
 LAST_BASE = (1 << 32) - 2 - UID_RANGE
 STATE_FILE = "hub.json"
@@ -81,16 +90,61 @@ class HubInstance:
     #: The first host uid of its users (None: not root, every server runs as the Hub's uid).
     uid_base: int | None
     state_root: Path
+    #: The locks this Hub holds on its state root and homes' directory, for its life.
+    locks: tuple[int, ...] = ()
 
-    def uid(self, user_id: int) -> int:
+    def account_uid(self, name: str, created: str, legacy_id: int,
+                    legacy_home: Path) -> int:  # fmt: skip
+        """The host uid of the account ``name`` made at ``created``: the one it was given,
+        else a new one, never given before. A home made before accounts had uids of their
+        own (owned by ``uid_base`` + ``legacy_id``) keeps its uid for the first account
+        that asks for it with no uid recorded yet (the one that upgraded)."""
         assert self.uid_base is not None
-        if not 0 <= user_id < UID_RANGE:
-            raise HubConflict(f"user id {user_id} is beyond this Hub's {UID_RANGE} host uids")
-        return self.uid_base + user_id
+        records = self.state_root / "accounts"
+        with _locked(records):
+            path = records / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
+            found = _read_json(path) or {}
+            if found.get("name") == name and found.get("created") == created:
+                return int(found["uid"])
+            legacy = self.uid_base + legacy_id
+            if not found and legacy_id < ACCOUNTS_FROM and _owner(legacy_home) == legacy:
+                uid = legacy
+            else:
+                counter = _read_json(records / "next.json") or {}
+                offset = max(int(counter.get("offset", ACCOUNTS_FROM)), ACCOUNTS_FROM)
+                if offset >= UID_RANGE:
+                    raise HubConflict(f"this Hub has given all {UID_RANGE - ACCOUNTS_FROM} "
+                                      "host uids of its range to accounts")  # fmt: skip
+                _write_json(records / "next.json", {"offset": offset + 1})
+                uid = self.uid_base + offset
+            _write_json(path, {"name": name, "created": created, "uid": uid})
+            return uid
 
     def sandbox_name(self, user_id: int, server: str) -> str:
         """The name of a server's cgroups and gVisor container: this Hub's alone."""
         return f"hub-{self.id}-{user_id}-{server}"
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return None
+
+
+def _hold(directory: Path, what: str) -> int:
+    """An exclusive lock on ``directory`` for this process's life; :class:`HubConflict` if
+    another Hub holds it."""
+    fd = os.open(directory / ".hub.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)  # fmt: skip
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HubConflict(f"another Hub is running with {directory} as its {what}: two Hubs on "
+                          "one machine need their own (c.LocalSandboxSpawner.homes_root and "
+                          "state_root)") from None  # fmt: skip
+    return fd
 
 
 def _read_json(path: Path) -> dict | None:
@@ -144,19 +198,34 @@ def _holders(registry: Path, me: str) -> list[tuple[int, str]]:
     return held
 
 
-def claim(state_root: str | Path, uid_base: int | None, registry: Path | None) -> HubInstance:
-    """This Hub's instance (made on first use, kept in ``state_root``) and, with a
-    ``registry`` (root), its range of uids: ``uid_base`` if configured, else the one it
-    had, else the lowest free one. :class:`HubConflict` if another Hub holds it."""
+def claim(state_root: str | Path, homes_root: str | Path, uid_base: int | None,
+          registry: Path | None) -> HubInstance:  # fmt: skip
+    """This Hub's instance (made on first use, kept in ``state_root``), holding its state
+    root and homes' directory, and, with a ``registry`` (root), its range of uids:
+    ``uid_base`` if configured, else the one it had, else the lowest free one.
+    :class:`HubConflict` if another Hub holds any of them."""
     root = Path(state_root)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    Path(homes_root).mkdir(mode=0o711, parents=True, exist_ok=True)
+    locks = [_hold(root, "state root")]
+    try:
+        locks.append(_hold(Path(homes_root), "homes' directory"))
+        return _claim(root, uid_base, registry, tuple(locks))
+    except BaseException:
+        for fd in locks:
+            os.close(fd)
+        raise
+
+
+def _claim(root: Path, uid_base: int | None, registry: Path | None,
+           locks: tuple[int, ...]) -> HubInstance:  # fmt: skip
     mine = _read_json(root / STATE_FILE) or {}
     iid = mine.get("id")
     if not (isinstance(iid, str) and len(iid) == 12 and set(iid) <= _ID_CHARS):
         iid = secrets.token_hex(6)
     if registry is None:
         _write_json(root / STATE_FILE, {"id": iid, "uid_base": None})
-        return HubInstance(iid, None, root)
+        return HubInstance(iid, None, root, locks)
     with _locked(registry):
         held = _holders(registry, iid)
         wanted = uid_base if uid_base is not None else mine.get("uid_base")
@@ -183,4 +252,4 @@ def claim(state_root: str | Path, uid_base: int | None, registry: Path | None) -
                 stale.unlink()
         _write_json(registry / str(wanted), {"id": iid, "state_root": str(root.resolve())})
         _write_json(root / STATE_FILE, {"id": iid, "uid_base": wanted})
-    return HubInstance(iid, wanted, root)
+    return HubInstance(iid, wanted, root, locks)

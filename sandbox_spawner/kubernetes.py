@@ -94,6 +94,15 @@ class SandboxSpawner(RecordsStarts, ActivityKey, KubeSpawner):
     def _default_will_resume(self) -> bool:
         return True  # a hibernated server keeps its API token
 
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        profile = (self.user_options or {}).get("profile")
+        if isinstance(profile, str) and profile:
+            # One of the profile list (KubeSpawner refuses a start with any other): the
+            # hibernator's --exempt-profiles goes by this, not by what the user sent.
+            state["profile"] = profile
+        return state
+
     @property
     def sandbox_name(self) -> str:
         return self.pod_name

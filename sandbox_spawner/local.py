@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -115,9 +116,10 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
     pids_limit = Int(1024, config=True, help="Processes and threads per server; 0 = none.")
     uid_base = Int(
         None, allow_none=True, config=True,
-        help="With the Hub as root, a user's server runs as host uid uid_base + the user's "
-        "id, a uid no account has. None (the default): the range this Hub had, else the "
-        "first one (from 1000000000, 2**20 uids each) no other Hub on this machine holds. "
+        help="With the Hub as root, each account's server runs as a host uid of its own, "
+        "from a range of 2**20 that starts at uid_base (uids no account of the system "
+        "has), never given to another account. None (the default): the range this Hub "
+        "had, else the first one from 1000000000 that no other Hub on this machine holds. "
         "A range another Hub holds is refused. Without root, every server runs as the "
         "Hub's uid.",
     )  # fmt: skip
@@ -170,7 +172,8 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         key = (os.path.abspath(self.state_root), self.uid_base)
         if key not in self._instances:
             registry = data_root() / "hubs" if os.geteuid() == 0 else None
-            self._instances[key] = claim(self.state_root, self.uid_base, registry)
+            self._instances[key] = claim(self.state_root, self.homes_root, self.uid_base,
+                                         registry)  # fmt: skip
             found = self._instances[key]
             self.log.info("this Hub's sandboxes: instance %s, host uids from %s", found.id,
                           found.uid_base if found.uid_base is not None else "(not root)")
@@ -196,7 +199,8 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         """The server's host uid: its own, when the Hub is root (this Hub's alone)."""
         if os.geteuid() != 0:
             return identity.resolve()
-        uid = self.instance.uid(int(self.user.id))
+        created = self.user.created.isoformat() if self.user.created else ""
+        uid = self.instance.account_uid(self.user.name, created, int(self.user.id), self.home)
         return SandboxIdentity(uid, uid, 0, 0)
 
     # -- JupyterHub's spawner contract ----------------------------------------------------
@@ -239,7 +243,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         if supervisor.holds(state):
             raise HubConflict(f"a server of {self.user.name} still runs from {state} (its "
                               "supervisor holds it): stop it first")  # fmt: skip
-        shutil.rmtree(state, ignore_errors=True)
+        await _remove(state)
         run = state / "run"
         for directory in (Path(self.state_root), state):
             directory.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -335,13 +339,13 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
             if event["progress"] >= 100:
                 return
 
-    def delete_forever(self) -> None:
-        shutil.rmtree(self._state_dir(), ignore_errors=True)
+    async def delete_forever(self) -> None:
+        await _remove(self._state_dir())
         options = (self.user_options or {}).get(binder_server.OPTION)
         if isinstance(options, dict) and options.get("anonymous"):
-            shutil.rmtree(self.home, ignore_errors=True)  # a launch's temporary user: all goes
+            await _remove(self.home)  # a launch's temporary user: all goes
         elif self.delete_home_on_user_delete and not self.name:  # named servers share the home
-            shutil.rmtree(self.home, ignore_errors=True)
+            await _remove(self.home)
 
     def _user_names(self) -> list[str]:
         from jupyterhub import orm
@@ -563,11 +567,13 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
                            f"{self.start_timeout}s. Its output:\n{self._log_tail()}")  # fmt: skip
 
     def _log_tail(self, size: int = 3000) -> str:
+        """The end of the server's output: only the end is read (the server writes its log,
+        and can make it as long, or as sparse, as it likes)."""
         parts = []
         for name in ("server.log", supervisor.LOG):
-            with contextlib.suppress(OSError):
-                parts.append((Path(self.state_dir) / name).read_bytes()[-size:].decode(
-                    errors="replace"))  # fmt: skip
+            with contextlib.suppress(OSError), open(Path(self.state_dir) / name, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                parts.append(f.read(size).decode(errors="replace"))
         return "\n".join(p.strip() for p in parts if p.strip()) or "(no output)"
 
     def _exit_code(self) -> int:
@@ -579,6 +585,17 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
     def _event(self, progress: int, message: str) -> None:
         self.log.info("%s: %s", self._log_name, message)
         self._events.put_nowait({"progress": progress, "message": message})
+
+
+async def _remove(path: Path) -> None:
+    """``path`` gone: renamed aside at once, then removed off the event loop (a user's
+    server decides how many files its home and run directory hold)."""
+    aside = path.with_name(f".removing-{path.name}-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    await asyncio.to_thread(shutil.rmtree, aside, True)
 
 
 async def _alive(sandbox: Any) -> bool:

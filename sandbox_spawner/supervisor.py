@@ -92,7 +92,7 @@ async def supervise(state_dir: Path) -> int:
     code = await sandbox.poll()
     for server in (proxy_side, hub_side):
         server.close()
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # whatever the user's code put there: not ours
         os.unlink(plan["hub_socket"])
     (state_dir / EXIT).write_text(str(code if code is not None else -signal.SIGKILL))
     log.info("server of %s ended with %s", plan["name"], code)

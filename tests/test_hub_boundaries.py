@@ -291,6 +291,17 @@ async def test_two_hubs_on_one_machine_keep_to_their_own(runtime, tmp_path_facto
             await c.api("POST", "/users/uma/server", raise_error=False)
             events = await c.progress("uma")
             assert events[-1].get("failed") and "overlap those of the Hub" in events[-1]["message"]
+        # A fourth Hub configured with the first one's state root and homes is refused too.
+        d = Hub(tmp_path_factory.mktemp(f"two-hubs-d-{runtime}"), runtime=runtime,
+                extra_config=f"c.LocalSandboxSpawner.state_root = '{a.root}/servers'\n"
+                             f"c.LocalSandboxSpawner.homes_root = '{a.root}/homes'\n")  # fmt: skip
+        hubs.append(d)
+        d.start()
+        await d.api("POST", "/users/uma", raise_error=False)
+        await d.api("POST", "/users/uma/server", raise_error=False)
+        events = await d.progress("uma")
+        assert events[-1].get("failed") and "another Hub is running with" in events[-1]["message"]
+        assert home(a, "uma").is_dir()
     finally:
         for hub in hubs:
             hub.close()
@@ -316,6 +327,102 @@ async def test_a_state_root_too_long_for_a_socket_fails_at_once_saying_so(tmp_pa
         assert "more than a Unix socket's path may be" in events[-1]["message"]
         assert "state_root" in events[-1]["message"]
         assert time.monotonic() - started < 30
+    finally:
+        hub.close()
+        end_supervisors(root)
+
+
+async def test_an_account_never_gets_a_uid_or_home_an_earlier_account_had(hub: Hub):
+    """JupyterHub's database gives a deleted user's id to the next user (SQLite does): with
+    uids made from ids, a new account had a deleted one's uid, and, taking its name, its
+    home. Each account's uid is its own, never given again."""
+    if os.geteuid() != 0:
+        pytest.fail("the Hub's tests run as root (uids of their own)")
+    await hub.spawn("carol2")
+    carol = await hub.user_token("carol2")
+    await hub.execute("carol2", carol, "open('diary.txt', 'w').write('carol only')")
+    carol_uid = home(hub, "carol2").stat().st_uid
+    await hub.api("DELETE", "/users/carol2")  # the newest user: its id is given again
+    await hub.spawn("mallory2")
+    assert home(hub, "mallory2").stat().st_uid != carol_uid
+    await hub.api("DELETE", "/users/mallory2/server")
+    await hub.wait_stopped("mallory2")
+    await hub.api("DELETE", "/users/mallory2")
+    # A new account of the deleted one's name finds its home kept, and refused to it.
+    await hub.api("POST", "/users/carol2")
+    await hub.api("POST", "/users/carol2/server", raise_error=False)
+    events = await hub.progress("carol2")
+    assert events[-1].get("failed") and "belongs to uid" in events[-1]["message"], events
+    assert home(hub, "carol2").stat().st_uid == carol_uid
+    assert (home(hub, "carol2") / "diary.txt").read_text() == "carol only"
+
+
+async def test_a_servers_endless_log_does_not_hold_up_the_hub(hub: Hub):
+    """A server that makes its log 3 GiB (sparse: nothing on disk) and fails: the Hub read
+    all of it for the error message, on its event loop, and everyone's requests waited."""
+    await hub.spawn("lola")
+    lola = await hub.user_token("lola")
+    await hub.execute("lola", lola, (
+        "import os\nos.makedirs('.jupyter', exist_ok=True)\n"
+        "open('.jupyter/jupyter_config.py', 'w').write("
+        "'import os\\nos.ftruncate(1, 3 << 30)\\nos._exit(3)\\n')\n"))  # fmt: skip
+    await hub.api("DELETE", "/users/lola/server")
+    await hub.wait_stopped("lola")
+    slowest, done = 0.0, False
+
+    async def ping() -> None:
+        nonlocal slowest
+        while not done:
+            began = time.monotonic()
+            await hub.api("GET", "/")
+            slowest = max(slowest, time.monotonic() - began)
+            await asyncio.sleep(0.1)
+
+    pinging = asyncio.ensure_future(ping())
+    try:
+        await hub.api("POST", "/users/lola/server", raise_error=False)
+        events = await hub.progress("lola")
+    finally:
+        done = True
+        await pinging
+    assert events[-1].get("failed"), events
+    assert slowest < 2, f"the Hub's API waited {slowest:.1f}s"
+    (home(hub, "lola") / ".jupyter" / "jupyter_config.py").unlink()
+
+
+async def test_what_a_user_leaves_in_place_of_the_hub_socket_does_not_break_the_stop(hub: Hub):
+    """A directory where the Hub API's socket was: the supervisor failed at its stop and
+    wrote no exit code."""
+    await hub.spawn("nina")
+    nina = await hub.user_token("nina")
+    await hub.execute("nina", nina, (
+        "import os\nRUN = '/run/jupyter-sandbox'\nos.unlink(RUN + '/hub.sock')\n"
+        "os.mkdir(RUN + '/hub.sock')\n"))  # fmt: skip
+    state = Path((await hub.state("nina"))["state_dir"])
+    await hub.api("DELETE", "/users/nina/server")
+    await hub.wait_stopped("nina")
+    assert (state / "exit").exists()
+    assert "Traceback" not in (state / "supervisor.log").read_text()
+
+
+async def test_what_one_user_sends_as_options_stops_nobody_elses_hibernation(tmp_path_factory):
+    """A user who started their own server with ``{"profile": []}`` made every sweep fail
+    (one user's records were read outside the per-server guard): nobody hibernated. And a
+    profile the spawner never checked (the local spawner has none) exempted its sender."""
+    from conftest import require_runtime
+
+    require_runtime("bubblewrap")
+    root = tmp_path_factory.mktemp("hibernate-options")
+    args = ("--interval=1", "--exempt-profiles=gpu")
+    hub = Hub(root, hibernate_after=4, extra_config="".join(
+        f"c.JupyterHub.services[0]['command'].append({a!r})\n" for a in args)).start()
+    try:
+        for name, profile in (("pat", []), ("quin", "gpu"), ("ruth", None)):
+            await hub.api("POST", f"/users/{name}", raise_error=False)
+            await hub.api("POST", f"/users/{name}/server", {"profile": profile})
+            await hub.wait_ready(name)
+        for name in ("ruth", "quin", "pat"):
+            assert await hub.stops_within(name, 60), f"{name} hibernates"
     finally:
         hub.close()
         end_supervisors(root)

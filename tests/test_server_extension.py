@@ -115,8 +115,8 @@ def test_claims_left_by_a_crashed_run_are_deleted_at_start(k8s, namespace, clust
     ours, theirs = f"srv-{namespace}", f"other-{namespace}"
     for name, server in (("left-behind", ours), ("someone-elses", theirs)):
         k8s.create(CLAIMS, namespace, {
-            "metadata": {"name": name, "labels": {api.LABEL_KERNEL_SERVER: server,
-                                                  api.LABEL_KERNEL_ID: "k"}},
+            "metadata": {"name": name, "labels": {
+                api.LABEL_KERNEL_SERVER: api.unique_label_value(server), api.LABEL_KERNEL_ID: "k"}},
             "spec": {"warmPoolRef": {"name": "p"}},
         })  # fmt: skip
     time.sleep(1.5)  # the claims predate the server

@@ -283,3 +283,22 @@ def test_a_prepared_kernel_takes_only_variables_read_after_it_initialized():
                  "MPLBACKEND", "HOME"):  # fmt: skip
         assert late_env(base, {**base, name: "x"}) is None, name
     assert late_env(base, {"PATH": "/usr/bin"}) is None  # a variable it has and must not
+
+
+async def test_a_temporary_user_just_made_is_not_taken_for_one_whose_server_stopped():
+    """The Hub lists a user's never-started default server as stopped: a sweep that came
+    between a launch making its temporary user and starting its server deleted the user
+    (the launch then failed: "the Hub answered 404"). Only a server that ran counts."""
+    import datetime
+
+    from sandbox_spawner.hibernator import Hibernator
+
+    sleeper = Hibernator("http://hub.invalid/hub/api", "unused", temporary_prefix="binder-",
+                         dry_run=True)  # fmt: skip
+    now = datetime.datetime.now(datetime.UTC)
+    fresh = {"name": "binder-1", "created": now.isoformat(),
+             "servers": {"": {"stopped": True, "started": None, "state": {}}}}  # fmt: skip
+    assert not await sleeper._delete_if_done(fresh, now)
+    ran = {"name": "binder-2", "created": now.isoformat(), "servers": {"b-x": {
+        "stopped": True, "state": {"last_start": {"seconds": 1.0, "at": now.isoformat()}}}}}
+    assert await sleeper._delete_if_done(ran, now)
