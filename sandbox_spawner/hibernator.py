@@ -19,8 +19,8 @@ the user's home (and the API token, ``will_resume``); the Hub starts the server 
 user's next visit. Users, groups and profiles can be exempt; ``max_age``
 hibernates even a server in use (never one with a busy kernel); ``dry_run``
 only logs. A server that cannot be asked, or answers what is no report, is left
-alone (and logged). Servers are asked a few at a time, each with a short timeout,
-so no server's answer (or silence) holds up the sweep.
+alone (and logged), until its ``max_age``. Servers are asked a few at a time, each
+with a short timeout, so no server's answer (or silence) holds up the sweep.
 
 It runs in the Hub service :mod:`sandbox_spawner.service`, which gives it its
 options, its Hub API token and its metrics.
@@ -214,11 +214,19 @@ class Hibernator:
         label = f"{user}/{name}" if name else user
         try:
             verdict = await self.verdict(server, now, timeout)
-        except Exception as exc:  # unreachable, or an error: never stop on doubt
+        except Exception as exc:  # unreachable, or an error: never stop on doubt ...
             log.warning("cannot tell whether %s is idle: %s", label, exc)
             self._count("errors")
-            return None
-        self._count("checks")
+            started = parse_time(server.get("started"))
+            age = (now - started).total_seconds() if started else 0
+            if not (self.max_age and age > self.max_age):
+                return None
+            # ... but past its max age: a server that does not say whether a kernel is
+            # busy (broken, or made to say nothing) does not run on for ever.
+            verdict = Verdict(True, f"running for {age:.0f}s (max age), and it does not "
+                              "say whether a kernel is busy")  # fmt: skip
+        else:
+            self._count("checks")
         if not verdict.idle:
             log.debug("%s stays: %s", label, verdict.reason)
             return None

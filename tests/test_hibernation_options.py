@@ -52,3 +52,22 @@ async def test_max_age_hibernates_a_server_in_use(make_hub):
     assert (await hub.execute("lou", token, "print('in use')")).strip() == "in use"
     assert await hub.stops_within("lou", 40), "hibernated at its max age"
     assert "running for" in hub.log.read_text()  # the reason logged: its age, not idleness
+
+
+async def test_max_age_stops_a_server_that_will_not_answer(make_hub):
+    """A server made to answer nothing (its socket taken over by the user's code) cannot
+    say whether a kernel is busy: left alone while young, stopped at its max age."""
+    hub = make_hub(3600, "--max-age=8", "--interval=1")
+    await hub.spawn("mute")
+    token = await hub.user_token("mute")
+    silence = (
+        "import os, socket\nRUN = '/run/jupyter-sandbox'\n"
+        "os.rename(RUN + '/server.sock', RUN + '/server.real')\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(RUN + '/server.sock'); s.listen(16)\n"
+        "while True:\n    s.accept()[0].close()\n"
+    )
+    await hub.execute("mute", token, "import subprocess, sys\n"
+                      f"subprocess.Popen([sys.executable, '-c', {silence!r}], "
+                      "start_new_session=True)\n")  # fmt: skip
+    assert await hub.stops_within("mute", 60), "stopped at its max age"
+    assert "does not say whether a kernel is busy" in hub.log.read_text()
