@@ -6,7 +6,9 @@ plain HTTP from this machine's loopback by the test (never the internet).
 * :func:`wheel` writes a pure-Python wheel by hand (no build backend, no network);
   :func:`package_index` lays wheels out as a PEP 503 "simple" index;
 * :func:`served` (a module's fixture): an index with ``demo_pkg`` and a directory of
-  repositories, served; :func:`link` and :func:`preparer` prepare from them without a Hub.
+  repositories, served; :func:`link` and :func:`preparer` prepare from them without a Hub;
+* :func:`alias_bomb`: an ``environment.yml`` of nested YAML aliases ("billion laughs"), and
+  :func:`peak_rss` to see what reading one cost a process.
 """
 
 from __future__ import annotations
@@ -125,6 +127,26 @@ def package_index(root: Path, wheels: list[Path]) -> Path:
         (page / built.name).write_bytes(built.read_bytes())
         (page / "index.html").write_text(f'<a href="{built.name}">{built.name}</a>\n')
     return root / "simple"
+
+
+def alias_bomb(levels: int = 7, fanout: int = 11) -> str:
+    """An ``environment.yml`` of about 400 bytes whose one dependency is ``fanout ** levels``
+    strings through nested aliases: a YAML parser shares the aliased nodes, and anything that
+    walks the result (``repr``, ``str``, JSON) writes them all out (here ~140 MiB)."""
+    items = ",".join(['"lol"'] * fanout)
+    lines = [f"a0: &a0 [{items}]"]
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * fanout)}]" for i in range(1, levels)]
+    return "\n".join([*lines, f"dependencies: [*a{levels - 1}]"]) + "\n"
+
+
+def peak_rss(pid: int | str = "self", reset: bool = False) -> int:
+    """The peak resident memory (bytes) of process ``pid`` since its last reset (``reset``:
+    reset it now, as root may for any process)."""
+    if reset:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM:"))
 
 
 # -- preparations without a Hub ---------------------------------------------------------------

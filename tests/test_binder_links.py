@@ -257,6 +257,100 @@ def test_configuration_is_read_without_following_links(tmp_path: Path):
         read_environment(linked_dir, installed=set())
 
 
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path: Path):
+    """420 bytes of nested aliases (billion laughs): the reader wrote the one dependency out
+    with repr into a message, ~140 MiB, kept in prepared.json and sent to the launch page."""
+    import time
+
+    from binder_fixtures import alias_bomb
+
+    from sandbox_spawner.binder.environment import BadRepository, read_environment
+
+    repo = make({"environment.yml": alias_bomb()}, tmp_path)
+    began = time.monotonic()
+    try:
+        env = read_environment(repo, installed=set())
+        outcome: object = f"read: {sum(map(len, env.unsupported))} characters of messages"
+    except BadRepository as exc:
+        outcome = exc
+    took = time.monotonic() - began
+    assert isinstance(outcome, BadRepository), (outcome, f"{took:.1f}s")
+    assert "alias" in str(outcome) and len(str(outcome)) < 500, outcome
+    assert took < 1.0, took
+    merged = make({"environment.yml": "base: &b {dependencies: [numpy]}\nmerged:\n  <<: *b\n"},
+                  tmp_path / "merge")  # fmt: skip
+    with pytest.raises(BadRepository, match="alias"):  # a merge key needs an alias too
+        read_environment(merged, installed=set())
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("dependencies:\n  - [numpy, scipy]\n", "a string"),
+        ("dependencies:\n  - {conda: numpy}\n", "a string"),
+        ("dependencies:\n  - 3.11\n", "a string"),
+        ("dependencies:\n  - pip: [requests, 2.0]\n", "strings"),
+        ("dependencies:\n  - pip: requests\n", "strings"),
+        ("dependencies:\n  - pip: [requests]\n    conda: [numpy]\n", "a string"),
+        ("dependencies: numpy\n", "a list"),
+        ("dependencies:\n  - numpy" + "x" * 100_000 + "\n", "characters"),
+        ("dependencies:\n  - pip:\n    - requests" + "x" * 100_000 + "\n", "characters"),
+        ("dependencies:\n" + "  - x\n" * 20_000, "dependencies"),
+        ("dependencies:\n  - pip:\n" + "    - x\n" * 20_000, "requirements"),
+        ("dependencies: " + "[" * 5000 + "]" * 5000 + "\n", "deep"),
+    ],
+    ids=["list", "mapping", "number", "pip-number", "pip-string", "pip-and-more", "not-a-list",
+         "long", "pip-long", "many", "pip-many", "nested"],
+)  # fmt: skip
+def test_conda_dependencies_are_strings_bounded_in_length_and_number(tmp_path: Path, text, why):
+    """Only strings, or ``pip:`` with a list of strings; each of a bounded length, a bounded
+    number of them, nested to a bounded depth: else the repository is refused, saying why
+    (before, anything was taken, written out with ``repr``/``str``)."""
+    from sandbox_spawner.binder.environment import BadRepository, read_environment
+
+    repo = make({"environment.yml": text}, tmp_path)
+    with pytest.raises(BadRepository, match=why) as error:
+        read_environment(repo, installed=set())
+    assert str(error.value).startswith("environment.yml") and len(str(error.value)) < 500
+
+
+def test_requirements_are_bounded_and_plain(tmp_path: Path):
+    from sandbox_spawner.binder.environment import BadRepository, read_environment
+
+    for text, why in (("x\n" * 50_000, "requirements"), ("numpy" + "x" * 100_000, "characters"),
+                      ("numpy\x1b[2J\n", "control character")):  # fmt: skip
+        repo = make({"requirements.txt": text}, tmp_path / why.replace(" ", "-"))
+        with pytest.raises(BadRepository, match=why) as error:
+            read_environment(repo, installed=set())
+        assert str(error.value).startswith("requirements.txt") and len(str(error.value)) < 500
+    # What real repositories write passes: a long pinned list, hashes, URLs.
+    pinned = "".join(f"package{i}==1.{i} --hash=sha256:{'a' * 64}\n" for i in range(3000))
+    repo = make({"requirements.txt": pinned, "environment.yml": "dependencies:\n  - pip:\n"
+                 "    - demo @ https://example.org/demo-1.0-py3-none-any.whl\n"},
+                tmp_path / "pinned")  # fmt: skip
+    assert len(read_environment(repo, installed=set()).requirements) == 3001
+
+
+def test_what_is_kept_from_a_repository_is_bounded(tmp_path: Path):
+    """What is not prepared is said on the launch page and kept in prepared.json: a message
+    per conda package, and every name of apt.txt and runtime.txt in full, made both as
+    large as the files (1 MiB each)."""
+    from sandbox_spawner.binder.environment import read_environment
+
+    repo = make({
+        "binder/environment.yml": "dependencies:\n" + f"  - conda-{'c' * 80}\n" * 9000,
+        "binder/apt.txt": f"Not-A-Name-{'a' * 80}\n" * 6000 + f"missing-{'m' * 80}\n" * 2000,
+        "binder/Dockerfile": "FROM scratch\n",
+    }, tmp_path)  # fmt: skip
+    env = read_environment(repo, installed=set())
+    said = "\n".join(env.unsupported)
+    assert len(env.unsupported) <= 10 and len(said) < 16_000, (len(env.unsupported), len(said))
+    assert "and 8990 more" in said and "and 5990 more" in said, said  # how many is still said
+    runtime = make({"runtime.txt": "python-" + "9" * 500_000}, tmp_path / "runtime")
+    said = read_environment(runtime, installed=set()).unsupported
+    assert len(said) == 1 and len(said[0]) < 1000, len(said[0])
+
+
 def test_a_launch_without_login_counts_against_the_address_the_proxy_saw():
     """X-Forwarded-For is read only from a trusted proxy, and only what the proxies
     appended: what the client wrote in front is not believed."""
