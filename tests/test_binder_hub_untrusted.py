@@ -6,7 +6,8 @@ to the root processes that prepare and launch, looked for on the host.
 * a user whose running server plants links in their home, where the Hub makes their copy
   of a repository as root (``~/binder`` a link; a directory swapped for a link mid-copy);
 * a launch that copies a large repository while the Hub must go on answering;
-* anonymous launches: a global cap and a rate per client, behind the proxy.
+* anonymous launches: a global cap and a rate per client, behind the proxy;
+* an ``environment.yml`` of nested YAML aliases, against the service and the Hub.
 
 Two Hubs on one machine collide (cgroup names, uids): run this module alone, e.g. under
 ``flock /tmp/jupyter-sandbox-hub-tests.lock``."""
@@ -14,6 +15,7 @@ Two Hubs on one machine collide (cgroup names, uids): run this module alone, e.g
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -22,9 +24,12 @@ from pathlib import Path
 
 import pytest
 from binder_fixtures import (
+    SERVICE,
     BinderHub,
+    alias_bomb,
     git_repo,
     launch,
+    peak_rss,
     server_of,
     server_stopped,
     spec,
@@ -227,6 +232,70 @@ async def while_measuring(hub: Hub, work) -> tuple[object, float]:
         client.close()
         if not task.done():
             task.cancel()
+
+
+def service_pid(hub: Hub) -> int:
+    """The Hub's sandbox-service (a process of the Hub's, with the Hub's cache)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"sandbox_spawner.service" in cmdline and \
+                    f"--binder-cache={hub.root}".encode() in b" ".join(cmdline):  # fmt: skip
+                return int(entry.name)
+    raise AssertionError("the service's process is not found")
+
+
+# -- 3b. YAML aliases --------------------------------------------------------------------------
+async def launch_page(hub: Hub, what: str, token: str) -> tuple[list[dict], int]:
+    """A launch's events as a browser gets them, however large, and the bytes it got."""
+    chunks: list[bytes] = []
+    client = AsyncHTTPClient(force_instance=True, max_body_size=1 << 30)
+    try:
+        response = await client.fetch(HTTPRequest(
+            f"{hub.url}{SERVICE}/build/git/{what}", headers={"Authorization": f"token {token}"},
+            streaming_callback=chunks.append, request_timeout=300), raise_error=False)  # fmt: skip
+    finally:
+        client.close()
+    assert response.code == 200, response.code
+    body = b"".join(chunks)
+    events = [json.loads(line[5:]) for block in body.split(b"\n\n")
+              for line in block.split(b"\n") if line.startswith(b"data:")]  # fmt: skip
+    return events, len(body)
+
+
+async def test_an_alias_bomb_blows_up_neither_the_service_nor_the_hub(setup: BinderHub):
+    """420 bytes of environment.yml, nested aliases: the service expanded them (~140 MiB)
+    into the launch page's messages and prepared.json (88 to 883 MiB of memory, its pages
+    stalled 6.4 s), and the Hub, starting the server, read that record whole on its event
+    loop (6.5 s). Refused at once now, saying why, and nothing is kept."""
+    hub = setup.hub
+    git_repo(setup.repos, "aliasbomb", {"environment.yml": alias_bomb(), "README.md": "hi\n"})
+    url = repo_url(setup, "aliasbomb")
+    service = service_pid(hub)
+    before = peak_rss(service, reset=True)
+    token = await user_token(hub, "bomber")
+    (events, sent), slowest = await while_measuring(hub, launch_page(hub, spec(url), token))
+    grew = peak_rss(service) - before
+    records = [p.stat().st_size for p in (hub.root / "binder").glob(f"{repo_key(url)}/*/*.json")]
+    last = {k: str(v)[:300] for k, v in events[-1].items()}
+    evidence = (f"{last}; the service's memory +{grew >> 20} MiB, the Hub's API answered "
+                f"within {slowest:.1f}s, the launch page got {sent >> 10} KiB, records "
+                f"{records}")  # fmt: skip
+    print(evidence)
+    try:
+        assert last["phase"] == "failed" and "alias" in last["message"], evidence
+        assert grew < 64 << 20 and slowest < 1.0 and sent < 16 << 10, evidence
+        assert records == [], evidence
+    finally:
+        if events[-1]["phase"] == "ready":
+            _, server = server_of(events[-1])
+            await hub.api("DELETE", f"/users/bomber/servers/{server}")
+            await wait_for(lambda: server_stopped(hub, "bomber", server))
+        for entry in (hub.root / "binder").glob(f"{repo_key(url)}*"):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 # -- 4a. anonymous launches ------------------------------------------------------------------

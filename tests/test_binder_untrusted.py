@@ -7,7 +7,8 @@ damage is looked for on the host (what root read, where a copy landed, who owns 
 * on Kubernetes, a preparation pod that replaces its log with a link;
 * links in the user's home that would redirect the copy of the repository;
 * a sparse file that fills no block and a flood of empty files, against the limits;
-* ``apt.txt`` names that are options of ``dpkg-query``.
+* ``apt.txt`` names that are options of ``dpkg-query``;
+* an ``environment.yml`` of nested YAML aliases, and the record it made (``prepared.json``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from binder_fixtures import events, git_repo, link, preparer
+from binder_fixtures import alias_bomb, events, git_repo, link, peak_rss, preparer
 from conftest import require_runtime
 
 from sandbox_spawner.binder.prepare import PreparationFailed, PrepareLimits, Preparer, repo_key
-from sandbox_spawner.binder.server import BinderServer
+from sandbox_spawner.binder.server import BadBinderOptions, BinderServer, from_user_options
 
 RUNTIMES = ["bubblewrap", "gvisor"]
 #: A uid no account has: the owner of the test's "user" home.
@@ -326,3 +327,72 @@ async def test_apt_names_never_reach_dpkg_query_as_options(served, tmp_path, run
     assert any("--showformat" in u and "not a Debian package name" in u
                for u in unsupported), unsupported  # fmt: skip
     assert len(said) == len(unsupported)
+
+
+# -- 5. YAML aliases, and the record of a prepared commit ------------------------------------
+async def test_a_yaml_alias_bomb_is_refused_at_once(served, tmp_path):
+    """420 bytes of nested aliases in environment.yml: the service wrote the dependency out
+    with ``repr`` (~140 MiB) into a message for the launch page and into prepared.json; in
+    the service, 88 MiB of memory became 883 MiB and its pages stalled for seconds. Measured
+    here on this process, which runs the service's code."""
+    import time
+
+    name = "alias-bomb"
+    commit = git_repo(served["repos"], name, {"environment.yml": alias_bomb()})
+    prep = preparer(served, tmp_path, "bubblewrap")
+    seen, emit = events()
+    before = peak_rss(reset=True)
+    began = time.monotonic()
+    try:
+        prepared, _ = await prep.prepare(link(served, name), commit, emit)
+        size = (prepared.path / "prepared.json").stat().st_size
+        outcome: object = f"prepared: its prepared.json has {size >> 20} MiB"
+    except PreparationFailed as exc:
+        outcome = exc
+    took, grew = time.monotonic() - began, peak_rss() - before
+    said = sum(len(message) for _, message in seen)
+    evidence = f"{outcome}; {took:.1f}s, memory +{grew >> 20} MiB, {said} characters said"
+    print(evidence)
+    assert isinstance(outcome, PreparationFailed) and "alias" in str(outcome), evidence
+    assert took < 5 and grew < 32 << 20 and said < 4096, evidence
+    assert prep.cached(link(served, name), commit) is None
+    no_preparation_left(prep)
+
+
+async def test_an_oversized_record_is_refused_by_load(tmp_path):
+    """prepared.json was read whole, with no bound, by the Hub at every start of a server of
+    that commit (on its event loop: 6.5 s for the 154 MiB an alias bomb made) and by the
+    service at every launch. A record past the bound is refused now, at once and saying
+    why; so is one that is no regular file."""
+    import json
+    import time
+
+    from sandbox_spawner.binder.links import RepoLink
+
+    cache = tmp_path / "cache"
+    link = RepoLink("git", "http://127.0.0.1:1/repo.git", "main", "spec")
+    commit = "a" * 40
+    prep = Preparer(cache)
+    entry = prep.entry(link, commit)
+    for sub in ("repo", "env"):
+        (entry / sub).mkdir(parents=True)
+    record = {"url": link.url, "commit": commit, "requirements": [], "site": "lib",
+              "start": None, "post_build": False, "unsupported": ["x" * (64 << 20)]}  # fmt: skip
+    (entry / "prepared.json").write_text(json.dumps(record))
+    options = {"binder": {"repo": entry.parent.name, "commit": commit}}
+    began = time.monotonic()
+    try:
+        outcome: object = f"loaded: {from_user_options(options, cache)}"[:200]
+    except BadBinderOptions as exc:
+        outcome = exc
+    took = time.monotonic() - began
+    print(f"{outcome} ({took:.3f}s)")
+    assert isinstance(outcome, BadBinderOptions) and "record" in str(outcome), outcome
+    assert took < 0.5, took
+    with pytest.raises(PreparationFailed, match="record"):  # the service's launch
+        await prep.prepare(link, commit, events()[1])
+    (entry / "prepared.json").unlink()
+    (entry / "prepared.json").symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text(json.dumps({**record, "unsupported": []}))
+    with pytest.raises(BadBinderOptions, match="record"):
+        from_user_options(options, cache)

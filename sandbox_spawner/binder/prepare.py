@@ -21,6 +21,11 @@ the event loop. The result goes to ``<cache>/<repository key>/<commit>/`` (``rep
 ``env/``, ``prepared.json``), readable by every user, moved there in one rename once
 complete, and is never written again: every launch of that commit, by any user, uses
 it read-only. A lock per commit makes concurrent launches of one commit prepare it once.
+
+The record (``prepared.json``) holds what the repository asked for, bounded as it is
+read (:mod:`.environment`); it is written within :data:`RECORD_LIMIT` bytes and read (by
+the service at each launch, by the Hub at each start of a server) by descriptor, never
+through a link, and refused past that bound.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ REPO_PATH = "/home/jovyan"
 _EGRESS_DIR = "/run/jupyter-sandbox-egress"
 _PLAN_DIR = "/run/jupyter-sandbox-build"
 PREPARED = "prepared.json"
+#: Bytes a prepared commit's record may have (written within it; refused past it when read).
+RECORD_LIMIT = 4 << 20
 #: Hosts a preparation may always reach: the Python Package Index.
 DEFAULT_EGRESS = ("pypi.org", "files.pythonhosted.org")
 
@@ -67,6 +74,11 @@ Emit = Callable[[str, str], None]
 
 class PreparationFailed(RuntimeError):
     """The repository's environment could not be prepared; the message says why."""
+
+
+class UnusableRecord(ValueError):
+    """A prepared commit whose record cannot be used (too large, no regular file, not a
+    record); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,12 @@ class Preparer:
         entry = self.entry(link, commit)
         entry.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         async with _locked(entry.parent / f"{commit}.lock", emit):
-            found = load(entry)
+            try:
+                found = load(entry)
+            except UnusableRecord as exc:
+                raise PreparationFailed(f"the prepared commit {commit[:12]} has an unusable "
+                                        f"record ({exc}): an administrator removes "
+                                        f"{entry.parent.name}/{commit} from the cache") from None
             if found is not None:
                 return found, True
             began = time.monotonic()
@@ -136,7 +153,12 @@ class Preparer:
             try:
                 record = await self._prepare(link, commit, work, emit)
                 record["seconds"] = round(time.monotonic() - began, 3)
-                (work / PREPARED).write_text(json.dumps(record, indent=1))
+                data = json.dumps(record, indent=1, ensure_ascii=False).encode()
+                if len(data) > RECORD_LIMIT:
+                    raise PreparationFailed(f"what the repository asks for is too large to "
+                                            f"keep: a record of {len(data)} bytes, at most "
+                                            f"{RECORD_LIMIT}")  # fmt: skip
+                (work / PREPARED).write_bytes(data)
                 await _off_loop(seal.seal, work)
                 os.rename(work, entry)
             finally:
@@ -146,8 +168,8 @@ class Preparer:
     async def _prepare(self, link: RepoLink, commit: str, work: Path, emit: Emit) -> dict:
         emit("fetching", f"Fetching {link.url} at {commit[:12]}")
         await refs.fetch(link, commit, work / "repo")
-        try:
-            wanted = read_environment(work / "repo")
+        try:  # (its size is the repository's to choose, and dpkg-query runs: off the loop)
+            wanted = await asyncio.to_thread(read_environment, work / "repo")
         except BadRepository as exc:
             raise PreparationFailed(str(exc)) from None
         for message in wanted.unsupported:
@@ -309,10 +331,32 @@ def repo_key(url: str) -> str:
 
 
 def load(entry: Path) -> Prepared | None:
+    """The prepared commit at ``entry``, None when there is none; :class:`UnusableRecord`
+    when its record cannot be used: it is read by descriptor, never through a link, at most
+    :data:`RECORD_LIMIT` bytes (the Hub reads it on its event loop)."""
     try:
-        return Prepared(entry, json.loads((entry / PREPARED).read_text()))
-    except (OSError, ValueError):
+        fd = untrusted.open_dir(entry)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise UnusableRecord(f"{entry.name}: {exc.strerror}") from None
+    try:
+        data = untrusted.read_file(fd, PREPARED, RECORD_LIMIT)
+    except FileNotFoundError:
+        return None
+    except untrusted.Refused as exc:
+        raise UnusableRecord(str(exc)) from None
+    except OSError as exc:
+        raise UnusableRecord(f"{PREPARED}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(data)
+    except ValueError:
+        raise UnusableRecord(f"{PREPARED} is not JSON") from None
+    if not isinstance(record, dict):
+        raise UnusableRecord(f"{PREPARED} is not a record (a JSON object)")
+    return Prepared(entry, record)
 
 
 def _host_entry(url: str | None) -> list[str]:

@@ -35,7 +35,7 @@ from typing import Any
 
 from sandbox_provisioner import filesystem
 
-from .prepare import ENV_PATH, Prepared, load
+from .prepare import ENV_PATH, Prepared, UnusableRecord, load
 from .seal import valid_site
 
 OPTION = "binder"
@@ -150,7 +150,11 @@ def from_user_options(options: dict[str, Any], cache_root: Path) -> BinderServer
         raise BadBinderOptions(f"user_options['binder']['repo']: {key!r} is no repository key")
     if not isinstance(commit, str) or not _COMMIT.match(commit):
         raise BadBinderOptions(f"user_options['binder']['commit']: {commit!r} is no commit")
-    prepared = load(cache_root / key / commit)
+    try:
+        prepared = load(cache_root / key / commit)
+    except UnusableRecord as exc:
+        raise BadBinderOptions(f"{key} at {commit[:12]} has an unusable record ({exc}): an "
+                               "administrator removes it from the cache") from None
     if prepared is None:
         raise BadBinderOptions(f"{key} at {commit[:12]} has not been prepared: launch it "
                                "through its Binder link")  # fmt: skip
