@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import http.server
+import shutil
 import subprocess
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
@@ -171,6 +173,179 @@ async def test_resolving_runs_no_command_from_the_link(tmp_path: Path):
         await resolve(forged, timeout=20)
     await asyncio.sleep(0.2)
     assert not marker.exists()
+
+
+# -- git goes nowhere but where the link says ------------------------------------------------
+class _Recording(http.server.SimpleHTTPRequestHandler):
+    """Serves its directory; every request's path goes to ``server.seen``."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.seen.append(self.path)  # type: ignore[attr-defined]
+        super().do_GET()
+
+    def do_POST(self) -> None:
+        self.server.seen.append(self.path)  # type: ignore[attr-defined]
+        self.send_error(405)
+
+
+class _Redirecting(http.server.BaseHTTPRequestHandler):
+    """Answers every request with ``server.code``, to the same path at ``server.target``."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(self.server.code)  # type: ignore[attr-defined]
+        self.send_header("Location", self.server.target + self.path)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET
+
+
+def _listen(address: str, handler, **attributes) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer((address, 0), handler)
+    for name, value in attributes.items():
+        setattr(server, name, value)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _close(server: http.server.ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory):
+    """A repository served twice over dumb HTTP: at 127.0.0.1 (the allowed host) and at
+    127.0.0.2 ("elsewhere": any loopback address is this machine; it stands for the Hub's
+    API, another service of the host, a cloud's metadata address), which notes every
+    request it gets."""
+    from binder_fixtures import git_repo
+
+    root = tmp_path_factory.mktemp("elsewhere")
+    commit = git_repo(root, "repo", {"requirements.txt": "numpy\n"})
+    shutil.rmtree(root / "repo-work")
+    served = functools.partial(_Recording, directory=str(root))
+    allowed, target = _listen("127.0.0.1", served, seen=[]), _listen("127.0.0.2", served, seen=[])
+    yield SimpleNamespace(root=root, commit=commit, target=target,
+                          allowed_url=f"http://127.0.0.1:{allowed.server_address[1]}",
+                          target_url=f"http://127.0.0.2:{target.server_address[1]}")  # fmt: skip
+    _close(allowed)
+    _close(target)
+
+
+@pytest.fixture
+def target_seen(elsewhere) -> list[str]:
+    """What reaches the address off the allowlist during the test."""
+    elsewhere.target.seen.clear()
+    return elsewhere.target.seen
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+async def test_git_follows_no_redirect_off_the_allowlist(elsewhere, target_seen, tmp_path, code):
+    """The repository's host is allowed and answers with a redirect to another host: git
+    followed it (for its first request, the rest of the clone then went there too), cloned
+    from there and launched; its last error line, from the other host, came back on the
+    launch page. Now nothing reaches the other host and the launch says why."""
+    from sandbox_spawner.binder.refs import fetch
+
+    redirecting = _listen("127.0.0.1", _Redirecting, code=code, target=elsewhere.target_url)
+    link = link_to(f"http://127.0.0.1:{redirecting.server_address[1]}/repo.git", "main")
+    outcomes = []
+    try:
+        for step in (resolve(link, timeout=20),
+                     fetch(link, elsewhere.commit, tmp_path / "checkout", timeout=20)):  # fmt: skip
+            try:
+                outcomes.append(f"went ahead: {await step}")
+            except BadLink as exc:
+                outcomes.append(exc)
+    finally:
+        _close(redirecting)
+    assert target_seen == [], (outcomes, target_seen)
+    for outcome in outcomes:
+        assert isinstance(outcome, BadLink) and outcome.reason == "unreachable", outcome
+        assert f"redirect (HTTP {code})" in str(outcome) and "127.0.0.2" not in str(outcome)
+    assert not (tmp_path / "checkout").exists()
+
+
+async def test_git_takes_no_alternates_off_the_allowlist(elsewhere, target_seen, tmp_path):
+    """Dumb HTTP's ``objects/info/http-alternates`` names another place to take objects
+    from: a redirect by another name (git follows one only when redirects are followed)."""
+    from sandbox_spawner.binder.refs import fetch
+
+    near = tmp_path / "near"
+    shutil.copytree(elsewhere.root / "repo.git", near / "repo.git")
+    objects = near / "repo.git" / "objects"
+    for part in objects.iterdir():
+        if part.name not in ("info", "pack"):
+            shutil.rmtree(part)
+    (objects / "info" / "http-alternates").write_text(f"{elsewhere.target_url}/repo.git/objects\n")
+    served = _listen("127.0.0.1", functools.partial(_Recording, directory=str(near)), seen=[])
+    link = link_to(f"http://127.0.0.1:{served.server_address[1]}/repo.git", "main")
+    try:
+        with pytest.raises(BadLink):
+            await fetch(link, elsewhere.commit, tmp_path / "checkout", timeout=20)
+    finally:
+        _close(served)
+    assert target_seen == [] and served.seen, (target_seen, served.seen)
+
+
+#: Where the service's git could find configuration: url.<base>.insteadOf there rewrites
+#: the allowed URL to another host (as http.proxy, http.followRedirects and others could
+#: change where it goes).
+CONFIG_SOURCES = ["working-directory", "GIT_DIR", "HOME", "XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL",
+                  "GIT_CONFIG_SYSTEM", "GIT_CONFIG_COUNT", "GIT_CONFIG_PARAMETERS"]  # fmt: skip
+
+
+@pytest.mark.parametrize("source", CONFIG_SOURCES)
+async def test_git_takes_no_configuration_from_the_services_environment(
+    elsewhere, target_seen, tmp_path, monkeypatch, source
+):
+    """The service's own environment (its working directory, variables, home) is no
+    user's, but nothing of it decides where git goes: only the link does."""
+    from sandbox_spawner.binder.refs import fetch
+
+    key, value = f"url.{elsewhere.target_url}/.insteadOf", f"{elsewhere.allowed_url}/"
+    config = tmp_path / "gitconfig"
+    git("config", "-f", str(config), key, value, cwd=tmp_path)
+    if source in ("working-directory", "GIT_DIR"):
+        repo = tmp_path / "service-cwd"
+        git("init", "-q", str(repo), cwd=tmp_path)
+        git("config", key, value, cwd=repo)
+        if source == "GIT_DIR":
+            monkeypatch.setenv("GIT_DIR", str(repo / ".git"))
+        else:
+            monkeypatch.chdir(repo)
+    elif source == "HOME":
+        (tmp_path / "home").mkdir()
+        shutil.copy(config, tmp_path / "home" / ".gitconfig")
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    elif source == "XDG_CONFIG_HOME":
+        (tmp_path / "xdg" / "git").mkdir(parents=True)
+        shutil.copy(config, tmp_path / "xdg" / "git" / "config")
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    elif source in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM"):
+        monkeypatch.setenv(source, str(config))
+    elif source == "GIT_CONFIG_COUNT":
+        for name, setting in (("COUNT", "1"), ("KEY_0", key), ("VALUE_0", value)):
+            monkeypatch.setenv(f"GIT_CONFIG_{name}", setting)
+    else:
+        monkeypatch.setenv("GIT_CONFIG_PARAMETERS", f"'{key}'='{value}'")
+    url = f"{elsewhere.allowed_url}/repo.git"
+    # The attack works on a git left to its environment: it goes to the other host.
+    plain = subprocess.run(["git", "ls-remote", url], capture_output=True, text=True)
+    assert plain.returncode == 0 and target_seen, (plain.stderr, target_seen)
+    target_seen.clear()
+    link = link_to(url, "main")
+    assert await resolve(link, timeout=20) == elsewhere.commit
+    into = await fetch(link, elsewhere.commit, tmp_path / "checkout", timeout=20)
+    assert (into / "requirements.txt").read_text() == "numpy\n"
+    assert target_seen == [], target_seen
 
 
 # -- the repository's environment ------------------------------------------------------------

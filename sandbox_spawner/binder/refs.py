@@ -1,10 +1,20 @@
 """A link's ref resolved to a commit (``git ls-remote``), and the repository fetched at it.
 
 The commit names what a launch prepares and caches (one environment per repository
-and commit). git runs with no prompt, no credential helper, no config of the user's,
-and only the link's transports allowed; it is given a time limit. A full commit
-hash is taken as it is (a server cannot be asked about commits it does not
-advertise, as BinderHub does not either).
+and commit). git runs with no prompt, no credential helper, and only the link's
+transports allowed; it is given a time limit. A full commit hash is taken as it is (a
+server cannot be asked about commits it does not advertise, as BinderHub does not
+either).
+
+git goes only where the link says (the deployment's allowlist checked that URL, and
+only that URL): it follows no HTTP redirect (``http.followRedirects=false``: by default
+git follows one on its first request and goes on from there; the same setting keeps it
+from dumb HTTP's ``http-alternates``, another host to take objects from). Nor does any
+configuration of the service's machine or process change where it goes (``url.<base>.
+insteadOf``, ``http.proxy``, ...): no system or global file, none in the environment
+(only ``PATH`` and ``LANG`` are passed on), and no repository of the service's working
+directory (git runs in an empty directory of its own, its home too, discovery stopped
+there).
 """
 
 from __future__ import annotations
@@ -13,18 +23,22 @@ import asyncio
 import contextlib
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from .links import BadLink, RepoLink
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-#: git, told to touch nothing of this machine's configuration and to ask nobody.
+#: git, told to touch nothing of this machine's configuration, to ask nobody and to go
+#: nowhere but the URL it is given.
 _GIT = ["git", "-c", "credential.helper=", "-c", "protocol.allow=never",
         "-c", "protocol.https.allow=always", "-c", "protocol.http.allow=always",
-        "-c", "protocol.git.allow=always"]  # fmt: skip
+        "-c", "protocol.git.allow=always", "-c", "http.followRedirects=false"]  # fmt: skip
 _QUIET_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-              "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ASKPASS": "/bin/false",
-              "SSH_ASKPASS": "/bin/false"}  # fmt: skip
+              "GIT_CONFIG_SYSTEM": "/dev/null", "GIT_CONFIG_GLOBAL": "/dev/null",
+              "GIT_ASKPASS": "/bin/false", "SSH_ASKPASS": "/bin/false"}  # fmt: skip
+#: What git says of an answer it did not follow: a redirect.
+_REDIRECT = re.compile(r"returned error: (30[12378])\b")
 
 
 async def resolve(link: RepoLink, timeout: float = 30.0) -> str:
@@ -42,6 +56,7 @@ async def resolve(link: RepoLink, timeout: float = 30.0) -> str:
 
 async def fetch(link: RepoLink, commit: str, into: Path, timeout: float = 300.0) -> Path:
     """The repository at ``commit``, checked out in ``into`` (made; it must not exist)."""
+    into = Path(os.path.abspath(into))  # (git runs in a directory of its own)
     into.parent.mkdir(parents=True, exist_ok=True)
     await git(["clone", "--quiet", "--no-checkout", "--", link.url, str(into)], link.url,
               timeout)  # fmt: skip
@@ -54,23 +69,33 @@ async def fetch(link: RepoLink, commit: str, into: Path, timeout: float = 300.0)
 
 
 async def git(args: list[str], url: str, timeout: float) -> str:
-    """Run git on ``url``'s behalf; its output, or :class:`BadLink` (``unreachable``)."""
-    env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}, **_QUIET_ENV,
-           "HOME": "/nonexistent"}  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *_GIT, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise BadLink("unreachable", f"{url} did not answer within {timeout:g}s") from None
+    """Run git on ``url``'s behalf (paths in ``args`` absolute); its output, or
+    :class:`BadLink` (``unreachable``)."""
+    with tempfile.TemporaryDirectory(prefix="jupyter-sandbox-git-") as empty:
+        # Its working directory and home: empty, and no repository is looked for above.
+        env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}, **_QUIET_ENV,
+               "HOME": empty, "GIT_CEILING_DIRECTORIES": os.path.dirname(empty)}  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            *_GIT, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, cwd=empty,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except BaseException as exc:  # too long, or the launch went away: git ends too
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(BaseException):
+                await proc.wait()
+            if isinstance(exc, TimeoutError):
+                raise BadLink("unreachable", f"{url} did not answer within {timeout:g}s") \
+                    from None  # fmt: skip
+            raise
     if proc.returncode != 0:
         lines = err.decode(errors="replace").strip().splitlines()
         detail = lines[-1] if lines else f"git exited with {proc.returncode}"
+        if redirect := _REDIRECT.search(detail):
+            detail = (f"it answers with a redirect (HTTP {redirect.group(1)}), which is not "
+                      "followed: link the repository's own URL")  # fmt: skip
         raise BadLink("unreachable", f"cannot read {url}: {detail}")
     return out.decode(errors="replace")
 
