@@ -423,8 +423,9 @@ def hibernating_kube_hub(tmp_path_factory, cluster, node_agent) -> Iterator[Hub]
     cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
 
 
-def supervisors(root: Path) -> list[int]:
-    """Pids of the server supervisors of the Hub in ``root``."""
+def processes_of_module(module: str, with_arg: str) -> list[int]:
+    """Pids of processes running ``python -m module`` with an argument that contains
+    ``with_arg`` (a Hub's root, to tell one test's Hub from another's)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -432,11 +433,14 @@ def supervisors(root: Path) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"sandbox_spawner.supervisor" in cmdline and any(
-                arg.startswith(str(root).encode()) for arg in cmdline
-            ):
+            if module.encode() in cmdline and any(with_arg.encode() in a for a in cmdline):
                 found.append(int(entry.name))
     return found
+
+
+def supervisors(root: Path) -> list[int]:
+    """Pids of the server supervisors of the Hub in ``root``."""
+    return processes_of_module("sandbox_spawner.supervisor", str(root))
 
 
 def end_supervisors(root: Path, timeout: float = 30) -> None:

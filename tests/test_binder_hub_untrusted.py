@@ -36,7 +36,7 @@ from binder_fixtures import (
     user_token,
     wait_for,
 )
-from hub_fixtures import Hub
+from hub_fixtures import Hub, processes_of_module
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from sandbox_spawner.binder.prepare import repo_key
@@ -236,16 +236,9 @@ async def while_measuring(hub: Hub, work) -> tuple[object, float]:
 
 def service_pid(hub: Hub) -> int:
     """The Hub's sandbox-service (a process of the Hub's, with the Hub's cache)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"sandbox_spawner.service" in cmdline and \
-                    f"--binder-cache={hub.root}".encode() in b" ".join(cmdline):  # fmt: skip
-                return int(entry.name)
-    raise AssertionError("the service's process is not found")
+    found = processes_of_module("sandbox_spawner.service", f"--binder-cache={hub.root}")
+    assert found, "the service's process is not found"
+    return found[0]
 
 
 # -- 3b. YAML aliases --------------------------------------------------------------------------

@@ -508,8 +508,8 @@ async def test_a_kernel_in_a_home_cannot_plant_what_the_host_runs(
     assert (home / "data" / "result.csv").exists()
 
 
-#: What a kernel tries on the directories the host looks up commands in (set up by the test).
-PLANT_ON_PATH = """
+#: Kernel code: ``attempt(action)`` is 'done', or the name of the OSError it raised.
+ATTEMPT = """
 import os
 def attempt(action):
     try:
@@ -517,6 +517,10 @@ def attempt(action):
         return 'done'
     except OSError as exc:
         return type(exc).__name__
+"""
+
+#: What a kernel tries on the directories the host looks up commands in (set up by the test).
+PLANT_ON_PATH = ATTEMPT + """
 def write(path):
     def act():
         with open(path, 'w') as f:
@@ -631,14 +635,7 @@ async def test_a_kernel_cannot_change_the_python_environment_in_its_workspace(
     if start_path.endswith("-pooled"):  # a pool's member, handed the kernel's mount plan
         reply = await kernel.kc.kernel_info(reply=True, timeout=30)
         assert f"{runtime_name(start_path)}, pooled (" in reply["content"]["banner"]
-    await define(kernel, f"""
-import os
-def attempt(action):
-    try:
-        action()
-        return 'done'
-    except OSError as exc:
-        return type(exc).__name__
+    await define(kernel, ATTEMPT + f"""
 LIB = {str(lib)!r}
 outcomes = {{
     'new .pth': attempt(lambda: open(os.path.join(LIB, 'planted.pth'), 'w').write('x')),

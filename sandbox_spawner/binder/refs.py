@@ -19,13 +19,12 @@ there).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import tempfile
 from pathlib import Path
 
+from . import child
 from .links import BadLink, RepoLink
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -75,24 +74,13 @@ async def git(args: list[str], url: str, timeout: float) -> str:
         # Its working directory and home: empty, and no repository is looked for above.
         env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}, **_QUIET_ENV,
                "HOME": empty, "GIT_CEILING_DIRECTORIES": os.path.dirname(empty)}  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            *_GIT, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, cwd=empty,
-        )  # fmt: skip
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except BaseException as exc:  # too long, or the launch went away: git ends too
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(BaseException):
-                await proc.wait()
-            if isinstance(exc, TimeoutError):
-                raise BadLink("unreachable", f"{url} did not answer within {timeout:g}s") \
-                    from None  # fmt: skip
-            raise
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines()
-        detail = lines[-1] if lines else f"git exited with {proc.returncode}"
+            code, out, err = await child.run([*_GIT, *args], env=env, cwd=empty,
+                                             timeout=timeout)  # fmt: skip
+        except TimeoutError:  # (and a launch that went away: git ends too)
+            raise BadLink("unreachable", f"{url} did not answer within {timeout:g}s") from None
+    if code != 0:
+        detail = child.last_line(err, code)
         if redirect := _REDIRECT.search(detail):
             detail = (f"it answers with a redirect (HTTP {redirect.group(1)}), which is not "
                       "followed: link the repository's own URL")  # fmt: skip

@@ -23,8 +23,6 @@ cache volume, as is the environment) on the first start.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import os
 import re
@@ -35,6 +33,7 @@ from typing import Any
 
 from sandbox_provisioner import filesystem
 
+from . import child
 from .prepare import ENV_PATH, Prepared, UnusableRecord, load
 from .seal import valid_site
 
@@ -114,27 +113,16 @@ class BinderServer:
         has none), ``<home>/binder/<key>``: made by the user's uid, never through a link of
         the home, never over what is there (:mod:`.home_copy`, a child process: the Hub's
         event loop goes on meanwhile). :class:`CopyFailed` says why there is none."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandbox_spawner.binder.home_copy", str(self.prepared.repo),
-            str(home), self.key, str(uid), str(gid), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",
-            env=_CHILD_ENV,
-        )  # fmt: skip
+        argv = [sys.executable, "-m", "sandbox_spawner.binder.home_copy",
+                str(self.prepared.repo), str(home), self.key, str(uid), str(gid)]  # fmt: skip
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), COPY_TIMEOUT)
-        except BaseException as exc:  # too long, or the start was cancelled: it ends too
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(BaseException):
-                await proc.wait()
-            if isinstance(exc, TimeoutError):
-                raise CopyFailed(f"copying the repository into your home took more than "
-                                 f"{COPY_TIMEOUT:g}s") from None  # fmt: skip
-            raise
-        if proc.returncode != 0:
-            lines = err.decode(errors="replace").strip().splitlines()
-            reason = lines[-1] if lines else f"exit code {proc.returncode}"
-            raise CopyFailed(f"your copy of the repository could not be made: {reason}")
+            code, _, err = await child.run(argv, env=_CHILD_ENV, cwd="/", timeout=COPY_TIMEOUT)
+        except TimeoutError:  # (and a start that was cancelled: the copy ends too)
+            raise CopyFailed(f"copying the repository into your home took more than "
+                             f"{COPY_TIMEOUT:g}s") from None  # fmt: skip
+        if code != 0:
+            raise CopyFailed("your copy of the repository could not be made: "
+                             f"{child.last_line(err, code)}")  # fmt: skip
         return home / "binder" / self.key
 
 
