@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -23,6 +24,7 @@ import subprocess
 import threading
 import time
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -176,6 +178,40 @@ def preparer(served: dict[str, Any], tmp_path: Path, runtime: str, **limits: Any
     return Preparer(tmp_path / "cache", runtime=runtime, egress=(),
                     index_url=f"{served['index'].url}/simple/",
                     limits=PrepareLimits(**{"timeout": 120, **limits}))  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def pod_preparer(served: dict[str, Any],
+                       cluster: Any) -> AsyncIterator[tuple[Preparer, Any, str, Path]]:  # fmt: skip
+    """A preparer whose preparations are pods on the test cluster, in a namespace of their
+    own, with the service's egress proxy on a loopback port: (preparer, API client,
+    namespace, the cache on the stand-in node's volume). All of it goes afterwards."""
+    import sys
+    import uuid
+
+    from agent_sandbox.kube import Kube
+    from sandbox_spawner.binder.egress import SharedEgressProxy
+    from sandbox_spawner.binder.kube_prepare import PodRunner
+
+    namespace = f"binder-{uuid.uuid4().hex[:8]}"
+    status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    assert status == 201, body
+    proxy = SharedEgressProxy()
+    port = free_port()
+    await proxy.start_tcp("127.0.0.1", port)
+    kube = await Kube.connect(str(cluster.kubeconfig))
+    try:
+        cache_root = cluster.workdir / "node" / "pvc" / namespace / "binder-cache"
+        runner = PodRunner(namespace=namespace, claim="binder-cache", image="unused:1",
+                           proxy=proxy, proxy_address=f"127.0.0.1:{port}", runtime_class=None,
+                           python=sys.executable, kube=kube)  # fmt: skip
+        prep = Preparer(cache_root, egress=(), index_url=f"{served['index'].url}/simple/",
+                        runner=runner, limits=PrepareLimits(timeout=120))  # fmt: skip
+        yield prep, kube, namespace, cache_root
+    finally:
+        await proxy.close()
+        await kube.close()
+        cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")
 
 
 def events() -> tuple[list[tuple[str, str]], Any]:

@@ -10,11 +10,11 @@ import socket
 import subprocess
 
 import pytest
-from binder_fixtures import events, git_repo, link, preparer
+from binder_fixtures import events, git_repo, link, pod_preparer, preparer
 from conftest import require_runtime
 
 from sandbox_spawner.binder.egress import Allowlist
-from sandbox_spawner.binder.prepare import PreparationFailed, PrepareLimits, Preparer
+from sandbox_spawner.binder.prepare import PreparationFailed
 
 #: postBuild: the package is importable; it tries the outside both ways (directly, and
 #: through the proxy), and records what it is and what happened, in the repository.
@@ -251,29 +251,10 @@ async def test_a_preparation_pod_on_the_cluster(served, cluster, node_agent, tmp
     """The pod (on the test cluster's stand-in node: bubblewrap, host network, no network
     policy enforcement, so only the proxy's refusals can be tried here) prepares the commit
     on the cache volume, reaching out only through the service's proxy with its token."""
-    import sys
-    import uuid
+    from agent_sandbox.kube import PODS
 
-    from agent_sandbox.kube import PODS, Kube
-    from sandbox_spawner.binder.egress import SharedEgressProxy
-    from sandbox_spawner.binder.kube_prepare import PodRunner
-    from testcluster.cluster import free_port
-
-    namespace = f"binder-{uuid.uuid4().hex[:8]}"
-    status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
-    assert status == 201, body
-    proxy = SharedEgressProxy()
-    port = free_port()
-    await proxy.start_tcp("127.0.0.1", port)
-    kube = await Kube.connect(str(cluster.kubeconfig))
     outside = Listener()
-    try:
-        cache_root = cluster.workdir / "node" / "pvc" / namespace / "binder-cache"
-        runner = PodRunner(namespace=namespace, claim="binder-cache", image="unused:1",
-                           proxy=proxy, proxy_address=f"127.0.0.1:{port}", runtime_class=None,
-                           python=sys.executable, kube=kube)  # fmt: skip
-        prep = Preparer(cache_root, egress=(), index_url=f"{served['index'].url}/simple/",
-                        runner=runner, limits=PrepareLimits(timeout=120))  # fmt: skip
+    async with pod_preparer(served, cluster) as (prep, kube, namespace, cache_root):
         commit = git_repo(served["repos"], "in-a-pod", {
             "requirements.txt": "demo_pkg\n", "postBuild": POD_POST_BUILD.format(port=outside.port),
         }, executable=("postBuild",))  # fmt: skip
@@ -288,7 +269,3 @@ async def test_a_preparation_pod_on_the_cluster(served, cluster, node_agent, tmp
         assert (prepared.env / prepared.record["site"] / "demo_pkg.py").is_file()
         assert await kube.list(PODS, namespace) == []  # the pod is gone
         assert os.listdir(cache_root / ".work") == []
-    finally:
-        await proxy.close()
-        await kube.close()
-        cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from binder_fixtures import alias_bomb, events, git_repo, link, peak_rss, preparer
+from binder_fixtures import alias_bomb, events, git_repo, link, peak_rss, pod_preparer, preparer
 from conftest import require_runtime
 
 from sandbox_spawner.binder.prepare import PreparationFailed, PrepareLimits, Preparer, repo_key
@@ -110,32 +110,11 @@ async def test_a_preparation_pods_log_link_is_not_followed(served, cluster, node
     a link to a root-only file of the Hub's pod, and the service streamed that file to the
     launch page. (Here the service is this test's process, the pod runs on the test
     cluster's stand-in node.)"""
-    import sys
-    import uuid
-
-    from agent_sandbox.kube import Kube
-    from sandbox_spawner.binder.egress import SharedEgressProxy
-    from sandbox_spawner.binder.kube_prepare import PodRunner
-    from testcluster.cluster import free_port
-
-    namespace = f"binder-{uuid.uuid4().hex[:8]}"
-    status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
-    assert status == 201, body
     secret_path = tmp_path / "service-token"
     secret = "SERVICE_TOKEN=" + secrets.token_hex(16)
     secret_path.write_text("#" * 4096 + "\n" + secret + "\n")  # past any offset the log had
     secret_path.chmod(0o600)
-    proxy = SharedEgressProxy()
-    port = free_port()
-    await proxy.start_tcp("127.0.0.1", port)
-    kube = await Kube.connect(str(cluster.kubeconfig))
-    try:
-        cache_root = cluster.workdir / "node" / "pvc" / namespace / "binder-cache"
-        runner = PodRunner(namespace=namespace, claim="binder-cache", image="unused:1",
-                           proxy=proxy, proxy_address=f"127.0.0.1:{port}", runtime_class=None,
-                           python=sys.executable, kube=kube)  # fmt: skip
-        prep = Preparer(cache_root, egress=(), index_url=f"{served['index'].url}/simple/",
-                        runner=runner, limits=PrepareLimits(timeout=120))  # fmt: skip
+    async with pod_preparer(served, cluster) as (prep, _, _, cache_root):
         commit = git_repo(served["repos"], "pod-log-link", {
             "requirements.txt": "demo_pkg\n",
             "postBuild": POD_LOG_LINK.format(target=secret_path),
@@ -151,10 +130,6 @@ async def test_a_preparation_pods_log_link_is_not_followed(served, cluster, node
         # file it opened, not whatever the name points at now.
         assert "after the swap" in log and "done" in log, log
         assert os.listdir(cache_root / ".work") == []
-    finally:
-        await proxy.close()
-        await kube.close()
-        cluster.request("DELETE", f"/api/v1/namespaces/{namespace}")
 
 
 # -- 2. the user's copy, in a home the user writes ---------------------------------------------
