@@ -28,6 +28,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Parent cgroup of every sandbox's own cgroup, in each v1 controller.
 CGROUP_PARENT = "jupyter-sandbox"
 _CONTROLLERS = ("memory", "pids", "cpu")
+#: The v1 freezer, joined too where it is mounted: a sandbox's processes stopped as one
+#: (a server frozen when idle, :func:`freeze_cgroup`), none of them missed or run on.
+FREEZER = "freezer"
+#: Joined where mounted, for no limit: the freezer, and cpuacct (a sandbox's CPU time).
+_ACCOUNTS = (FREEZER, "cpuacct")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _FACTORS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -65,6 +70,78 @@ def cgroup_relpath(name: str) -> str:
     return f"{CGROUP_PARENT}/{name}"
 
 
+def _joined() -> tuple[str, ...]:
+    """The controllers a sandbox joins: the limits', then the freezer and cpuacct where
+    they are mounted (runsc makes its sandboxes' groups in every hierarchy itself)."""
+    extra = [c for c in _ACCOUNTS if (CGROUP_ROOT / c / "cgroup.procs").exists()]
+    return (*_CONTROLLERS, *extra)
+
+
+class FreezeError(RuntimeError):
+    """A sandbox cannot be frozen (or thawed); the message says why."""
+
+
+def _freezer_state(relpath: str) -> Path:
+    return CGROUP_ROOT / FREEZER / relpath / "freezer.state"
+
+
+def can_freeze(relpath: str) -> bool:
+    """Whether the group ``relpath`` has a freezer (a sandbox that joined one)."""
+    return _freezer_state(relpath).exists()
+
+
+def is_frozen(relpath: str) -> bool:
+    """Whether the group ``relpath`` is frozen (or freezing)."""
+    try:
+        return _freezer_state(relpath).read_text().strip() != "THAWED"
+    except OSError:
+        return False
+
+
+async def freeze_cgroup(relpath: str, timeout: float = 5.0) -> None:
+    """Stop every process of the group ``relpath`` where it is (no CPU, memory kept).
+
+    The kernel freezes a group's tasks one by one (FREEZING) until none runs (FROZEN);
+    one in an uninterruptible wait can hold that up, so after ``timeout`` seconds the
+    group is thawed again and :class:`FreezeError` raised: never left half-frozen."""
+    state = _freezer_state(relpath)
+    if not state.exists():
+        raise FreezeError(f"the sandbox's cgroup {relpath} has no freezer (cgroup v1 "
+                          "freezer not mounted, or the sandbox joined no cgroup)")  # fmt: skip
+    state.write_text("FROZEN")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while state.read_text().strip() != "FROZEN":
+        if loop.time() > deadline:
+            state.write_text("THAWED")
+            raise FreezeError(f"the sandbox's processes did not all stop within {timeout}s "
+                              "(one in an uninterruptible wait?): it runs on")  # fmt: skip
+        state.write_text("FROZEN")  # v1: writing again retries the tasks not yet frozen
+        await asyncio.sleep(0.01)
+
+
+def thaw_cgroup(relpath: str) -> None:
+    """Let the group ``relpath``'s processes run again (nothing if it has no freezer, or
+    is going: a group being removed answers ENODEV)."""
+    with contextlib.suppress(OSError):
+        _freezer_state(relpath).write_text("THAWED")
+
+
+def clear_leftover(relpath: str) -> None:
+    """Before a sandbox takes the group name ``relpath``: processes left frozen there by a
+    sandbox of that name whose monitor was killed (a SIGKILL waits, pending, while its
+    target is frozen) are killed and thawed, so that they end and the new sandbox does not
+    join a frozen group. Names are per sandbox: a live one never shares it."""
+    if not is_frozen(relpath):
+        return
+    log.warning("the cgroup %s was left frozen by an ended sandbox: ending its processes",
+                relpath)  # fmt: skip
+    for pid in cgroup_processes(relpath):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    thaw_cgroup(relpath)
+
+
 class CgroupV1:
     """The per-sandbox cgroups of one sandbox, one per v1 controller.
 
@@ -80,7 +157,8 @@ class CgroupV1:
         return CGROUP_ROOT / controller / self.relpath
 
     def create(self, limits: ResourceLimits) -> None:
-        for controller in _CONTROLLERS:
+        clear_leftover(self.relpath)
+        for controller in _joined():
             self.path(controller).mkdir(parents=True, exist_ok=True)
         if limits.memory_bytes:
             mem = self.path("memory")
@@ -101,7 +179,7 @@ class CgroupV1:
     def join_argv(self, argv: list[str]) -> list[str]:
         """Wrap ``argv`` so that it runs inside these cgroups from the start."""
         joins = " && ".join(
-            f"echo $$ > {shlex.quote(str(self.path(c) / 'cgroup.procs'))}" for c in _CONTROLLERS
+            f"echo $$ > {shlex.quote(str(self.path(c) / 'cgroup.procs'))}" for c in _joined()
         )
         return ["/bin/sh", "-c", f'{joins} && exec "$@"', "sandbox-cgroup", *argv]
 
@@ -205,11 +283,13 @@ async def end_cgroup_dirs(relpath: str, timeout: float = 5.0) -> bool:
     sandbox, joined as it starts), so nothing else is touched. Groups still busy after
     that are left, with a warning, to the next server start's sweep.
     """
+    thaw_cgroup(relpath)  # a frozen process would hold its exit (and a SIGKILL) for ever
     if await remove_cgroup_dirs_when_empty(relpath, timeout):
         return True
     for pid in cgroup_processes(relpath):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    thaw_cgroup(relpath)
     if await remove_cgroup_dirs_when_empty(relpath, timeout=10.0):
         return True
     log.warning("the cgroups %s are still busy; the next server start sweeps them", relpath)

@@ -18,6 +18,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..agent.kernel import BANNER_ARG, HISTORY_ARG
 from ..errors import SandboxError
+from ..limits import FreezeError, freeze_cgroup, is_frozen, thaw_cgroup
 from ..spec import SandboxSpec
 
 
@@ -115,6 +116,30 @@ class Sandbox(abc.ABC):
     def host_pids(self) -> list[int]:
         """Host process ids of the sandbox's processes, where the runtime can know them."""
         return []
+
+    # -- freezing: every process stopped where it is, memory kept -------------------------
+    def freezer(self) -> str | None:
+        """The cgroup (its path below each hierarchy) that holds every process of this
+        sandbox and has a freezer; None where it has none (no cgroups, not on this host)."""
+        return None
+
+    async def freeze(self) -> None:
+        """Stop every process of the sandbox where it is: no CPU, memory kept, sockets open.
+        Nothing of it runs until :meth:`thaw` (signals wait too). Raises
+        :class:`~sandbox_provisioner.limits.FreezeError` if it cannot, leaving it running."""
+        group = self.freezer()
+        if group is None:
+            raise FreezeError("this sandbox cannot be frozen: it has no cgroup of its own "
+                              "(it runs without limits, or not as root)")  # fmt: skip
+        await freeze_cgroup(group)
+
+    def thaw(self) -> None:
+        """Let a frozen sandbox run on (nothing if it is not frozen)."""
+        if (group := self.freezer()) is not None:
+            thaw_cgroup(group)
+
+    def frozen(self) -> bool:
+        return (group := self.freezer()) is not None and is_frozen(group)
 
 
 class SandboxRuntime(LoggingConfigurable, metaclass=_Meta):

@@ -41,7 +41,14 @@ from typing import Any
 from traitlets import Bool, CaselessStrEnum, Integer, List, Unicode
 
 from ..identity import resolve
-from ..limits import OomWatch, cgroup_relpath, cgroups_available, end_cgroup_dirs
+from ..limits import (
+    OomWatch,
+    can_freeze,
+    cgroup_relpath,
+    cgroups_available,
+    clear_leftover,
+    end_cgroup_dirs,
+)
 from ..spec import Mount, MountKind, NetworkMode, SandboxSpec
 from . import staging
 from .base import Availability, Sandbox, SandboxRuntime
@@ -149,7 +156,14 @@ class GVisorSandbox(LocalSandbox):
         if signum == signal.SIGKILL:
             await self.kill()
         elif await self.poll() is None:
+            self.thaw()  # a frozen Sentry would never answer runsc
             await self._runsc("kill", self.container_id, str(int(signum)))
+
+    def freezer(self) -> str | None:
+        """The sandbox's cgroup (runsc puts the Sentry, its gofer and stubs there, in
+        every hierarchy: the freezer's too); runsc's monitor is outside it."""
+        group = cgroup_relpath(self.container_id)
+        return group if can_freeze(group) else None
 
     async def terminate(self) -> None:
         await self.send_signal(signal.SIGTERM)
@@ -461,6 +475,8 @@ class GVisorRuntime(SandboxRuntime):
         ]  # fmt: skip
         if not cgroups:
             argv.append("--ignore-cgroups")
+        else:
+            clear_leftover(cgroup_relpath(cid))
         if spec.agent:  # the root's writes (the agent's mount targets) stay in its memory
             argv.append("--overlay2=root:memory")
         argv += [*command, "--bundle", str(bundle_dir), cid]

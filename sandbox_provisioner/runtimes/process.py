@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..limits import CgroupV1, rlimit_argv
+from ..limits import CgroupV1, can_freeze, rlimit_argv
 from ..spec import SandboxSpec
 from .base import Sandbox
 
@@ -164,6 +164,12 @@ class LocalSandbox(Sandbox):
             for pid in self.cgroup.pids():
                 with contextlib.suppress(*_GONE):
                     os.kill(pid, signal.SIGKILL)
+        self.thaw()  # a frozen process takes its SIGKILL only once it runs
+
+    def freezer(self) -> str | None:
+        if self.cgroup is not None and can_freeze(self.cgroup.relpath):
+            return self.cgroup.relpath
+        return None
 
     async def cleanup(self) -> None:
         if await self.poll() is None:
