@@ -50,8 +50,13 @@ c.Spawner.default_url = "/lab"
 # Users' servers outlive a Hub restart (their supervisors are not the Hub's children).
 c.JupyterHub.cleanup_servers = False
 
-# Hibernation: a server with no busy kernel, no open terminal and no activity for an hour
-# is stopped; its home stays, and visiting it starts it again. The service also serves
+# Freezing and hibernation: a server with no busy kernel, no open terminal and no activity
+# for ten minutes is frozen (its processes stopped where they are: no CPU, its memory kept;
+# the next request thaws it in about a millisecond, kernels and variables as they were).
+# After an hour it is stopped: its home stays, and visiting it starts it again. These suit
+# a course (many servers, memory is what runs out). A research group's long analyses may
+# want JUPYTER_SANDBOX_FREEZE_AFTER=900 and JUPYTER_SANDBOX_HIBERNATE_AFTER=28800 (8 h);
+# JUPYTER_SANDBOX_FREEZE_AFTER=0 never freezes. The service also serves
 # Prometheus metrics at /metrics on its URL (servers running and hibernated, start and
 # resume durations).
 #
@@ -61,6 +66,7 @@ c.JupyterHub.cleanup_servers = False
 # index and the repository's host. A form that makes links and badges:
 # <hub>/services/sandbox-service/binder. Options: python -m sandbox_spawner.service --help.
 hibernate_after = os.environ.get("JUPYTER_SANDBOX_HIBERNATE_AFTER", "3600")
+freeze_after = os.environ.get("JUPYTER_SANDBOX_FREEZE_AFTER", "600")
 service_port = os.environ.get("JUPYTER_SANDBOX_SERVICE_PORT", "10101")
 binder_cache = str(data / "binder")  # prepared environments, shared by the spawner
 anonymous = False  # True: visitors launch links without logging in, as temporary users
@@ -68,7 +74,7 @@ c.JupyterHub.services = [{
     "name": "sandbox-service",
     "url": f"http://127.0.0.1:{service_port}",
     "command": [sys.executable, "-m", "sandbox_spawner.service",
-                "--hibernate", f"--timeout={hibernate_after}",
+                "--hibernate", f"--timeout={hibernate_after}", f"--freeze-after={freeze_after}",
                 "--binder-links", f"--binder-cache={binder_cache}",
                 "--binder-allowed-hosts=github.com,gitlab.com,gist.github.com",
                 "--binder-per-repo-limit=20", *(["--binder-anonymous"] if anonymous else [])],

@@ -13,6 +13,13 @@ server is idle when
 * nothing happened for ``timeout`` seconds: no kernel ran or sent anything, no
   request reached the server, and the Hub saw no activity.
 
+With ``freeze_after`` set, a server idle that long (and not yet ``timeout``) is first
+frozen, where its supervisor can (:mod:`.freezing`, LocalSandboxSpawner as root): every
+process of its sandbox stopped where it is, no CPU used, memory kept, and the next
+request thaws it at once, kernels and their variables as they were. A frozen server is
+not asked (it cannot answer); it stops once it has been idle ``timeout`` seconds,
+counting from the last activity it had before it froze.
+
 An idle server is stopped through the Hub API, which for this project's
 spawners is hibernation, not loss: LocalSandboxSpawner and SandboxSpawner keep
 the user's home (and the API token, ``will_resume``); the Hub starts the server again on the
@@ -41,11 +48,16 @@ from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from . import freezing
 from .activity import HEADER, MAX_REPORT, BadReport, Report, parse_report
 
 log = logging.getLogger("jupyter-sandbox-hibernator")
 #: Servers asked at once, and the seconds each has to answer.
 CONCURRENCY, ASK_TIMEOUT = 8, 10.0
+#: A server is frozen only if the proxy carried nothing to or from it for this long (or
+#: ``freeze_after``, if shorter): a request in flight is not held up. Its supervisor sees
+#: every byte; the Hub's own record lags by minutes.
+FREEZE_GUARD = 10.0
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
@@ -58,6 +70,9 @@ def parse_time(text: str | None) -> datetime.datetime | None:
 class Verdict:
     idle: bool
     reason: str
+    #: Seconds since the server's last activity, where that decided it.
+    quiet: float | None = None
+    last: datetime.datetime | None = None
 
 
 class NotAsked(RuntimeError):
@@ -69,6 +84,9 @@ class Hibernator:
     api_url: str
     api_token: str
     timeout: float = 3600
+    #: Seconds without activity after which a server is frozen (0: never), where its
+    #: supervisor can freeze it; it stops at ``timeout``.
+    freeze_after: float = 0
     #: Seconds after which a server hibernates even if in use (0: never); a busy kernel
     #: still keeps it.
     max_age: float = 0
@@ -76,6 +94,10 @@ class Hibernator:
     exempt_groups: set[str] = field(default_factory=set)
     #: Profiles (``user_options["profile"]``) whose servers never hibernate.
     exempt_profiles: set[str] = field(default_factory=set)
+    #: Groups and profiles whose servers are stopped, never frozen (a GPU's memory, say,
+    #: is too dear to hold for an idle server).
+    unfrozen_groups: set[str] = field(default_factory=set)
+    unfrozen_profiles: set[str] = field(default_factory=set)
     #: Log what would hibernate; stop nothing.
     dry_run: bool = False
     #: Temporary users (anonymous Binder launches) have names starting with this: their
@@ -85,6 +107,8 @@ class Hibernator:
     temporary_timeout: float = 600
     metrics: Any = None
     _starts_seen: set[tuple[str, str, str]] = field(default_factory=set)
+    _running: int = 0
+    _frozen: int = 0
     _client: Any = None
 
     # -- the Hub (the service's token goes there, and only there) -------------------------
@@ -161,20 +185,40 @@ class Hibernator:
             return Verdict(True, f"running for {age:.0f}s (max age), no busy kernel")
         quiet = (now - last).total_seconds()
         if quiet < timeout:
-            return Verdict(False, f"active {quiet:.0f}s ago")
-        return Verdict(True, f"idle for {quiet:.0f}s, no busy kernel, no terminal")
+            return Verdict(False, f"active {quiet:.0f}s ago", quiet, last)
+        return Verdict(True, f"idle for {quiet:.0f}s, no busy kernel, no terminal", quiet, last)
+
+    def frozen_verdict(self, server: dict[str, Any], status: dict[str, Any],
+                       now: datetime.datetime, timeout: float | None = None,
+                       ) -> Verdict:  # fmt: skip
+        """Whether a frozen server has now been idle ``timeout`` seconds: since the last
+        activity it had when it froze (nothing of it has run since, and any request
+        would have thawed it), or the Hub's later record."""
+        timeout = self.timeout if timeout is None else timeout
+        times = [parse_time(server.get("last_activity")), parse_time(server.get("started"))]
+        with contextlib.suppress(TypeError, ValueError):
+            times.append(parse_time(status.get("last_activity")))
+        last = max((t for t in times if t is not None), default=now)
+        started = parse_time(server.get("started"))
+        age = (now - started).total_seconds() if started else 0
+        if self.max_age and age > self.max_age:
+            return Verdict(True, f"frozen, running for {age:.0f}s (max age)")
+        quiet = (now - last).total_seconds()
+        if quiet < timeout:
+            return Verdict(False, f"frozen, idle for {quiet:.0f}s", quiet, last)
+        return Verdict(True, f"frozen, idle for {quiet:.0f}s", quiet, last)
 
     def exempt(self, user: dict[str, Any], server: dict[str, Any] | None = None) -> bool:
         """Whether ``user``'s ``server`` never hibernates. Its profile is the one its spawner
         checked and recorded in its state (SandboxSpawner: one of its profile list), never
         what the user sent in ``user_options``: that is the user's to choose."""
-        profile = ((server or {}).get("state") or {}).get("profile")
-        groups = {g for g in user.get("groups") or [] if isinstance(g, str)}
-        return (
-            user["name"] in self.exempt_users
-            or bool(self.exempt_groups & groups)
-            or (isinstance(profile, str) and profile in self.exempt_profiles)
-        )
+        return user["name"] in self.exempt_users or _matches(
+            user, server, self.exempt_groups, self.exempt_profiles)  # fmt: skip
+
+    def freezes(self, user: dict[str, Any], server: dict[str, Any] | None = None) -> bool:
+        """Whether ``user``'s ``server`` is frozen when idle (then stopped), or only stopped."""
+        return bool(self.freeze_after) and not _matches(
+            user, server, self.unfrozen_groups, self.unfrozen_profiles)  # fmt: skip
 
     # -- a sweep ----------------------------------------------------------------------------
     async def sweep(self) -> list[str]:
@@ -194,26 +238,69 @@ class Hibernator:
                     if self.exempt(user, server):
                         continue
                     timeout = self.temporary_timeout if temporary else None
-                    checks.append((user["name"], name, server, timeout))
+                    checks.append((user["name"], name, server, timeout,
+                                   self.freezes(user, server)))  # fmt: skip
             except Exception:
                 log.exception("cannot check the servers of %s", user.get("name"))
                 self._count("errors")
         gate = asyncio.Semaphore(CONCURRENCY)
 
-        async def check(user: str, name: str, server: dict[str, Any],
-                        timeout: float | None) -> str | None:  # fmt: skip
+        async def check(user: str, name: str, server: dict[str, Any], timeout: float | None,
+                        freezes: bool) -> str | None:  # fmt: skip
             async with gate:
-                return await self._check(user, name, server, timeout, now)
+                return await self._check(user, name, server, timeout, now, freezes)
 
+        self._frozen = 0
         stopped = await asyncio.gather(*(check(*c) for c in checks))
+        if self.metrics is not None:
+            self.metrics["servers"].labels("running").set(self._running - self._frozen)
+            self.metrics["servers"].labels("frozen").set(self._frozen)
         return [label for label in stopped if label]
 
+    async def _freezer_status(self, label: str, freezer: Any) -> dict[str, Any] | None:
+        """What the server's supervisor says (frozen or running); None where it has no
+        freezer or does not answer (then the server is asked as any other)."""
+        if not (isinstance(freezer, str) and os.path.isabs(freezer)
+                and os.path.basename(freezer) == freezing.SOCKET):  # fmt: skip
+            return None  # none (Kubernetes, a server started before freezing), or not one
+        try:
+            return await freezing.request(freezer, {"do": "status"})
+        except (OSError, ValueError, TimeoutError) as exc:
+            log.warning("cannot reach the supervisor of %s: %s", label, exc)
+            return None
+
+    async def _freeze(self, label: str, freezer: str, verdict: Verdict) -> None:
+        if self.dry_run:
+            log.info("would freeze %s (dry run): %s", label, verdict.reason)
+            return
+        try:
+            answer = await freezing.request(freezer, {
+                "do": "freeze", "quiet": min(self.freeze_after, FREEZE_GUARD),
+                "last_activity": verdict.last.isoformat() if verdict.last else None,
+            })  # fmt: skip
+        except (OSError, ValueError, TimeoutError) as exc:
+            log.warning("cannot freeze %s: %s", label, exc)
+            return
+        if answer.get("ok"):
+            log.info("froze %s: %s", label, verdict.reason)
+            self._count("freezes")
+        else:
+            log.info("%s not frozen: %s", label, str(answer.get("reason"))[:200])
+
     async def _check(self, user: str, name: str, server: dict[str, Any],
-                     timeout: float | None, now: datetime.datetime) -> str | None:  # fmt: skip
+                     timeout: float | None, now: datetime.datetime,
+                     freezes: bool = False) -> str | None:  # fmt: skip
         """Ask one server; stop it if idle. Its label if it was (or would be) stopped."""
         label = f"{user}/{name}" if name else user
+        freezer = (server.get("state") or {}).get("freezer")
+        # Asked even with freezing off: one frozen before the options changed still stops.
+        status = await self._freezer_status(label, freezer)
         try:
-            verdict = await self.verdict(server, now, timeout)
+            if status is not None and status.get("state") == "frozen":
+                self._frozen += 1
+                verdict = self.frozen_verdict(server, status, now, timeout)
+            else:
+                verdict = await self.verdict(server, now, timeout)
         except Exception as exc:  # unreachable, or an error: never stop on doubt ...
             log.warning("cannot tell whether %s is idle: %s", label, exc)
             self._count("errors")
@@ -229,6 +316,10 @@ class Hibernator:
             self._count("checks")
         if not verdict.idle:
             log.debug("%s stays: %s", label, verdict.reason)
+            frozen = status is not None and status.get("state") == "frozen"
+            if (freezes and status is not None and not frozen and verdict.quiet is not None
+                    and verdict.quiet >= self.freeze_after):  # fmt: skip
+                await self._freeze(label, freezer, verdict)
             return None
         if self.dry_run:
             log.info("would hibernate %s (dry run): %s", label, verdict.reason)
@@ -286,8 +377,17 @@ class Hibernator:
                     self._starts_seen.add(key)
                     kind = "resume" if start.get("resumed") else "first"
                     self.metrics["starts"].labels(kind).observe(start["seconds"])
-        self.metrics["servers"].labels("running").set(running)
+        self._running = running  # frozen ones are told apart as they are checked
         self.metrics["servers"].labels("hibernated").set(hibernated)
+
+
+def _matches(user: dict[str, Any], server: dict[str, Any] | None, groups: set[str],
+             profiles: set[str]) -> bool:  # fmt: skip
+    """Whether ``user`` is in one of ``groups`` or ``server``'s recorded profile is one of
+    ``profiles``."""
+    profile = ((server or {}).get("state") or {}).get("profile")
+    theirs = {g for g in user.get("groups") or [] if isinstance(g, str)}
+    return bool(groups & theirs) or (isinstance(profile, str) and profile in profiles)
 
 
 def metrics() -> dict[str, Any]:
@@ -298,6 +398,7 @@ def metrics() -> dict[str, Any]:
         "checks": Counter("jupyter_sandbox_hibernator_checks", "servers asked whether idle"),
         "errors": Counter("jupyter_sandbox_hibernator_errors", "servers that could not be asked"),
         "hibernations": Counter("jupyter_sandbox_hibernations", "idle servers stopped"),
+        "freezes": Counter("jupyter_sandbox_freezes", "idle servers frozen"),
         "servers": Gauge("jupyter_sandbox_servers", "users' servers by state", ["state"]),
         "starts": Histogram(
             "jupyter_sandbox_start_seconds", "from a server's start to its URL, by kind "
@@ -326,6 +427,10 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     parser.add_argument("--proxy-url", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=3600,
                         help="seconds without activity before a server hibernates")  # fmt: skip
+    parser.add_argument("--freeze-after", type=float, default=0,
+                        help="seconds without activity before a server is frozen (its "
+                        "processes stopped, memory kept, thawed by the next request; 0: "
+                        "never); it hibernates at --timeout")  # fmt: skip
     parser.add_argument("--max-age", type=float, default=0,
                         help="seconds after which a server hibernates even if in use (a busy "
                         "kernel still keeps it; 0: never)")  # fmt: skip
@@ -335,6 +440,10 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     parser.add_argument("--exempt-groups", default="", help="never hibernated (comma-separated)")
     parser.add_argument("--exempt-profiles", default="",
                         help="profiles never hibernated (comma-separated)")  # fmt: skip
+    parser.add_argument("--never-freeze-groups", default="",
+                        help="groups whose servers are stopped, never frozen (comma-separated)")
+    parser.add_argument("--never-freeze-profiles", default="",
+                        help="profiles whose servers are stopped, never frozen")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true",
                         help="log what would hibernate, stop nothing")  # fmt: skip
 
@@ -346,15 +455,27 @@ def from_args(args: argparse.Namespace, metrics: Any = None) -> tuple[Hibernator
     def names(text: str) -> set[str]:
         return {n for n in text.split(",") if n}
 
+    if args.freeze_after < 0:
+        raise SystemExit(f"--freeze-after={args.freeze_after:g}: seconds, or 0 (never freeze)")
+    if args.freeze_after and args.freeze_after >= args.timeout:
+        log.warning("--freeze-after=%g is not less than --timeout=%g: servers hibernate "
+                    "before they would freeze, so none is frozen", args.freeze_after,
+                    args.timeout)  # fmt: skip
+        args.freeze_after = 0
+
     hibernator = Hibernator(
         api_url=os.environ["JUPYTERHUB_API_URL"].rstrip("/"),
         api_token=os.environ["JUPYTERHUB_API_TOKEN"],
         timeout=args.timeout,
+        freeze_after=args.freeze_after,
         max_age=args.max_age,
         exempt_users=names(args.exempt_users),
         exempt_groups=names(args.exempt_groups),
         exempt_profiles=names(args.exempt_profiles),
+        unfrozen_groups=names(args.never_freeze_groups),
+        unfrozen_profiles=names(args.never_freeze_profiles),
         dry_run=args.dry_run,
         metrics=metrics,
     )
-    return hibernator, args.interval or min(60.0, max(1.0, args.timeout / 10))
+    first = min(args.timeout, args.freeze_after or args.timeout)
+    return hibernator, args.interval or min(60.0, max(1.0, first / 10))

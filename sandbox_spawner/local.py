@@ -62,7 +62,7 @@ from sandbox_provisioner.runtimes import AUTO, create_runtime
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
-from . import activity, data_root, supervisor
+from . import activity, data_root, freezing, supervisor
 from .activity import ActivityKey
 from .binder import server as binder_server
 from .binder.inside import ENV_PATH
@@ -159,6 +159,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self.supervisor_pid: int | None = None
         self.supervisor_start: int | None = None
         self.state_dir: str = ""
+        self.activity_port = 0
         self._process: subprocess.Popen | None = None
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._binder: binder_server.BinderServer | None = None
@@ -210,6 +211,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self.supervisor_start = state.get("supervisor_start")
         self.state_dir = state.get("state_dir", "")
         self.port = state.get("port", 0)
+        self.activity_port = state.get("activity_port", 0)
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
@@ -218,6 +220,9 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
             state["supervisor_start"] = self.supervisor_start
             state["state_dir"] = self.state_dir
             state["port"] = self.port
+            if self.activity_port:  # the hibernator's: its port, and the supervisor's socket
+                state["activity_port"] = self.activity_port
+                state["freezer"] = str(Path(self.state_dir) / freezing.SOCKET)
         return state
 
     def clear_state(self) -> None:
@@ -252,6 +257,9 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         (state / "ctl").mkdir(mode=0o700)
         port = random_port()
         self.port = port
+        while (activity_port := random_port()) == port:
+            continue
+        self.activity_port = activity_port
         self.server.port, self.server.ip = port, "127.0.0.1"
         runtime = create_runtime(self.runtime)
         runtime.require()
@@ -271,6 +279,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
             "runtime": runtime.name,
             "spec": spec.to_dict(),
             "port": port,
+            "activity_port": activity_port,
             "server_socket": str(run / SERVER_SOCKET),
             "hub_socket": str(run / HUB_SOCKET),
             "hub_api": self._hub_api_address(),
@@ -297,6 +306,13 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self._event(100, "The server is up")
         self.record_start(began, resumed)
         return f"http://127.0.0.1:{port}"
+
+    def activity_url(self) -> str | None:
+        """The hibernator asks at the supervisor's port for it (:mod:`.freezing`): asking
+        neither thaws a frozen server nor counts as the proxy's traffic."""
+        if not self.activity_port or self.server is None:
+            return super().activity_url()
+        return f"http://127.0.0.1:{self.activity_port}{self.server.base_url}{activity.PATH}"
 
     async def get_url(self) -> str:
         """Where the proxy reaches the server: its supervisor's port on loopback (asked by a

@@ -18,14 +18,24 @@ import contextlib
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 _CHUNK = 1 << 16
+#: Called as a connection opens and before each chunk it carries; False closes it.
+Gate = Callable[[], bool]
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _open(gate: Gate | None) -> bool:
+    return gate is None or gate()
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               gate: Gate | None = None) -> None:  # fmt: skip
     try:
         while data := await reader.read(_CHUNK):
+            if not _open(gate):
+                break
             writer.write(data)
             await writer.drain()
     except (ConnectionError, OSError):
@@ -35,16 +45,20 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
             writer.close()
 
 
-async def join(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connect: Any
-) -> None:
-    """Carry one accepted connection to a new one made by ``connect()``, both ways."""
+async def join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connect: Any,
+               gate: Gate | None = None) -> None:  # fmt: skip
+    """Carry one accepted connection to a new one made by ``connect()``, both ways;
+    ``gate`` (see :data:`Gate`) is asked as it opens and for each chunk either way."""
+    if not _open(gate):
+        writer.close()
+        return
     try:
         upstream_reader, upstream_writer = await connect()
     except OSError:
         writer.close()
         return
-    await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+    await asyncio.gather(pipe(reader, upstream_writer, gate),
+                         pipe(upstream_reader, writer, gate))  # fmt: skip
 
 
 def open_socket_node(path: str) -> int:
@@ -74,12 +88,14 @@ async def open_own_unix_connection(path: str) -> tuple[asyncio.StreamReader,
         os.close(fd)
 
 
-async def forward_tcp_to_unix(port: int, path: str, own_socket: bool = False) -> asyncio.Server:
+async def forward_tcp_to_unix(port: int, path: str, own_socket: bool = False,
+                              gate: Gate | None = None) -> asyncio.Server:  # fmt: skip
     """127.0.0.1:``port`` -> the Unix socket ``path``; ``own_socket``: only the socket node
-    at ``path`` itself, never through a link (``path``'s directory is a user's)."""
+    at ``path`` itself, never through a link (``path``'s directory is a user's); ``gate``:
+    see :func:`join`."""
     connect = open_own_unix_connection if own_socket else asyncio.open_unix_connection
     return await asyncio.start_server(
-        lambda r, w: join(r, w, lambda: connect(path)), "127.0.0.1", port
+        lambda r, w: join(r, w, lambda: connect(path), gate), "127.0.0.1", port
     )
 
 

@@ -15,6 +15,10 @@ sandbox of this project's runtimes, and carries two byte streams:
   (``http+unix`` in ``JUPYTERHUB_API_URL``) to the Hub's API port. It is the one
   host service the sandbox reaches; the proxy's API is not.
 
+The hibernator asks the server whether it is in use at a port of its own (the plan's
+``activity_port``), and freezes and thaws it through a socket in the state
+directory (:mod:`.freezing`): the proxy's first byte for a frozen server thaws it.
+
 It is its own session, not a child the Hub waits for: a Hub restart leaves it
 and the server running, and finds them again from the spawner's state. It ends
 when the server does, or on SIGTERM (the spawner's stop): SIGTERM to the
@@ -38,6 +42,7 @@ from pathlib import Path
 from sandbox_provisioner.runtimes import create_runtime
 from sandbox_provisioner.spec import SandboxSpec
 
+from . import freezing
 from .streams import forward_tcp_to_unix, forward_unix_to_tcp
 
 log = logging.getLogger("jupyter-sandbox-supervisor")
@@ -65,14 +70,23 @@ async def supervise(state_dir: Path) -> int:
     fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends: see holds()
     plan = json.loads((state_dir / PLAN).read_text())
     spec = SandboxSpec.from_dict(plan["spec"])
-    proxy_side = await forward_tcp_to_unix(plan["port"], plan["server_socket"], own_socket=True)
-    hub_side = await forward_unix_to_tcp(plan["hub_socket"], *plan["hub_api"])
+    freezer = freezing.Freezer()
+    # All ready before the server starts (it calls the Hub at once).
+    proxy_side = await forward_tcp_to_unix(plan["port"], plan["server_socket"],
+                                           own_socket=True, gate=freezer.traffic)  # fmt: skip
+    servers = [proxy_side, await forward_unix_to_tcp(plan["hub_socket"], *plan["hub_api"])]
+    if plan.get("activity_port"):
+        servers.append(await forward_tcp_to_unix(
+            plan["activity_port"], plan["server_socket"], own_socket=True, gate=freezer.awake
+        ))  # fmt: skip
     runtime = create_runtime(plan["runtime"])
     if plan.get("restore_from"):  # a gVisor template: restored, then told to go on
         sandbox = await runtime.restore(spec, Path(plan["restore_from"]))  # type: ignore[attr-defined]
         (state_dir / "ctl" / "go").touch()
     else:
         sandbox = await runtime.launch(spec)
+    freezer.sandbox = sandbox
+    servers.append(await freezing.serve(str(state_dir / freezing.SOCKET), freezer))
     log.info("server of %s started (%s sandbox, monitor pid %s)", plan["name"],
              plan["runtime"], getattr(sandbox, "pid", "?"))  # fmt: skip
     loop = asyncio.get_running_loop()
@@ -82,6 +96,7 @@ async def supervise(state_dir: Path) -> int:
     waiting = asyncio.ensure_future(sandbox.wait())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    freezer.thaw()  # a frozen server takes no signal, and a stop must not hang on it
     if not waiting.done():
         log.info("stopping the server of %s", plan["name"])
         await sandbox.terminate()
@@ -90,10 +105,12 @@ async def supervise(state_dir: Path) -> int:
     stopping.cancel()
     await sandbox.cleanup()  # every process of the sandbox, its cgroups, its state
     code = await sandbox.poll()
-    for server in (proxy_side, hub_side):
+    for server in servers:
         server.close()
     with contextlib.suppress(OSError):  # whatever the user's code put there: not ours
         os.unlink(plan["hub_socket"])
+    with contextlib.suppress(OSError):
+        os.unlink(state_dir / freezing.SOCKET)
     (state_dir / EXIT).write_text(str(code if code is not None else -signal.SIGKILL))
     log.info("server of %s ended with %s", plan["name"], code)
     return 0

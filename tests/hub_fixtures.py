@@ -211,16 +211,26 @@ class Hub:
         """A request to ``name``'s server, through the proxy, with ``token``."""
         return await _request(f"{self.url}/user/{_q(name)}{path}", method, token, body)
 
-    async def _send_code(self, name: str, token: str, code: str,
-                         kernel_name: str = "python3") -> tuple[Any, str, str]:  # fmt: skip
-        """A new kernel in ``name``'s server (through the proxy), ``code`` sent to it over
-        its websocket: the websocket, the request's id and the kernel's id."""
+    async def kernel(self, name: str, token: str, kernel_name: str = "python3") -> str:
+        """A new kernel in ``name``'s server (through the proxy): its id."""
         kernel = await self.server_api(name, token, "POST", "/api/kernels", {"name": kernel_name})
-        url = (f"ws://127.0.0.1:{self.proxy_port}/user/{_q(name)}/api/kernels/{kernel['id']}"
+        return kernel["id"]
+
+    async def channels(self, name: str, token: str, kernel_id: str) -> Any:
+        """A websocket to the kernel ``kernel_id`` in ``name``'s server (as a browser's)."""
+        url = (f"ws://127.0.0.1:{self.proxy_port}/user/{_q(name)}/api/kernels/{kernel_id}"
                "/channels")  # fmt: skip
-        ws = await websocket_connect(HTTPRequest(
+        return await websocket_connect(HTTPRequest(
             f"{url}?session_id={uuid.uuid4().hex}", headers={"Authorization": f"token {token}"}
         ))  # fmt: skip
+
+    async def _send_code(self, name: str, token: str, code: str, kernel_name: str = "python3",
+                         kernel_id: str | None = None, ws: Any = None,
+                         ) -> tuple[Any, str, str]:  # fmt: skip
+        """``code`` sent over a websocket to the kernel ``kernel_id`` (a new one if None):
+        the websocket (``ws`` if given), the request's id and the kernel's id."""
+        kernel_id = kernel_id or await self.kernel(name, token, kernel_name)
+        ws = ws or await self.channels(name, token, kernel_id)
         msg_id = uuid.uuid4().hex
         ws.write_message(json.dumps({
             "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": name,
@@ -229,7 +239,7 @@ class Hub:
             "content": {"code": code, "silent": False, "store_history": False,
                         "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
         }))  # fmt: skip
-        return ws, msg_id, kernel["id"]
+        return ws, msg_id, kernel_id
 
     async def run_detached(self, name: str, token: str, code: str,
                            kernel_name: str = "python3") -> str:  # fmt: skip
@@ -264,9 +274,14 @@ class Hub:
         return events
 
     async def execute(self, name: str, token: str, code: str, timeout: float = 60,
-                      kernel_name: str = "python3") -> str:  # fmt: skip
-        """Start a kernel in ``name``'s server (through the proxy) and run ``code``; stdout."""
-        ws, msg_id, kernel_id = await self._send_code(name, token, code, kernel_name)
+                      kernel_name: str = "python3", kernel_id: str | None = None,
+                      ws: Any = None) -> str:  # fmt: skip
+        """Run ``code`` in ``name``'s server (through the proxy); its output. In a new
+        kernel, ended after, unless ``kernel_id`` is given (kept, as is the websocket
+        ``ws`` if given)."""
+        new, given = kernel_id is None, ws
+        ws, msg_id, kernel_id = await self._send_code(name, token, code, kernel_name,
+                                                      kernel_id, ws)  # fmt: skip
         out, deadline = "", time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -284,8 +299,10 @@ class Hub:
                 elif kind == "status" and content["execution_state"] == "idle":
                     break
         finally:
-            ws.close()
-            await self.server_api(name, token, "DELETE", f"/api/kernels/{kernel_id}")
+            if given is None:
+                ws.close()
+            if new:
+                await self.server_api(name, token, "DELETE", f"/api/kernels/{kernel_id}")
         return out
 
 

@@ -302,3 +302,65 @@ async def test_a_temporary_user_just_made_is_not_taken_for_one_whose_server_stop
     ran = {"name": "binder-2", "created": now.isoformat(), "servers": {"b-x": {
         "stopped": True, "state": {"last_start": {"seconds": 1.0, "at": now.isoformat()}}}}}
     assert await sleeper._delete_if_done(ran, now)
+
+
+def test_a_frozen_server_hibernates_counting_from_its_last_activity_before_it_froze():
+    """A frozen server cannot be asked: its idle time runs from the last activity its
+    supervisor kept at freezing, or the Hub's later record, whichever is later."""
+    import datetime
+
+    from sandbox_spawner.hibernator import Hibernator
+
+    sleeper = Hibernator("http://hub.invalid/hub/api", "unused", timeout=600, freeze_after=60)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def ago(seconds: float) -> str:
+        return (now - datetime.timedelta(seconds=seconds)).isoformat()
+
+    server = {"started": ago(5000), "last_activity": ago(900)}
+    assert sleeper.frozen_verdict(server, {"last_activity": ago(700)}, now).idle
+    assert not sleeper.frozen_verdict(server, {"last_activity": ago(100)}, now).idle
+    later = {"started": ago(5000), "last_activity": ago(30)}  # the Hub saw the user since
+    assert not sleeper.frozen_verdict(later, {"last_activity": ago(700)}, now).idle
+    # What the supervisor kept is a string it was given; anything else counts for nothing.
+    assert sleeper.frozen_verdict(server, {"last_activity": "not a time"}, now).idle
+    old = Hibernator("http://hub.invalid/hub/api", "unused", timeout=600, max_age=3600)
+    assert old.frozen_verdict(server, {"last_activity": ago(10)}, now).idle  # its max age
+
+
+def test_freeze_after_is_checked_against_the_timeout():
+    import argparse
+
+    import pytest
+
+    from sandbox_spawner import hibernator
+
+    parser = argparse.ArgumentParser()
+    hibernator.add_arguments(parser)
+    env = {"JUPYTERHUB_API_URL": "http://hub.invalid/hub/api", "JUPYTERHUB_API_TOKEN": "x"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        sleeper, interval = hibernator.from_args(parser.parse_args(
+            ["--timeout=3600", "--freeze-after=600"]))  # fmt: skip
+        assert (sleeper.freeze_after, interval) == (600, 60)
+        sleeper, _ = hibernator.from_args(parser.parse_args(
+            ["--timeout=300", "--freeze-after=600"]))  # fmt: skip
+        assert sleeper.freeze_after == 0  # it would hibernate first: no freezing, a warning
+        with pytest.raises(SystemExit, match="--freeze-after=-1"):
+            hibernator.from_args(parser.parse_args(["--freeze-after=-1"]))
+
+
+def test_groups_and_profiles_that_are_never_frozen():
+    from sandbox_spawner.hibernator import Hibernator
+
+    sleeper = Hibernator("http://hub.invalid/hub/api", "unused", freeze_after=60,
+                         unfrozen_groups={"gpu-users"}, unfrozen_profiles={"gpu"})  # fmt: skip
+    user = {"name": "ann", "groups": ["students"]}
+    assert sleeper.freezes(user, {"state": {"profile": "cpu"}})
+    assert not sleeper.freezes({**user, "groups": ["gpu-users"]}, {"state": {}})
+    assert not sleeper.freezes(user, {"state": {"profile": "gpu"}})
+    # The profile the spawner recorded counts, not what the user asked for.
+    assert sleeper.freezes(user, {"state": {}, "user_options": {"profile": "gpu"}})
+    off = Hibernator("http://hub.invalid/hub/api", "unused")
+    assert not off.freezes(user, {"state": {}})
