@@ -10,7 +10,9 @@ needs nothing installed beside it:
   with no busy kernel, no open terminal and no recent activity; the spawners
   (LocalSandboxSpawner, SandboxSpawner) make a stop a hibernation. It asks each
   server with that server's activity key (:mod:`.activity`): the service's own token
-  never leaves for a user's server;
+  never leaves for a user's server. With the controller, it too runs in one replica
+  at a time, on a Lease of its own (:data:`HIBERNATOR_LEASE`), so each decision is
+  taken once;
 * **metrics** on the service's URL at ``/metrics`` (Prometheus text): servers
   running and hibernated, hibernations, start and resume durations, and the
   controller's own;
@@ -36,6 +38,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
 from tornado import web
@@ -100,6 +103,38 @@ def serve(url: str, status: dict, launcher: object | None = None) -> None:
     log.info("serving /metrics on %s", url)
 
 
+#: The Lease the replicas' hibernators take turns on (the controller has its own).
+HIBERNATOR_LEASE = "sandbox-hibernator"
+
+
+async def while_leading(args: argparse.Namespace, lease: str,
+                        work: Callable[[], Awaitable[None]],
+                        stop: asyncio.Event) -> None:  # fmt: skip
+    """Run ``work()`` only while this replica holds ``lease`` (the controller's options:
+    its namespace, duration and renewal), until ``stop``: two replicas of the service take
+    each decision once (a server is not hibernated twice, nor frozen by one and asked by
+    the other)."""
+    from agent_sandbox.controller.leader import LeaderElector
+    from agent_sandbox.kube import Kube
+
+    kube = await Kube.connect(args.kubeconfig)
+    elector = LeaderElector(kube, args.lease_namespace, name=lease,
+                            duration=args.lease_duration, renew=args.lease_renew)  # fmt: skip
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():  # leadership lost: stand by for it again
+            election = asyncio.ensure_future(elector.run(work))
+            await asyncio.wait({election, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not election.done():
+                election.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await election
+    finally:
+        stopping.cancel()
+        await elector.release()
+        await kube.close()
+
+
 async def run(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -125,9 +160,14 @@ async def run(args: argparse.Namespace) -> None:
         if args.binder and args.binder_anonymous:  # launches' temporary users
             sleeper.temporary_prefix = args.binder_anonymous_prefix
             sleeper.temporary_timeout = args.binder_anonymous_timeout
-        log.info("hibernating servers idle for %ss (checks every %ss%s)", args.timeout,
+        log.info("hibernating servers idle for %ss%s (checks every %ss%s)", args.timeout,
+                 f", freezing them after {args.freeze_after:g}s" if args.freeze_after else "",
                  interval, ", dry run" if args.dry_run else "")  # fmt: skip
-        tasks.append(asyncio.create_task(hibernator.run(sleeper, interval, stop)))
+        sweeps = hibernator.run(sleeper, interval, stop)
+        if args.controller and not args.no_leader_election:  # replicas: one sweeps at a time
+            sweeps = while_leading(args, HIBERNATOR_LEASE, lambda: hibernator.run(
+                sleeper, interval, stop), stop)  # fmt: skip
+        tasks.append(asyncio.create_task(sweeps))
     if args.controller:
         from agent_sandbox.__main__ import quiet_client_logs, run_from_args
 

@@ -51,13 +51,15 @@ def cluster(tmp_path_factory) -> Iterator[TestCluster]:
 class Process:
     """A helper process of the test session (controller, node agent) with its log."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path):
+    def __init__(self, name: str, argv: list[str], workdir: Path,
+                 env: dict[str, str] | None = None):  # fmt: skip
         self.name, self.argv, self.log_path = name, argv, workdir / f"{name}.log"
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Process:
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the process)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
         self.proc = subprocess.Popen(
             self.argv,
             stdout=log,
