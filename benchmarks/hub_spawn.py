@@ -13,7 +13,10 @@ proxy (``GET /user/<name>/api/status`` with the user's token): the first spawn,
 then, after every server was stopped (hibernated), the resume. Also printed:
 the memory an idle user server holds (PSS and RSS of its processes) and what a
 hibernated user holds (its processes: none). Medians, p95 and ratios to the
-anchor's spawn.
+anchor's spawn. With ``--local``, also freezing: every sandboxed server frozen (as the
+hibernator freezes an idle one), the memory it holds frozen, and the time from a request
+through the proxy to its answer, thaw included, beside the same request to the anchor's
+running server.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from memory import memory_bytes  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest  # noqa: E402
 
 from sandbox_provisioner.runtimes.process import descendants  # noqa: E402
+from sandbox_spawner import freezing  # noqa: E402
 
 SANDBOX, ANCHOR = "sandbox", "local-process"
 ANCHOR_CONFIG = """
@@ -56,6 +60,25 @@ async def answers(hub: Hub, name: str, token: str, timeout: float = 180) -> None
             return
         await asyncio.sleep(0.02)
     raise TimeoutError(f"{name}'s server did not answer through the proxy")
+
+
+async def request_time(hub: Hub, name: str, token: str) -> float:
+    """One request through the proxy to ``name``'s running server, to its answer."""
+    request = HTTPRequest(f"{hub.url}/user/{name}/api/status",
+                          headers={"Authorization": f"token {token}"}, request_timeout=30,
+                          follow_redirects=False)  # fmt: skip
+    started = time.perf_counter()
+    response = await AsyncHTTPClient().fetch(request)
+    assert response.code == 200, response.code
+    return time.perf_counter() - started
+
+
+async def freeze_all(hub: Hub, users: int) -> None:
+    """Freeze every server of ``hub`` through its supervisor, as the hibernator does."""
+    for i in range(users):
+        state = await hub.state(f"u{i}")
+        answer = await freezing.request(state["freezer"], {"do": "freeze", "quiet": 0})
+        assert answer.get("ok"), answer
 
 
 async def start_and_time(hub: Hub, name: str, token: str, options: dict | None = None) -> float:
@@ -98,6 +121,15 @@ async def bench(root: Path, users: int, runtime: str) -> int:
         await asyncio.sleep(3)  # let the servers settle before measuring memory
         memory = {m: [memory_bytes(await server_pids(h, m, f"u{i}")) for i in range(users)]
                   for m, h in hubs.items()}  # fmt: skip
+        warm: list[float] = []
+        thaw: list[float] = []
+        await freeze_all(hubs[SANDBOX], users)
+        await asyncio.sleep(1)
+        frozen = [memory_bytes(await server_pids(hubs[SANDBOX], SANDBOX, f"u{i}"))
+                  for i in range(users)]  # fmt: skip
+        for i in range(users):  # a request to a frozen server, beside one to a running one
+            warm.append(await request_time(hubs[ANCHOR], f"u{i}", tokens[ANCHOR, f"u{i}"]))
+            thaw.append(await request_time(hubs[SANDBOX], f"u{i}", tokens[SANDBOX, f"u{i}"]))
         uid = (hubs[SANDBOX].root / "homes" / "u0").stat().st_uid
         for i in range(users):  # hibernate everyone
             for hub in hubs.values():
@@ -129,6 +161,15 @@ async def bench(root: Path, users: int, runtime: str) -> int:
         print(f"idle server memory, {label}: {pss / 2**20:.0f} MiB (median PSS of its "
               f"processes; RSS summed over them {rss / 2**20:.0f} MiB)")  # fmt: skip
     print(f"a hibernated sandboxed user holds {len(left)} processes")
+    warm50, warm95 = summary(warm)
+    thaw50, thaw95 = summary(thaw)
+    print(f"request -> answer through the proxy (seconds){'p50':>10}{'p95':>8}")
+    print(f"{'LocalProcessSpawner, running':46}{warm50:8.4f}{warm95:8.4f}")
+    print(f"{'LocalSandboxSpawner, frozen (thaw included)':46}{thaw50:8.4f}{thaw95:8.4f}"
+          f"   {thaw50 / warm50:.2f}x the running anchor's, {thaw50 / anchor:.4f}x its spawn")
+    pss = statistics.median(p for _, p in frozen)
+    print(f"a frozen sandboxed server holds {pss / 2**20:.0f} MiB (median PSS; its processes "
+          "use no CPU)")
     return 0
 
 
