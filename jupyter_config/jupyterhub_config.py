@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from sandbox_spawner.binder.web import settings_arguments
 from sandbox_spawner.service import hub_role
 
 c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
@@ -47,8 +48,10 @@ c.Spawner.default_url = "/lab"
 #     "staff": {"groups": ["staff"], "spawner_override": {"mem_limit": "8G"}},
 # }
 
-# Users' servers outlive a Hub restart (their supervisors are not the Hub's children).
-c.JupyterHub.cleanup_servers = False
+# Users' servers outlive a Hub restart (their supervisors are not the Hub's children),
+# as a production Hub needs. A trial Hub (scripts/hub) stops them all when it stops
+# (Ctrl+C): JUPYTER_SANDBOX_HUB_STOP_SERVERS_ON_EXIT=1.
+c.JupyterHub.cleanup_servers = os.environ.get("JUPYTER_SANDBOX_HUB_STOP_SERVERS_ON_EXIT") == "1"
 
 # Freezing and hibernation: a server with no busy kernel, no open terminal and no activity
 # for ten minutes is frozen (its processes stopped where they are: no CPU, its memory kept;
@@ -65,6 +68,14 @@ c.JupyterHub.cleanup_servers = False
 # packages it asks for prepared once per commit in a sandbox that reaches only the package
 # index and the repository's host. A form that makes links and badges:
 # <hub>/services/sandbox-service/binder. Options: python -m sandbox_spawner.service --help.
+# Binder settings, as variables (the service's --binder-* options):
+#   JUPYTER_SANDBOX_BINDER_HOSTS   hosts repositories may come from (comma-separated fnmatch
+#                                  patterns; default github.com,gitlab.com,gist.github.com),
+#                                  e.g. "github.com,gitlab.example.org"
+#   JUPYTER_SANDBOX_BINDER_BASES   where a provider's repositories are, e.g.
+#                                  "gl=https://gitlab.example.org" (comma-separated)
+#   JUPYTER_SANDBOX_BINDER_INDEX   pip's index for preparations (default: PyPI)
+#   JUPYTER_SANDBOX_BINDER_EGRESS  more hosts preparations may reach (host or host:port)
 hibernate_after = os.environ.get("JUPYTER_SANDBOX_HIBERNATE_AFTER", "3600")
 freeze_after = os.environ.get("JUPYTER_SANDBOX_FREEZE_AFTER", "600")
 service_port = os.environ.get("JUPYTER_SANDBOX_SERVICE_PORT", "10101")
@@ -77,6 +88,7 @@ c.JupyterHub.services = [{
                 "--hibernate", f"--timeout={hibernate_after}", f"--freeze-after={freeze_after}",
                 "--binder-links", f"--binder-cache={binder_cache}",
                 "--binder-allowed-hosts=github.com,gitlab.com,gist.github.com",
+                *settings_arguments(),  # the variables above (a later option wins)
                 "--binder-per-repo-limit=20", *(["--binder-anonymous"] if anonymous else [])],
     "oauth_no_confirm": True,  # its pages know who is launching through the Hub's login
 }]  # fmt: skip

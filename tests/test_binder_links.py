@@ -575,3 +575,31 @@ def test_this_repositorys_own_binder_dir(tmp_path: Path):
                          env={"PATH": os.environ["PATH"], "JUPYTER_SANDBOX_PREPARE": "1"})
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_binder_settings_are_variables_of_the_shipped_configurations():
+    """JUPYTER_SANDBOX_BINDER_* become the service's options, which the service parses
+    (a later option wins over the shipped default); unset ones change nothing."""
+    import argparse
+
+    from sandbox_spawner.binder.web import add_arguments, settings_arguments
+
+    assert settings_arguments({}) == []
+    args = settings_arguments({
+        "JUPYTER_SANDBOX_BINDER_HOSTS": "github.com,gitlab.example.org",
+        "JUPYTER_SANDBOX_BINDER_BASES": "gl=https://gitlab.example.org, gh=https://gh.example",
+        "JUPYTER_SANDBOX_BINDER_INDEX": "https://pypi.example/simple",
+        "JUPYTER_SANDBOX_BINDER_EGRESS": "files.example:443",
+    })  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add_arguments(parser.add_argument_group())
+    parsed = parser.parse_args(["--binder-allowed-hosts=github.com", *args])
+    assert parsed.binder_allowed_hosts == "github.com,gitlab.example.org"
+    assert parsed.binder_base == ["gl=https://gitlab.example.org", "gh=https://gh.example"]
+    assert parsed.binder_index_url == "https://pypi.example/simple"
+    assert parsed.binder_egress == "pypi.org,files.pythonhosted.org,files.example:443"
+
+
+def test_a_refused_host_says_which_setting_to_change():
+    with pytest.raises(BadLink, match="JUPYTER_SANDBOX_BINDER_HOSTS"):
+        POLICY.parse("git", quote("https://elsewhere.example/r.git", safe="") + "/main")

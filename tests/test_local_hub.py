@@ -189,3 +189,31 @@ async def test_the_shipped_configuration_logs_users_in_with_the_password(hub: Hu
 
     assert await login("wrong-password") == 403
     assert await login(hub.password) == 302
+
+
+async def test_a_trial_hub_stops_every_server_on_ctrl_c(tmp_path_factory):
+    """scripts/hub's trial mode: Ctrl+C (SIGINT) stops the Hub and every user's server,
+    homes kept; the shipped default (a production Hub) leaves them running, as the restart
+    test above shows."""
+    import signal
+
+    from conftest import require_runtime
+    from hub_fixtures import end_supervisors
+
+    require_runtime("bubblewrap")
+    root = tmp_path_factory.mktemp("trial-hub")
+    hub = Hub(root, env={"JUPYTER_SANDBOX_HUB_STOP_SERVERS_ON_EXIT": "1"}).start()
+    try:
+        for name in ("tia", "tom"):
+            await hub.spawn(name)
+        token = await hub.user_token("tia")
+        await hub.execute("tia", token, "open('kept.txt', 'w').write('yes')")
+        uid = (root / "homes" / "tia").stat().st_uid
+        assert len(supervisors(root)) == 2 and processes_of(uid)
+        hub.stop(signal.SIGINT)
+        assert supervisors(root) == [], "every server stopped with the Hub"
+        assert processes_of(uid) == []
+        assert (root / "homes" / "tia" / "kept.txt").read_text() == "yes"
+    finally:
+        hub.close()
+        end_supervisors(root)

@@ -117,6 +117,8 @@ binder_cache = os.environ.get("JUPYTER_SANDBOX_BINDER_CACHE")
 if binder_cache:
     from kubespawner import KubeSpawner
 
+    from sandbox_spawner.binder.web import settings_arguments
+
     # The preparations' image: the servers' (their Python, pip, this project).
     image = os.environ.get("JUPYTER_SANDBOX_SINGLEUSER_IMAGE") or c.SandboxSpawner.get(
         "image", KubeSpawner.image.default_value)
@@ -125,6 +127,9 @@ if binder_cache:
         f"--binder-namespace={namespace}", f"--binder-image={image}",
         f"--binder-proxy-address={os.environ.get('POD_IP', '127.0.0.1')}:8899",
         "--binder-profile=gvisor",
+        # JUPYTER_SANDBOX_BINDER_HOSTS, _BASES, _INDEX, _EGRESS: as in the local
+        # configuration (allowed hosts, providers' bases, pip's index, more egress hosts).
+        *settings_arguments(),
     ]  # fmt: skip
     c.JupyterHub.services[0]["oauth_no_confirm"] = True
     c.JupyterHub.load_roles = [

@@ -86,7 +86,10 @@ class LinkPolicy:
             raise BadLink("disallowed-host", f"{url!r} is not an https, http or git URL")
         if not any(fnmatch.fnmatch(parts.hostname, pattern) for pattern in self.allowed_hosts):
             raise BadLink("disallowed-host", f"repositories from {parts.hostname} are not "
-                          "allowed here (the deployment's allowed hosts)")  # fmt: skip
+                          "allowed here: an administrator can add the host to the "
+                          "deployment's allowed hosts (JUPYTER_SANDBOX_BINDER_HOSTS in the "
+                          "shipped configuration; the service's "
+                          "--binder-allowed-hosts)")  # fmt: skip
 
 
 def launch_path(urlpath: str = "", labpath: str = "", filepath: str = "") -> str:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -138,6 +139,34 @@ def routes(launcher: Launcher, prefix: str) -> list[tuple[Any, ...]]:
         (rf"{prefix}/badge.svg", Badge),
         (rf"{prefix}/oauth_callback", HubOAuthCallbackHandler),
     ]
+
+
+#: The Binder settings a deployment's configuration takes from its environment (as the
+#: shipped configurations do), and the service option each becomes.
+SETTINGS = {
+    "JUPYTER_SANDBOX_BINDER_HOSTS": "allowed-hosts",
+    "JUPYTER_SANDBOX_BINDER_BASES": "base",
+    "JUPYTER_SANDBOX_BINDER_INDEX": "index-url",
+    "JUPYTER_SANDBOX_BINDER_EGRESS": "egress",
+}
+
+
+def settings_arguments(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The service's ``--binder-*`` options for the settings in ``environ`` (see
+    :data:`SETTINGS`): hosts and index replace the defaults, egress hosts add to them,
+    each of the comma-separated bases is an option."""
+    args = []
+    for variable, option in SETTINGS.items():
+        value = environ.get(variable, "").strip()
+        if not value:
+            continue
+        if option == "base":
+            args += [f"--binder-base={b.strip()}" for b in value.split(",") if b.strip()]
+        elif option == "egress":
+            args.append(f"--binder-egress={','.join((*DEFAULT_EGRESS, value))}")
+        else:
+            args.append(f"--binder-{option}={value}")
+    return args
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
