@@ -83,9 +83,14 @@ TEMPLATE_RUNNER = "sandbox_spawner.server_template"
 _ENV_PASSED = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
 
 
-def _server_config(project: str | None) -> str:
+#: How users read the runtimes' names.
+RUNTIME_LABELS = {"gvisor": "gVisor", "bubblewrap": "bubblewrap"}
+
+
+def _server_config(project: str | None, label: str) -> str:
     """The server's configuration; ``project``: this project's checkout, when Python does
-    not cover it (the server imports :mod:`.activity` from there, read-only)."""
+    not cover it (the server imports :mod:`.activity` from there, read-only); ``label``:
+    the sandbox, as its kernels' names say it (:mod:`.kernel_labels`)."""
     path = f"import sys\nsys.path.insert(0, {project!r})\n" if project else ""
     return (
         "# Written by LocalSandboxSpawner: the user's server inside its sandbox.\n"
@@ -95,6 +100,9 @@ def _server_config(project: str | None) -> str:
         "# Kernels and terminals run in this sandbox, as plain processes: it is the boundary.\n"
         "c.KernelSpecManager.allowed_kernelspecs = {'python3'}\n"
         "c.MappingKernelManager.default_kernel_name = 'python3'\n"
+        "c.ServerApp.kernel_spec_manager_class = "
+        "'sandbox_spawner.kernel_labels.SandboxedKernelSpecManager'\n"
+        f"c.SandboxedKernelSpecManager.label = {label!r}\n"
     )
 
 
@@ -303,7 +311,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self.state_dir = str(state)
         self._event(60, "Waiting for the server to answer")
         await self._wait_for_server(run / SERVER_SOCKET)
-        self._event(100, "The server is up")
+        self._event(100, f"The server is up: {self._sandbox_summary(runtime.name, spec)}")
         self.record_start(began, resumed)
         return f"http://127.0.0.1:{port}"
 
@@ -313,6 +321,16 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         if not self.activity_port or self.server is None:
             return super().activity_url()
         return f"http://127.0.0.1:{self.activity_port}{self.server.base_url}{activity.PATH}"
+
+    def _sandbox_summary(self, runtime: str, spec: SandboxSpec) -> str:
+        """What the user's server runs in, as the spawn page says it."""
+        limits = spec.limits
+        parts = [f"{limits.memory_bytes / 2**30:g} GiB of memory" if limits.memory_bytes
+                 else "no memory limit",
+                 f"{limits.cpus:g} CPU" if limits.cpus else "no CPU limit",
+                 f"{limits.pids} processes" if limits.pids else "no process limit",
+                 "no network" if spec.network is NetworkMode.NONE else "the host's network"]
+        return f"a {RUNTIME_LABELS.get(runtime, runtime)} sandbox, {', '.join(parts)}"
 
     async def get_url(self) -> str:
         """Where the proxy reaches the server: its supervisor's port on loopback (asked by a
@@ -433,7 +451,8 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         ctl = [filesystem.ExtraMount(str(state / "ctl"), SERVER_CTL, True)]
         inside_uid = identity.INSIDE_UID if runtime == "bubblewrap" else who.uid
         config = state / "jupyter_server_config.py"
-        config.write_text(_server_config(pyenv.own_package_root(pyenv.python_dirs(python))))
+        config.write_text(_server_config(pyenv.own_package_root(pyenv.python_dirs(python)),
+                                         RUNTIME_LABELS.get(runtime, runtime)))  # fmt: skip
         etc = filesystem.synthetic_etc(state / "etc", "jupyter", inside_uid, inside_uid,
                                        user=self.user_slug, home=self.inside_home,
                                        shell="/bin/bash")  # fmt: skip

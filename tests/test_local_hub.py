@@ -167,6 +167,22 @@ async def test_spawn_progress_says_what_happens(hub: Hub):
     assert events[-1].get("ready") is True, events
     if os.geteuid() == 0:
         assert any("home" in m for m in messages)
+    # Where the server runs and within what (the tests' Hub: 1 GiB and 256 processes).
+    assert ("The server is up: a bubblewrap sandbox, 1 GiB of memory, 1 CPU, "
+            "256 processes, no network") in messages, messages  # fmt: skip
+
+
+async def test_kernels_are_named_for_their_sandbox(hub: Hub):
+    """JupyterLab's Launcher and kernel picker read the server's kernel specs: they say
+    the kernel is sandboxed, and by what; the kernel itself is as before."""
+    await hub.spawn("kit")
+    token = await hub.user_token("kit")
+    specs = await hub.server_api("kit", token, "GET", "/api/kernelspecs")
+    assert list(specs["kernelspecs"]) == ["python3"]
+    spec = specs["kernelspecs"]["python3"]["spec"]
+    assert spec["display_name"] == "Python 3 (sandboxed: bubblewrap)"
+    assert spec["language"] == "python"
+    assert (await hub.execute("kit", token, "print(6 * 7)")).strip() == "42"
 
 
 async def test_the_shipped_configuration_logs_users_in_with_the_password(hub: Hub):
