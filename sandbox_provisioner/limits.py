@@ -111,13 +111,16 @@ async def freeze_cgroup(relpath: str, timeout: float = 5.0) -> None:
     state.write_text("FROZEN")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while state.read_text().strip() != "FROZEN":
-        if loop.time() > deadline:
-            state.write_text("THAWED")
-            raise FreezeError(f"the sandbox's processes did not all stop within {timeout}s "
-                              "(one in an uninterruptible wait?): it runs on")  # fmt: skip
-        state.write_text("FROZEN")  # v1: writing again retries the tasks not yet frozen
-        await asyncio.sleep(0.01)
+    try:
+        while state.read_text().strip() != "FROZEN":
+            if loop.time() > deadline:
+                raise FreezeError(f"the sandbox's processes did not all stop within "
+                                  f"{timeout}s (one in an uninterruptible wait?): it runs on")
+            state.write_text("FROZEN")  # v1: writing again retries the tasks not yet frozen
+            await asyncio.sleep(0.01)
+    except BaseException:  # timed out, or cancelled (a stop came): thawed, never half-frozen
+        thaw_cgroup(relpath)
+        raise
 
 
 def thaw_cgroup(relpath: str) -> None:

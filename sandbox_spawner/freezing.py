@@ -55,6 +55,9 @@ class Freezer:
         self.last_traffic = time.monotonic()
         self.frozen_since: str | None = None
         self.last_activity: str | None = None
+        #: Set by :meth:`stop`: the server is being stopped, and is frozen no more.
+        self.stopping = False
+        self._freezing: asyncio.Future | None = None
 
     # -- called by the proxy's forwarder for each connection and each chunk ----------------
     def traffic(self) -> bool:
@@ -90,12 +93,18 @@ class Freezer:
             return {"ok": False, "reason": f"the proxy carried a request {since:.0f}s ago",
                     **self.status()}  # fmt: skip
         began = self.last_traffic
-        if self.sandbox is None:
-            return {"ok": False, "reason": "the server is still starting", **self.status()}
+        if self.sandbox is None or self.stopping:
+            return {"ok": False, "reason": "the server is starting or stopping",
+                    **self.status()}  # fmt: skip
+        self._freezing = asyncio.ensure_future(self.sandbox.freeze())
         try:
-            await self.sandbox.freeze()
+            await self._freezing
         except FreezeError as exc:
             return {"ok": False, "reason": str(exc), **self.status()}
+        except asyncio.CancelledError:  # a stop came while its processes were stopping
+            return {"ok": False, "reason": "the server is stopping", **self.status()}
+        finally:
+            self._freezing = None
         if self.last_traffic != began:  # a request came while its processes were stopping
             self.sandbox.thaw()
             return {"ok": False, "reason": "a request came while freezing", **self.status()}
@@ -105,10 +114,20 @@ class Freezer:
         return {"ok": True, **self.status()}
 
     def thaw(self) -> None:
-        if self.frozen_since is not None and self.sandbox is not None:
-            self.sandbox.thaw()
+        if self.sandbox is not None:
+            self.sandbox.thaw()  # whatever this process believes: a thaw costs nothing
+        if self.frozen_since is not None:
             self.frozen_since = None
             log.info("thawed the server")
+
+    def stop(self) -> None:
+        """The server is to stop: no freeze from now on, one in progress called off, and
+        the sandbox thawed (a frozen process takes no signal, and the stop must not hang
+        on it)."""
+        self.stopping = True
+        if self._freezing is not None:
+            self._freezing.cancel()  # freeze_cgroup thaws as it is cancelled
+        self.thaw()
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         what = request.get("do")

@@ -58,7 +58,8 @@ from traitlets import Bool, CaselessStrEnum, Int, Unicode, default
 from sandbox_provisioner import filesystem, identity, instance, pyenv, templates
 from sandbox_provisioner.identity import SandboxIdentity
 from sandbox_provisioner.launch.plan import RUNTIME_ENV, own_module
-from sandbox_provisioner.runtimes import AUTO, create_runtime
+from sandbox_provisioner.limits import cgroup_processes, cgroup_relpath, end_cgroup_dirs
+from sandbox_provisioner.runtimes import AUTO, create_runtime, runtime_classes
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
@@ -344,6 +345,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
             return None
         if self._process is None and is_running(self.supervisor_pid, self.supervisor_start):
             return None
+        await self._end_sandbox()  # the Hub stops a server found dead without calling stop
         return self._exit_code()
 
     async def stop(self, now: bool = False) -> None:
@@ -365,6 +367,20 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=10)
         self._process = None
+        await self._end_sandbox()
+
+    async def _end_sandbox(self) -> None:
+        """Whatever is left of the server's sandbox once its supervisor is gone: nothing,
+        unless the supervisor was killed (or died) while the sandbox was frozen, when its
+        processes wait, frozen, holding their memory, for a signal they cannot take. Its
+        groups (bubblewrap's, runsc's) are named for this server alone."""
+        name = self.instance.sandbox_name(int(self.user.id), server_key(self.name))
+        runtimes = [r for r in runtime_classes().values() if r.local]
+        for group in sorted({cgroup_relpath(r.cgroup_name(name)) for r in runtimes}):
+            if cgroup_processes(group):
+                self.log.warning("ending what is left of %s's sandbox (%s)", self.user.name,
+                                 group)  # fmt: skip
+                await end_cgroup_dirs(group, timeout=1)
 
     async def progress(self):  # type: ignore[override]
         while True:

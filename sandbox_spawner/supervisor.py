@@ -96,7 +96,7 @@ async def supervise(state_dir: Path) -> int:
     waiting = asyncio.ensure_future(sandbox.wait())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    freezer.thaw()  # a frozen server takes no signal, and a stop must not hang on it
+    freezer.stop()  # no freeze from now on; a frozen server takes no signal
     if not waiting.done():
         log.info("stopping the server of %s", plan["name"])
         await sandbox.terminate()

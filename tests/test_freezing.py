@@ -9,8 +9,10 @@ root's alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -223,7 +225,11 @@ async def test_an_open_jupyterlab_goes_on_across_a_freeze(make_hub, browser):
     outputs = page.locator(".jp-Notebook .jp-OutputArea-output")
     await outputs.filter(has_text="set").first.wait_for(timeout=60_000)
 
-    answer = await freezing.request(state["freezer"], {"do": "freeze", "quiet": 0})
+    for _ in range(50):  # the page polls the server: a poll during the freeze calls it off
+        answer = await freezing.request(state["freezer"], {"do": "freeze", "quiet": 0})
+        if answer["ok"]:
+            break
+        await asyncio.sleep(0.1)
     assert answer["ok"] and answer["state"] == "frozen", answer
     await asyncio.sleep(2)  # the page's next poll (or this cell) thaws it
     await page.keyboard.press("Shift+Enter")  # the second cell, selected after the first
@@ -234,3 +240,101 @@ async def test_an_open_jupyterlab_goes_on_across_a_freeze(make_hub, browser):
     assert [s["kernel"]["id"] for s in sessions] == [kernel]
     log = (Path(state["state_dir"]) / "supervisor.log").read_text()
     assert "thawed the server in" in log
+
+
+#: Writes and syncs without end: the kernel's freezer takes tens of milliseconds to stop
+#: it (a wider window for a stop to come during a freeze).
+SLOW_TO_FREEZE = """
+import os, threading
+def loop():
+    block = b"x" * (1 << 20)
+    while True:
+        with open("big", "wb") as f:
+            for _ in range(300):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+threading.Thread(target=loop, daemon=True).start()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("runtime", ["gvisor"])  # bubblewrap's signals never waited
+async def test_a_stop_during_a_freeze_leaves_nothing_frozen(make_hub, runtime):
+    """The review's race: the user stops their server (their own token) just as the
+    hibernator freezes it. The freeze was still stopping processes when the stop's thaw
+    came, froze them again, and runsc's signal waited on a frozen Sentry: the Hub killed
+    the supervisor after 20 s and the sandbox stayed frozen, its memory held, for good."""
+    hub = make_hub(runtime, hibernate_after=3600, freeze_after=600)
+    for delay in (0.0, 0.01, 0.02, 0.03, 0.05):
+        await hub.spawn("eve")
+        token, state = await hub.user_token("eve"), await hub.state("eve")
+        group = sandbox_group(state)
+        kernel = await hub.kernel("eve", token)
+        assert (await hub.execute("eve", token, SLOW_TO_FREEZE, kernel_id=kernel)).strip() == "ok"
+        freeze = asyncio.ensure_future(freezing.request(state["freezer"],
+                                                        {"do": "freeze", "quiet": 0}))  # fmt: skip
+        await asyncio.sleep(delay)
+        began = time.monotonic()
+        await hub.api("DELETE", "/users/eve/server", token=token)
+        await hub.wait_stopped("eve", 90)
+        assert time.monotonic() - began < 15, "the stop waited on a frozen sandbox"
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(freeze, 5)
+        assert not (CGROUP_ROOT / "freezer" / group).exists(), f"left at {delay}s: {group}"
+
+
+@pytest.mark.parametrize("runtime", ["bubblewrap", "gvisor"])
+async def test_a_supervisor_killed_while_frozen_leaves_nothing(make_hub, runtime):
+    """A supervisor killed (OOM killer, an administrator) while its server is frozen: the
+    parent-death signal waits, pending, in frozen processes. The Hub's stop ends them."""
+    hub = make_hub(runtime, hibernate_after=3600, freeze_after=600)
+    await hub.spawn("kim")
+    state = await hub.state("kim")
+    group = sandbox_group(state)
+    answer = await freezing.request(state["freezer"], {"do": "freeze", "quiet": 0})
+    assert answer["ok"], answer
+    os.kill(state["supervisor_pid"], signal.SIGKILL)
+    await asyncio.sleep(2)
+    assert (CGROUP_ROOT / "freezer" / group / "cgroup.procs").read_text().split(), \
+        "frozen, the sandbox outlives its supervisor"  # fmt: skip
+    await hub.api("DELETE", "/users/kim/server")
+    await hub.wait_stopped("kim", 60)
+    assert not (CGROUP_ROOT / "freezer" / group).exists()
+    await hub.spawn("kim")  # and it starts again, in a group of its own name
+    token = await hub.user_token("kim")
+    assert (await hub.execute("kim", token, "print(6 * 7)")).strip() == "42"
+
+
+async def test_a_stop_calls_off_a_freeze_in_progress():
+    """The same race, made certain: a freeze the kernel takes its time over (here, one
+    that has not finished) is called off by the stop, which leaves the sandbox thawed,
+    and no freeze is begun after it. (The sandbox is a stand-in that only records what is
+    done to it: the race itself is the test above, on a real server.)"""
+    from sandbox_provisioner.runtimes.base import Sandbox
+
+    class Slow(Sandbox):
+        thawed = 0
+        poll = wait = send_signal = terminate = kill = cleanup = info = None  # type: ignore
+
+        async def freeze(self) -> None:
+            try:
+                await asyncio.Event().wait()  # the kernel still stopping its processes
+            except asyncio.CancelledError:
+                self.thaw()  # as freeze_cgroup does when called off
+                raise
+
+        def thaw(self) -> None:
+            self.thawed += 1
+
+    sandbox = Slow.__new__(Slow)
+    freezer = freezing.Freezer(sandbox)
+    freezer.last_traffic -= 60
+    pending = asyncio.ensure_future(freezer.handle({"do": "freeze", "quiet": 0}))
+    await asyncio.sleep(0.05)
+    freezer.stop()
+    answer = await pending
+    assert answer["ok"] is False and answer["state"] == "running", answer
+    assert sandbox.thawed >= 2  # the stop's thaw, and the called-off freeze's own
+    again = await freezer.handle({"do": "freeze", "quiet": 0})
+    assert again["ok"] is False and "stopping" in again["reason"], again

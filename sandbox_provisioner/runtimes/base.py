@@ -166,6 +166,12 @@ class SandboxRuntime(LoggingConfigurable, metaclass=_Meta):
     #: pooled agent can check that it binds the directory the server planned.
     host_inodes: ClassVar[bool] = True
 
+    @staticmethod
+    def cgroup_name(kernel_id: str) -> str:
+        """The name of the cgroup (below ``jupyter-sandbox/``) of the sandbox this runtime
+        starts for ``kernel_id``, where it makes one."""
+        return kernel_id
+
     @abc.abstractmethod
     def availability(self) -> Availability:
         """Whether this runtime can start sandboxes here (cheap: no sandbox is started)."""

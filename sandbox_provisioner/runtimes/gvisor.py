@@ -140,7 +140,9 @@ class GVisorSandbox(LocalSandbox):
         self._oom: OomWatch | None = None
         self.oom_ended = False
 
-    async def _runsc(self, *args: str) -> None:
+    async def _runsc(self, *args: str, timeout: float = 15.0) -> bool:
+        """Run ``runsc ARGS`` on this sandbox; False if it did not end within ``timeout``
+        seconds (a Sentry that does not answer: runsc is then killed)."""
         proc = await asyncio.create_subprocess_exec(
             self.runsc,
             "--root",
@@ -150,14 +152,24 @@ class GVisorSandbox(LocalSandbox):
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        await proc.wait()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return False
+        return True
 
     async def send_signal(self, signum: int) -> None:
         if signum == signal.SIGKILL:
             await self.kill()
         elif await self.poll() is None:
             self.thaw()  # a frozen Sentry would never answer runsc
-            await self._runsc("kill", self.container_id, str(int(signum)))
+            if not await self._runsc("kill", self.container_id, str(int(signum))):
+                log.warning("gVisor sandbox %s did not take signal %s: ending it",
+                            self.container_id, signum)  # fmt: skip
+                await self.kill()
 
     def freezer(self) -> str | None:
         """The sandbox's cgroup (runsc puts the Sentry, its gofer and stubs there, in
@@ -212,6 +224,11 @@ class GVisorSandbox(LocalSandbox):
 
 class GVisorRuntime(SandboxRuntime):
     name = "gvisor"
+
+    @staticmethod
+    def cgroup_name(kernel_id: str) -> str:
+        """runsc's container id, which is its cgroups' name too."""
+        return f"kernel-{kernel_id}"
     description = "gVisor user-space kernel (runsc); needs root"
     strength = 20
     #: A listening host socket handed in (``--pass-fd``) refuses listen() in the Sentry.
@@ -506,4 +523,4 @@ class GVisorRuntime(SandboxRuntime):
 
 
 def _container_id(spec: SandboxSpec) -> str:
-    return f"kernel-{spec.kernel_id}"
+    return GVisorRuntime.cgroup_name(spec.kernel_id)
