@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -69,6 +70,21 @@ from .spec import NetworkMode, WorkspaceMode
 DEFAULT_ENV_ALLOWLIST = ("LANG", "LANGUAGE", "LC_*", "TZ", "JPY_SESSION_NAME")
 
 _LOG_TAIL = 2000
+
+
+#: A kernel id becomes the name of a directory (removed with its kernel), of cgroups and
+#: of a container. jupyter_server lets a client choose it (``POST /api/kernels`` with
+#: ``kernel_id``); its own are UUIDs.
+_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+
+
+def check_kernel_id(kernel_id: str) -> None:
+    """Refuse a kernel id that is no plain name: ``..`` made the kernel's directory the
+    state root's parent (``/tmp``), which a failed start then removed whole."""
+    if not _KERNEL_ID.fullmatch(kernel_id):
+        raise SandboxStartError(f"kernel id {kernel_id[:120]!r} refused: a kernel id is "
+                                "letters, digits, '-' and '_' (at most 100), as "
+                                "jupyter_server's UUIDs are")  # fmt: skip
 
 
 class SandboxProvisioner(  # type: ignore[misc]
@@ -274,6 +290,7 @@ class SandboxProvisioner(  # type: ignore[misc]
 
     @property
     def kernel_dir(self) -> Path:
+        check_kernel_id(str(self.kernel_id))
         return Path(self.state_root) / str(self.kernel_id)
 
     def _make_kernel_dir(self) -> Path:
@@ -303,6 +320,7 @@ class SandboxProvisioner(  # type: ignore[misc]
 
     # -- launch -----------------------------------------------------------------------------
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        check_kernel_id(str(self.kernel_id))
         runtime = self.runtime_instance
         runtime.require()
         kwargs.pop("transport_encryption", None)

@@ -129,3 +129,25 @@ async def test_filesystem_root_is_refused_as_workspace(cold_runtime):
     with pytest.raises(SandboxStartError, match="whole filesystem"):
         await km.start_kernel(cwd="/")
     assert left_by(km) == []
+
+
+@pytest.mark.parametrize("bad", ["..", "../../victim", ".hidden", "a/b", "x" * 101])
+async def test_a_kernel_id_that_is_a_path_is_refused(bad, tmp_path):
+    """jupyter_server takes a client's ``kernel_id`` (``POST /api/kernels``); the provisioner
+    makes a directory, cgroups and a container of it, and removes the directory when a
+    start fails. ``..`` made it the state root's parent, removed whole (``/tmp``); a cgroup
+    ``jupyter-sandbox/..`` is the root group. One that is not a plain name is refused, and
+    nothing is made or removed. (The state root is the test's own, so that a regression
+    removes only the test's directory.)"""
+    state_root = tmp_path / "a" / "b" / "state"
+    state_root.mkdir(parents=True)
+    (tmp_path / "a" / "b" / "sentinel").write_text("kept")
+    (tmp_path / "a" / "victim" / "runsc").mkdir(parents=True)
+    km = manager("bubblewrap", state_root=str(state_root))
+    km.kernel_id = bad
+    with pytest.raises(SandboxStartError, match=r"kernel id .* refused"):
+        await km.start_kernel(cwd=str(tmp_path))
+    assert (tmp_path / "a" / "b" / "sentinel").read_text() == "kept"
+    assert (tmp_path / "a" / "victim" / "runsc").is_dir()
+    assert list(state_root.iterdir()) == []
+    assert not km.has_kernel
