@@ -4,10 +4,12 @@ jupyter sandbox kernelspec install [--user|--sys-prefix|--prefix=DIR]
 jupyter sandbox kernelspec list
 jupyter sandbox doctor [--brief]
 jupyter sandbox controller-key [--key-file=PATH]
+jupyter sandbox ps [--json] [--end=NAME]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from jupyter_core.application import JupyterApp
@@ -92,6 +94,52 @@ class ControllerKeyApp(JupyterApp):
         print(public_key_text(load_or_create_signing_key(path)))
 
 
+class PsApp(JupyterApp):
+    name = "jupyter-sandbox-ps"
+    description = ("List every sandbox on this machine (whose, runtime, state, age, CPU, "
+                   "memory), or end one.")  # fmt: skip
+    json = Bool(False, config=True, help="Print JSON, for scripts.")
+    end = Unicode("", config=True, help="End the sandbox of this name (see the list).")
+    flags = {"json": ({"PsApp": {"json": True}}, "Print JSON.")}
+    aliases = {"end": "PsApp.end"}
+
+    def start(self) -> None:
+        import json
+
+        from . import sandboxes
+
+        if os.geteuid() != 0:
+            self.log.warning("not root: only this user's sandboxes' memory is readable, "
+                             "and owners may be unknown")  # fmt: skip
+        found = sandboxes.list_sandboxes()
+        if self.end:
+            chosen = [s for s in found if s.name == self.end]
+            if not chosen:
+                self.log.error("no sandbox %r runs here (jupyter sandbox ps lists them)",
+                               self.end)  # fmt: skip
+                self.exit(1)
+            sandboxes.end(chosen[0])
+            print(f"ended {self.end} ({chosen[0].kind} of {chosen[0].owner or 'unknown'})")
+            return
+        if self.json:
+            print(json.dumps([s.as_json() for s in found], indent=1))
+            return
+        print(f"{'NAME':44} {'KIND':8} {'RUNTIME':10} {'STATE':8} {'AGE':>7} {'CPU s':>8} "
+              f"{'PSS MiB':>8}  OWNER")  # fmt: skip
+        for s in found:
+            cpu = f"{s.cpu_seconds:.1f}" if s.cpu_seconds is not None else "-"
+            print(f"{s.name[:44]:44} {s.kind:8} {s.runtime:10} {s.state:8} "
+                  f"{_age(s.uptime):>7} {cpu:>8} {s.pss_bytes / 2**20:8.0f}  {s.owner}")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
 class SandboxApp(JupyterApp):
     name = "jupyter-sandbox"
     version = __version__
@@ -100,6 +148,7 @@ class SandboxApp(JupyterApp):
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "doctor": (DoctorApp, DoctorApp.description),
         "controller-key": (ControllerKeyApp, ControllerKeyApp.description),
+        "ps": (PsApp, PsApp.description),
     }
 
     def start(self) -> None:
