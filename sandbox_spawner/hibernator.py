@@ -179,14 +179,23 @@ class Hibernator:
         last = max((t for t in times if t is not None), default=None)
         if last is None:
             return Verdict(False, "no activity recorded yet")
+        return self._by_time(server, last, now, timeout, "running for {age:.0f}s (max age), "
+                             "no busy kernel", "active {quiet:.0f}s ago",
+                             "idle for {quiet:.0f}s, no busy kernel, no terminal")  # fmt: skip
+
+    def _by_time(self, server: dict[str, Any], last: datetime.datetime,
+                 now: datetime.datetime, timeout: float, too_old: str, stays: str,
+                 idle: str) -> Verdict:  # fmt: skip
+        """Idle once ``timeout`` seconds passed since ``last``, or the server is past its
+        max age; the reasons are the templates given (``{age}``, ``{quiet}``)."""
         started = parse_time(server.get("started"))
         age = (now - started).total_seconds() if started else 0
         if self.max_age and age > self.max_age:
-            return Verdict(True, f"running for {age:.0f}s (max age), no busy kernel")
+            return Verdict(True, too_old.format(age=age))
         quiet = (now - last).total_seconds()
         if quiet < timeout:
-            return Verdict(False, f"active {quiet:.0f}s ago", quiet, last)
-        return Verdict(True, f"idle for {quiet:.0f}s, no busy kernel, no terminal", quiet, last)
+            return Verdict(False, stays.format(quiet=quiet), quiet, last)
+        return Verdict(True, idle.format(quiet=quiet), quiet, last)
 
     def frozen_verdict(self, server: dict[str, Any], status: dict[str, Any],
                        now: datetime.datetime, timeout: float | None = None,
@@ -199,14 +208,9 @@ class Hibernator:
         with contextlib.suppress(TypeError, ValueError):
             times.append(parse_time(status.get("last_activity")))
         last = max((t for t in times if t is not None), default=now)
-        started = parse_time(server.get("started"))
-        age = (now - started).total_seconds() if started else 0
-        if self.max_age and age > self.max_age:
-            return Verdict(True, f"frozen, running for {age:.0f}s (max age)")
-        quiet = (now - last).total_seconds()
-        if quiet < timeout:
-            return Verdict(False, f"frozen, idle for {quiet:.0f}s", quiet, last)
-        return Verdict(True, f"frozen, idle for {quiet:.0f}s", quiet, last)
+        return self._by_time(server, last, now, timeout, "frozen, running for {age:.0f}s "
+                             "(max age)", "frozen, idle for {quiet:.0f}s",
+                             "frozen, idle for {quiet:.0f}s")  # fmt: skip
 
     def exempt(self, user: dict[str, Any], server: dict[str, Any] | None = None) -> bool:
         """Whether ``user``'s ``server`` never hibernates. Its profile is the one its spawner

@@ -361,6 +361,42 @@ def processes_of(uid: int) -> list[int]:
     return found
 
 
+def with_service_args(*args: str) -> str:
+    """Hub configuration that adds ``args`` to the sandbox-service's command."""
+    return "\n".join(f"c.JupyterHub.services[0]['command'].append({a!r})" for a in args) + "\n"
+
+
+@pytest.fixture
+def make_hub(tmp_path_factory):
+    """Hubs of the test's own, ended after it: ``make(hibernate_after, *service_args,
+    runtime=..., env=...)``."""
+    from conftest import require_runtime
+
+    hubs: list[Hub] = []
+
+    def make(hibernate_after: float, *args: str, runtime: str = "bubblewrap",
+             env: dict[str, str] | None = None) -> Hub:  # fmt: skip
+        require_runtime(runtime)
+        root = tmp_path_factory.mktemp(f"hub-{runtime}")
+        hub = Hub(root, runtime=runtime, hibernate_after=hibernate_after, env=env,
+                  extra_config=with_service_args(*args))  # fmt: skip
+        hubs.append(hub.start())
+        return hub
+
+    yield make
+    for hub in hubs:
+        hub.close()
+        end_supervisors(hub.root)
+
+
+async def login(page: Any, hub: Hub, name: str) -> None:
+    """Log ``name`` in on the Hub's login page (the shipped configuration's password)."""
+    await page.goto(f"{hub.url}/hub/login")
+    await page.fill("input[name=username]", name)
+    await page.fill("input[name=password]", hub.password)
+    await page.click("#login_submit")
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Iterator[Hub]:
     from conftest import require_runtime

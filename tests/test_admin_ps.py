@@ -14,8 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from hub_fixtures import Hub, end_supervisors, processes_of, supervisors
+from hub_fixtures import processes_of, supervisors
 
 from sandbox_spawner import freezing
 
@@ -29,18 +28,6 @@ def listed() -> dict[str, dict]:
     done = ps("--json")
     assert done.returncode == 0, done.stderr
     return {s["name"]: s for s in json.loads(done.stdout)}
-
-
-@pytest.fixture
-def gvisor_hub(tmp_path_factory):
-    from conftest import require_runtime
-
-    require_runtime("gvisor")
-    root = tmp_path_factory.mktemp("ps-hub")
-    hub = Hub(root, runtime="gvisor").start()
-    yield hub
-    hub.close()
-    end_supervisors(root)
 
 
 async def test_ps_lists_every_sandbox_with_its_owner_and_ends_one(gvisor_hub, tmp_path):

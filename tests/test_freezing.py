@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_fixtures import Hub, end_supervisors
+from hub_fixtures import Hub, login
 
 from sandbox_provisioner.limits import CGROUP_ROOT, cgroup_relpath
 from sandbox_spawner import freezing
@@ -40,29 +40,9 @@ print("ready")
 """
 
 
-def with_service_args(*args: str) -> str:
-    return "\n".join(f"c.JupyterHub.services[0]['command'].append({a!r})" for a in args) + "\n"
-
-
-@pytest.fixture
-def make_hub(tmp_path_factory):
-    from conftest import require_runtime
-
-    hubs: list[Hub] = []
-
-    def make(runtime: str, hibernate_after: float, freeze_after: float) -> Hub:
-        require_runtime(runtime)
-        root = tmp_path_factory.mktemp("hub-freeze")
-        hub = Hub(root, runtime=runtime, hibernate_after=hibernate_after,
-                  env={"JUPYTER_SANDBOX_FREEZE_AFTER": str(freeze_after)},
-                  extra_config=with_service_args("--interval=1"))  # fmt: skip
-        hubs.append(hub.start())
-        return hub
-
-    yield make
-    for hub in hubs:
-        hub.close()
-        end_supervisors(hub.root)
+def freezing_hub(make_hub, runtime: str, hibernate_after: float, freeze_after: float) -> Hub:
+    return make_hub(hibernate_after, "--interval=1", runtime=runtime,
+                    env={"JUPYTER_SANDBOX_FREEZE_AFTER": str(freeze_after)})  # fmt: skip
 
 
 def sandbox_group(state: dict) -> str:
@@ -91,7 +71,7 @@ async def wait_state(state: dict, wanted: str, timeout: float) -> dict:
 
 @pytest.mark.parametrize("runtime", ["bubblewrap", "gvisor"])
 async def test_an_idle_server_freezes_and_the_next_request_thaws_it(make_hub, runtime):
-    hub = make_hub(runtime, hibernate_after=3600, freeze_after=3)
+    hub = freezing_hub(make_hub, runtime, hibernate_after=3600, freeze_after=3)
     await hub.spawn("fay")
     token, state = await hub.user_token("fay"), await hub.state("fay")
     kernel = await hub.kernel("fay", token)
@@ -132,7 +112,7 @@ async def test_an_idle_server_freezes_and_the_next_request_thaws_it(make_hub, ru
 
 
 async def test_a_busy_kernel_is_never_frozen_and_a_frozen_server_hibernates(make_hub):
-    hub = make_hub("bubblewrap", hibernate_after=12, freeze_after=2)
+    hub = freezing_hub(make_hub, "bubblewrap", hibernate_after=12, freeze_after=2)
     await hub.spawn("bea")
     token, state = await hub.user_token("bea"), await hub.state("bea")
     await hub.run_detached("bea", token, "import time\ntime.sleep(10)")
@@ -155,7 +135,7 @@ async def test_a_busy_kernel_is_never_frozen_and_a_frozen_server_hibernates(make
 async def test_only_root_reaches_the_freezer(make_hub):
     """The user's own host uid cannot reach the supervisor's socket (to thaw or freeze
     servers, or to learn of them), nor can the server's sandbox see it."""
-    hub = make_hub("bubblewrap", hibernate_after=3600, freeze_after=600)
+    hub = freezing_hub(make_hub, "bubblewrap", hibernate_after=3600, freeze_after=600)
     await hub.spawn("uma")
     token, state = await hub.user_token("uma"), await hub.state("uma")
     path = state["freezer"]
@@ -200,12 +180,9 @@ def notebook(*sources: str) -> dict:
 async def test_an_open_jupyterlab_goes_on_across_a_freeze(make_hub, browser):
     """A JupyterLab left open while its server was frozen: its next cell runs in the same
     kernel, with its variables, without a reload or a "kernel restarted" dialog."""
-    hub = make_hub("bubblewrap", hibernate_after=3600, freeze_after=600)
+    hub = freezing_hub(make_hub, "bubblewrap", hibernate_after=3600, freeze_after=600)
     page = await browser.new_page()
-    await page.goto(f"{hub.url}/hub/login")
-    await page.fill("input[name=username]", "lena")
-    await page.fill("input[name=password]", hub.password)
-    await page.click("#login_submit")
+    await login(page, hub, "lena")
     await page.wait_for_url("**/user/lena/lab**", timeout=120_000)
     token, state = await hub.user_token("lena"), await hub.state("lena")
     await hub.server_api("lena", token, "PUT", "/api/contents/kept.ipynb",
@@ -265,7 +242,7 @@ async def test_a_stop_during_a_freeze_leaves_nothing_frozen(make_hub, runtime):
     hibernator freezes it. The freeze was still stopping processes when the stop's thaw
     came, froze them again, and runsc's signal waited on a frozen Sentry: the Hub killed
     the supervisor after 20 s and the sandbox stayed frozen, its memory held, for good."""
-    hub = make_hub(runtime, hibernate_after=3600, freeze_after=600)
+    hub = freezing_hub(make_hub, runtime, hibernate_after=3600, freeze_after=600)
     for delay in (0.0, 0.01, 0.02, 0.03, 0.05):
         await hub.spawn("eve")
         token, state = await hub.user_token("eve"), await hub.state("eve")
@@ -288,7 +265,7 @@ async def test_a_stop_during_a_freeze_leaves_nothing_frozen(make_hub, runtime):
 async def test_a_supervisor_killed_while_frozen_leaves_nothing(make_hub, runtime):
     """A supervisor killed (OOM killer, an administrator) while its server is frozen: the
     parent-death signal waits, pending, in frozen processes. The Hub's stop ends them."""
-    hub = make_hub(runtime, hibernate_after=3600, freeze_after=600)
+    hub = freezing_hub(make_hub, runtime, hibernate_after=3600, freeze_after=600)
     await hub.spawn("kim")
     state = await hub.state("kim")
     group = sandbox_group(state)

@@ -6,33 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-from hub_fixtures import Hub, end_supervisors
-
-
-def with_service_args(*args: str) -> str:
-    """Hub configuration that adds ``args`` to the sandbox-service's command."""
-    return "\n".join(f"c.JupyterHub.services[0]['command'].append({a!r})" for a in args) + "\n"
-
-
-@pytest.fixture
-def make_hub(tmp_path_factory):
-    from conftest import require_runtime
-
-    require_runtime("bubblewrap")
-    hubs: list[Hub] = []
-
-    def make(hibernate_after: float, *args: str) -> Hub:
-        root = tmp_path_factory.mktemp("hub-options")
-        hub = Hub(root, hibernate_after=hibernate_after, extra_config=with_service_args(*args))
-        hubs.append(hub.start())
-        return hub
-
-    yield make
-    for hub in hubs:
-        hub.close()
-        end_supervisors(hub.root)
-
 
 async def test_dry_run_logs_and_stops_nothing(make_hub):
     hub = make_hub(2, "--dry-run", "--interval=1")

@@ -6,15 +6,12 @@ Debian's Chromium, driven by Playwright, against the real Hub and proxy.
 
 from __future__ import annotations
 
-from hub_fixtures import Hub
+from hub_fixtures import Hub, login
 
 
 async def test_login_spawn_progress_and_resume_by_visiting(hub: Hub, browser):
     page = await browser.new_page()
-    await page.goto(f"{hub.url}/hub/login")
-    await page.fill("input[name=username]", "olivia")
-    await page.fill("input[name=password]", hub.password)
-    await page.click("#login_submit")
+    await login(page, hub, "olivia")
     # The spawn page streams what the spawner does, then goes to the user's JupyterLab.
     await page.wait_for_url("**/hub/spawn-pending/olivia**", timeout=30_000)
     log = page.locator("#progress-log")
