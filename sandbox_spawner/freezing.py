@@ -13,7 +13,9 @@ directory no user lists or enters from a sandbox): one JSON request per connecti
 answer, each at most :data:`MAX_MESSAGE` bytes.
 
 * ``{"do": "status"}``: ``{"state": "running"|"frozen", "frozen_since", "last_activity",
-  "quiet"}``: ``quiet`` is the seconds since the proxy last sent or received a byte;
+  "quiet", "thaws"}``: ``quiet`` is the seconds since the proxy last sent or received a
+  byte; with ``"take_thaws": true`` (the hibernator's), ``thaws``: the seconds each thaw
+  took since it last took them (at most 100);
 * ``{"do": "freeze", "quiet": S, "last_activity": T}``: freeze, unless the proxy carried
   anything within the last ``S`` seconds (the Hub's record of activity lags by minutes;
   this one does not); ``T`` is kept, for the hibernator's later sweeps, as the server's
@@ -58,6 +60,8 @@ class Freezer:
         #: Set by :meth:`stop`: the server is being stopped, and is frozen no more.
         self.stopping = False
         self._freezing: asyncio.Future | None = None
+        #: Seconds each thaw took, since the hibernator last asked (its metric).
+        self.thaws: list[float] = []
 
     # -- called by the proxy's forwarder for each connection and each chunk ----------------
     def traffic(self) -> bool:
@@ -67,8 +71,9 @@ class Freezer:
             began = time.perf_counter()
             self.sandbox.thaw()
             self.frozen_since = None
-            log.info("thawed the server in %.1f ms: a request came",
-                     (time.perf_counter() - began) * 1000)  # fmt: skip
+            took = time.perf_counter() - began
+            self.thaws = [*self.thaws[-99:], took]
+            log.info("thawed the server in %.1f ms: a request came", took * 1000)
         return True
 
     def awake(self) -> bool:
@@ -132,7 +137,10 @@ class Freezer:
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         what = request.get("do")
         if what == "status":
-            return self.status()
+            if request.get("take_thaws") is not True:
+                return self.status()
+            thaws, self.thaws = self.thaws, []  # the hibernator's, for its metric
+            return {**self.status(), "thaws": thaws}
         if what == "freeze":
             quiet, last = request.get("quiet", 0), request.get("last_activity")
             if not isinstance(quiet, int | float) or not (last is None or isinstance(last, str)):

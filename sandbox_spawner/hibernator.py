@@ -268,10 +268,16 @@ class Hibernator:
                 and os.path.basename(freezer) == freezing.SOCKET):  # fmt: skip
             return None  # none (Kubernetes, a server started before freezing), or not one
         try:
-            return await freezing.request(freezer, {"do": "status"})
+            status = await freezing.request(freezer, {"do": "status", "take_thaws": True})
         except (OSError, ValueError, TimeoutError) as exc:
             log.warning("cannot reach the supervisor of %s: %s", label, exc)
             return None
+        thaws = status.get("thaws")
+        if self.metrics is not None and isinstance(thaws, list):
+            for took in thaws[:100]:
+                if isinstance(took, int | float) and 0 <= took < 3600:
+                    self.metrics["resumes"].labels("freeze").observe(took)
+        return status
 
     async def _freeze(self, label: str, freezer: str, verdict: Verdict) -> None:
         if self.dry_run:
@@ -381,6 +387,8 @@ class Hibernator:
                     self._starts_seen.add(key)
                     kind = "resume" if start.get("resumed") else "first"
                     self.metrics["starts"].labels(kind).observe(start["seconds"])
+                    if start.get("resumed"):
+                        self.metrics["resumes"].labels("stop").observe(start["seconds"])
         self._running = running  # frozen ones are told apart as they are checked
         self.metrics["servers"].labels("hibernated").set(hibernated)
 
@@ -408,6 +416,11 @@ def metrics() -> dict[str, Any]:
             "jupyter_sandbox_start_seconds", "from a server's start to its URL, by kind "
             "(first start, or resume of a hibernated server)", ["kind"],
             buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120, 300),
+        ),
+        "resumes": Histogram(
+            "jupyter_sandbox_resume_seconds", "from a request for an idle server to its "
+            "answer, by how it had been idle: frozen (the thaw) or stopped (the start)",
+            ["strategy"], buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.5, 1, 2, 5, 13, 34, 120),
         ),
     }  # fmt: skip
 

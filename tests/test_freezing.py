@@ -45,6 +45,19 @@ def freezing_hub(make_hub, runtime: str, hibernate_after: float, freeze_after: f
                     env={"JUPYTER_SANDBOX_FREEZE_AFTER": str(freeze_after)})  # fmt: skip
 
 
+async def metrics(hub: Hub) -> dict[str, float]:
+    """The service's Prometheus samples, by name and labels."""
+    from tornado.httpclient import AsyncHTTPClient
+
+    text = (await AsyncHTTPClient().fetch(f"http://127.0.0.1:{hub.service_port}/metrics")).body
+    samples = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
 def sandbox_group(state: dict) -> str:
     """The cgroup of the server's sandbox (bubblewrap: its name; runsc: ``kernel-`` it)."""
     plan = json.loads((Path(state["state_dir"]) / "plan.json").read_text())
@@ -88,6 +101,9 @@ async def test_an_idle_server_freezes_and_the_next_request_thaws_it(make_hub, ru
     frozen = cpu_time(group)
     await asyncio.sleep(3)
     assert cpu_time(group) == frozen, "no process of the sandbox ran while frozen"
+    counts = await metrics(hub)
+    assert counts['jupyter_sandbox_servers{state="frozen"}'] == 1.0, counts
+    assert counts["jupyter_sandbox_freezes_total"] >= 1, counts
     assert "froze fay: active" in hub.log.read_text()
     user = await hub.api("GET", "/users/fay")
     assert user["servers"][""]["ready"], "the Hub still sees it running"
@@ -109,6 +125,9 @@ async def test_an_idle_server_freezes_and_the_next_request_thaws_it(make_hub, ru
     log = (Path(state["state_dir"]) / "supervisor.log").read_text()
     assert "thawed the server in" in log
     ws.close()
+    # The thaws' durations reached the service's metrics (a sweep reads them).
+    thaws = (await metrics(hub))['jupyter_sandbox_resume_seconds_count{strategy="freeze"}']
+    assert thaws >= 1, thaws
 
 
 async def test_a_busy_kernel_is_never_frozen_and_a_frozen_server_hibernates(make_hub):
