@@ -26,7 +26,7 @@ from binder_fixtures import (
     user_token,
     wait_for,
 )
-from hub_fixtures import Hub
+from hub_fixtures import Hub, login
 from tornado.httpclient import AsyncHTTPClient
 
 from testcluster.cluster import free_port
@@ -164,10 +164,7 @@ async def test_anonymous_launch_gets_a_temporary_user_removed_after_idle(binder_
 async def test_the_launch_page_in_a_browser(binder_hub: Hub, browser):
     hub = binder_hub
     page = await browser.new_page()
-    await page.goto(f"{hub.url}/hub/login")
-    await page.fill("input[name=username]", "carol")
-    await page.fill("input[name=password]", hub.password)
-    await page.click("#login_submit")
+    await login(page, hub, "carol")
     await page.wait_for_url(lambda url: "/hub/login" not in url, timeout=30_000)
     link = f"{hub.url}{SERVICE}/v2/git/{spec(hub.repo_url)}?urlpath=lab"  # type: ignore[attr-defined]
     await page.goto(link)
@@ -188,6 +185,57 @@ async def test_the_launch_page_in_a_browser(binder_hub: Hub, browser):
     value = await page.input_value("#markdown")
     assert value == (f"[![Launch in a sandbox]({hub.url}{SERVICE}/badge.svg)]"
                      f"({hub.url}{SERVICE}/v2/gh/org/repo/main)")  # fmt: skip
+
+
+async def test_the_launch_page_is_binderhubs_kind_and_accessible(binder_hub: Hub, browser,
+                                                                   tmp_path):  # fmt: skip
+    """BinderHub's loading page, as research groups know it: the steps and a progress bar,
+    the repository and ref, the log behind "Show logs", the link and badge to share, and a
+    failure that says why, with a retry. Usable by keyboard and screen readers (roles and
+    names), and on a phone's width. Screenshots of each state are kept with the test's
+    files."""
+    hub = binder_hub
+    page = await browser.new_page(viewport={"width": 1200, "height": 900})
+    await login(page, hub, "dana")
+    await page.wait_for_url(lambda url: "/hub/login" not in url, timeout=30_000)
+    link = f"{hub.url}{SERVICE}/v2/git/{spec(hub.repo_url)}?urlpath=lab"  # type: ignore[attr-defined]
+    await page.goto(link)
+    await page.get_by_role("progressbar", name="Launch progress").wait_for(timeout=30_000)
+    await page.screenshot(path=str(tmp_path / "launching.png"))
+    repo = page.locator("#repo")
+    assert await repo.get_attribute("href") == hub.repo_url.removesuffix(".git")  # type: ignore[attr-defined]
+    assert await page.get_by_role("list", name="Launch steps").locator("li").count() == 5
+    assert await page.get_by_role("status").count() == 1
+    assert await page.input_value("#share-link") == link  # no session token in it
+    badge = await page.input_value("#share-badge")
+    assert badge == f"[![Launch in a sandbox]({hub.url}{SERVICE}/badge.svg)]({link})"
+    await page.wait_for_url("**/user/dana/b-demo-*/lab**", timeout=180_000)
+
+    # A failure, on a phone's width: the reason, the logs opened, a retry to press.
+    await page.set_viewport_size({"width": 375, "height": 740})
+    await page.goto(f"{hub.url}{SERVICE}/v2/git/{spec(hub.repo_url, 'nope')}")  # type: ignore[attr-defined]
+    alert = page.get_by_role("alert")
+    await alert.wait_for(state="visible", timeout=60_000)
+    assert "no branch, tag or ref 'nope'" in await alert.inner_text()
+    assert await page.get_attribute("#error", "data-reason") == "unresolvable-ref"
+    assert await page.get_attribute("#status", "data-phase") == "failed"
+    assert await page.locator("#logs").get_attribute("open") is not None
+    assert await page.evaluate("document.activeElement.id") == "retry"
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    await page.screenshot(path=str(tmp_path / "failed-narrow.png"), full_page=True)
+    # The retry starts the launch again (the page reloads and streams anew).
+    await page.keyboard.press("Enter")
+    await page.wait_for_load_state()
+    await alert.wait_for(state="visible", timeout=60_000)
+    # The logs open and close by keyboard alone.
+    await page.locator("#logs summary").focus()
+    await page.keyboard.press("Enter")
+    assert await page.locator("#logs").get_attribute("open") is None
+    await page.keyboard.press("Enter")
+    assert await page.locator("#logs").get_attribute("open") is not None
+    assert "nope" in await page.locator("#log").inner_text()
+    for shot in ("launching.png", "failed-narrow.png"):
+        assert (tmp_path / shot).stat().st_size > 10_000, shot
 
 
 async def test_launch_limits_per_user_and_per_repository(binder_hub: Hub):

@@ -18,7 +18,7 @@ import fnmatch
 import posixpath
 import re
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 #: Where the hosted providers' repositories are (a deployment may point them elsewhere).
 DEFAULT_BASES = {
@@ -51,6 +51,25 @@ class RepoLink:
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+    @property
+    def web_url(self) -> str | None:
+        """The repository's page (its https or http URL without ``.git``); None for git://."""
+        if urlsplit(self.url).scheme not in ("https", "http"):
+            return None
+        return self.url.removesuffix(".git")
+
+    @property
+    def ref_url(self) -> str | None:
+        """The page of the ref, where the provider's layout is known (GitHub, GitLab)."""
+        web = self.web_url
+        if web is None or self.ref == "HEAD":
+            return None
+        if self.provider == "gh":
+            return f"{web}/tree/{quote(self.ref, safe='')}"
+        if self.provider == "gl":
+            return f"{web}/-/tree/{quote(self.ref, safe='')}"
+        return None
 
     @property
     def name(self) -> str:

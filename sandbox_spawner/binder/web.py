@@ -73,7 +73,8 @@ class LaunchPage(_BinderHandler):
         except BadLink as exc:
             self.set_status(400)
             self.render("launch.html", error=str(exc), reason=exc.reason, prefix=self.prefix,
-                        repo="", ref="", build_url="")  # fmt: skip
+                        repo="", ref="", build_url="", repo_href=None, ref_href=None,
+                        share_url="", badge_url="")  # fmt: skip
             return
         if self.user_name() is None and (
             not self.launcher.settings.anonymous or self.get_cookie(HUB_SESSION_COOKIE)
@@ -87,8 +88,13 @@ class LaunchPage(_BinderHandler):
         # cookie there only with the xsrf token.
         query = urlencode({**self.query(), "_xsrf": self.xsrf_token.decode()})
         build = f"{self.prefix}/build/{provider}/{spec}?{query}"
+        shared = urlencode(self.query())
+        # The link as it came (tornado hands ``spec`` over decoded), without the session.
+        share = self.request.path + (f"?{shared}" if shared else "")
         self.render("launch.html", error="", reason="", prefix=self.prefix, repo=link.url,
-                    ref=link.ref, build_url=build)  # fmt: skip
+                    ref=link.ref, build_url=build, repo_href=link.web_url,
+                    ref_href=link.ref_url, share_url=share,
+                    badge_url=f"{self.prefix}/badge.svg")  # fmt: skip
 
 
 class BuildStream(_BinderHandler):
