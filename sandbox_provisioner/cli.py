@@ -119,7 +119,8 @@ class PsApp(JupyterApp):
                                self.end)  # fmt: skip
                 self.exit(1)
             sandboxes.end(chosen[0])
-            print(f"ended {self.end} ({chosen[0].kind} of {chosen[0].owner or 'unknown'})")
+            print(f"ended {_shown(self.end)} ({chosen[0].kind} of "
+                  f"{_shown(chosen[0].owner) or 'unknown'})")
             return
         if self.json:
             print(json.dumps([s.as_json() for s in found], indent=1))
@@ -128,8 +129,14 @@ class PsApp(JupyterApp):
               f"{'PSS MiB':>8}  OWNER")  # fmt: skip
         for s in found:
             cpu = f"{s.cpu_seconds:.1f}" if s.cpu_seconds is not None else "-"
-            print(f"{s.name[:44]:44} {s.kind:8} {s.runtime:10} {s.state:8} "
-                  f"{_age(s.uptime):>7} {cpu:>8} {s.pss_bytes / 2**20:8.0f}  {s.owner}")
+            print(f"{_shown(s.name)[:44]:44} {s.kind:8} {s.runtime:10} {s.state:8} "
+                  f"{_age(s.uptime):>7} {cpu:>8} {s.pss_bytes / 2**20:8.0f}  {_shown(s.owner)}")
+
+
+def _shown(text: str) -> str:
+    """``text`` for a terminal: names and command lines are users' to choose, and a control
+    character (an escape sequence) would act on the administrator's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _age(seconds: float) -> str:

@@ -364,3 +364,14 @@ def test_groups_and_profiles_that_are_never_frozen():
     assert sleeper.freezes(user, {"state": {}, "user_options": {"profile": "gpu"}})
     off = Hibernator("http://hub.invalid/hub/api", "unused")
     assert not off.freezes(user, {"state": {}})
+
+
+def test_ps_shows_no_control_character_to_the_terminal():
+    """Owners' names and command lines are users' to choose: an escape sequence in them
+    is printed as text, never sent to the administrator's terminal."""
+    from sandbox_provisioner.cli import _shown
+
+    assert _shown("Hub 0123: josé") == "Hub 0123: josé"
+    shown = _shown("pid 7: x\x1b]0;pwned\x07\x1b[2J\r\n")
+    assert shown == "pid 7: x\\x1b]0;pwned\\x07\\x1b[2J\\r\\n"
+    assert all(c.isprintable() for c in shown)
