@@ -76,15 +76,24 @@ _LOG_TAIL = 2000
 #: of a container. jupyter_server lets a client choose it (``POST /api/kernels`` with
 #: ``kernel_id``); its own are UUIDs.
 _KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+#: The names of the sandboxes this project makes itself (a Hub's servers and their
+#: templates, pools, templates, Binder preparations; runsc's ``kernel-`` container ids):
+#: a client's kernel id that took one would share its cgroups (and be taken for it).
+RESERVED_PREFIXES = ("hub-", "kernel-", "server-template-", "template-", "pool-", "binder-")
 
 
 def check_kernel_id(kernel_id: str) -> None:
-    """Refuse a kernel id that is no plain name: ``..`` made the kernel's directory the
-    state root's parent (``/tmp``), which a failed start then removed whole."""
+    """Refuse a kernel id that is no plain name (``..`` made the kernel's directory the
+    state root's parent, ``/tmp``, which a failed start then removed whole), or that
+    takes the name of a sandbox of this project's own."""
     if not _KERNEL_ID.fullmatch(kernel_id):
         raise SandboxStartError(f"kernel id {kernel_id[:120]!r} refused: a kernel id is "
                                 "letters, digits, '-' and '_' (at most 100), as "
                                 "jupyter_server's UUIDs are")  # fmt: skip
+    if kernel_id.lower().startswith(RESERVED_PREFIXES):
+        raise SandboxStartError(f"kernel id {kernel_id!r} refused: it begins as the names "
+                                "of this project's own sandboxes do "
+                                f"({', '.join(RESERVED_PREFIXES)})")  # fmt: skip
 
 
 class SandboxProvisioner(  # type: ignore[misc]

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .limits import CGROUP_PARENT, CGROUP_ROOT, cgroup_processes, is_frozen, thaw_cgroup
-from .runtimes.process import _stat_fields
+from .runtimes.gvisor import GVisorRuntime
+from .runtimes.process import _stat_fields, process_start_time
 
 #: Entry-point group of describers: ``describe(sandbox: Sandbox) -> bool`` fills in
 #: ``kind``, ``owner`` and perhaps ``end`` of a sandbox it knows, and says whether it did.
@@ -52,8 +53,10 @@ class Sandbox:
     pss_bytes: int = 0
     kind: str = "sandbox"
     owner: str = ""
-    #: The process that started it (outside the sandbox), when one is found.
+    #: The process that started it (outside the sandbox), when one is found, and its start
+    #: time (a pid is checked against it before it is signalled: pids are reused).
     parent: int | None = None
+    parent_start: int | None = None
     #: A describer's way to end it; None: kill its cgroup's processes.
     end: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
@@ -124,7 +127,7 @@ def _describe_by_parent(sandbox: Sandbox) -> None:
         while up and up > 1 and (up in inside or _comm(up) in _MACHINERY):
             up = _parent(up)
         if up and up > 1:
-            sandbox.parent = up
+            sandbox.parent, sandbox.parent_start = up, process_start_time(up)
             argv = _cmdline(up)
             sandbox.owner = f"pid {up}: {' '.join(argv)[:80]}"
             return
@@ -152,12 +155,12 @@ def list_sandboxes() -> list[Sandbox]:
         pids = cgroup_processes(relpath)
         if not pids:
             continue
-        comms = {_comm(p) for p in pids}
         sandbox = Sandbox(
             name=name, pids=pids, uptime=_uptime(pids), cpu_seconds=_cpu_seconds(relpath),
             pss_bytes=memory_bytes(pids)[1], state="frozen" if is_frozen(relpath) else "running",
-            runtime="gvisor" if comms & {"runsc-sandbox", "runsc-gofer", "exe"} or
-            name.startswith("kernel-") else "bubblewrap",
+            # By name: runsc's container ids are its cgroups' (processes' names are the
+            # user's to change under bubblewrap; kernel ids may not take runsc's prefix).
+            runtime="gvisor" if name.startswith(GVisorRuntime.cgroup_name("")) else "bubblewrap",
         )  # fmt: skip
         _describe_by_parent(sandbox)
         if "template" in name:

@@ -18,6 +18,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from sandbox_provisioner.runtimes.process import is_running
+
 from . import data_root
 from .hub_instance import _read_json
 from .supervisor import PLAN
@@ -61,9 +63,21 @@ def describe(sandbox: Any) -> bool:
             plan = {}
         name = plan.get("name") if isinstance(plan, dict) else None
         name = name if isinstance(name, str) else None
-    sandbox.owner = f"Hub {instance}: {name or f'user id {user_id}, server {key}'}"
     parent = sandbox.parent
-    if parent is not None and state_dir is not None and _supervises(parent, state_dir):
-        sandbox.end = lambda: os.kill(parent, signal.SIGTERM)
+    if parent is None or state_dir is None or not _supervises(parent, state_dir):
+        # A name anyone who starts sandboxes could take: not the Hub's server unless its
+        # supervisor started it.
+        sandbox.kind = "sandbox"
+        sandbox.owner = (f"named as Hub {instance}'s, but not started by its supervisor"
+                         f" ({sandbox.owner or 'unknown'})")  # fmt: skip
+        return True
+    sandbox.owner = f"Hub {instance}: {name or f'user id {user_id}, server {key}'}"
+    started = sandbox.parent_start
+
+    def end() -> None:
+        if is_running(parent, started):  # still that supervisor, not a pid since reused
+            os.kill(parent, signal.SIGTERM)
+
+    sandbox.end = end
     return True
 

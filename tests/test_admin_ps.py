@@ -86,3 +86,32 @@ async def test_ps_lists_every_sandbox_with_its_owner_and_ends_one(gvisor_hub, tm
     finally:
         await km.shutdown_kernel(now=True)
     assert quinn["supervisor_pid"] in supervisors(hub.root)
+
+
+def test_a_sandbox_named_as_a_hubs_is_not_taken_for_it():
+    """A cgroup named as a Hub's server (a kernel id once could take such a name) but not
+    started by that server's supervisor: ps says so, and attributes it to no user; ending
+    it kills its own processes only."""
+    from sandbox_provisioner.limits import CgroupV1, ResourceLimits
+
+    group = CgroupV1("hub-0123456789ab-2-spoof")
+    group.create(ResourceLimits(pids=16))
+    proc = subprocess.Popen(group.join_argv(["sleep", "300"]))
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        deadline = time.monotonic() + 10
+        while not group.pids():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        found = listed()["hub-0123456789ab-2-spoof"]
+        assert found["kind"] == "sandbox", found
+        assert found["owner"].startswith("named as Hub 0123456789ab's, but not started by "
+                                         "its supervisor"), found  # fmt: skip
+        assert ps("--end=hub-0123456789ab-2-spoof").returncode == 0
+        proc.wait(timeout=10)
+        assert bystander.poll() is None, "nothing outside the sandbox was touched"
+    finally:
+        for p in (proc, bystander):
+            p.kill()
+            p.wait()
+        group.destroy()

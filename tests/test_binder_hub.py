@@ -199,8 +199,12 @@ async def test_the_launch_page_is_binderhubs_kind_and_accessible(binder_hub: Hub
     await login(page, hub, "dana")
     await page.wait_for_url(lambda url: "/hub/login" not in url, timeout=30_000)
     link = f"{hub.url}{SERVICE}/v2/git/{spec(hub.repo_url)}?urlpath=lab"  # type: ignore[attr-defined]
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if "/build/" in r.url else None)
     await page.goto(link)
     await page.get_by_role("progressbar", name="Launch progress").wait_for(timeout=30_000)
+    # The stream is the link's own path, escaped as it came (not decoded and re-read).
+    assert streams and streams[0].split("?")[0] == link.split("?")[0].replace("/v2/", "/build/")
     await page.screenshot(path=str(tmp_path / "launching.png"))
     repo = page.locator("#repo")
     assert await repo.get_attribute("href") == hub.repo_url.removesuffix(".git")  # type: ignore[attr-defined]
@@ -236,6 +240,62 @@ async def test_the_launch_page_is_binderhubs_kind_and_accessible(binder_hub: Hub
     assert "nope" in await page.locator("#log").inner_text()
     for shot in ("launching.png", "failed-narrow.png"):
         assert (tmp_path / shot).stat().st_size > 10_000, shot
+
+
+def stream_answering(body: str):
+    """A Playwright route handler that answers an event stream with ``body``."""
+
+    async def answer(route) -> None:
+        await route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                            body=body)  # fmt: skip
+
+    return answer
+
+
+async def test_a_launch_link_cannot_send_the_page_elsewhere(binder_hub: Hub, browser):
+    """The attack review's links, in Chromium. The page's event stream was addressed by the
+    link's decoded path: an escaped "/.." in a ref became a real one, so a link showing
+    github.com's jupyter/notebook launched another repository, or sent the session's xsrf
+    token to another user's server; a stream that answered with a javascript: address ran
+    it; a backslash in a repository's URL pointed its link at another host than the one
+    checked. Each is refused now, and nothing is requested elsewhere."""
+    from urllib.parse import quote
+
+    hub = binder_hub
+    page = await browser.new_page()
+    await login(page, hub, "hank")
+    await page.wait_for_url(lambda url: "/hub/login" not in url, timeout=30_000)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    hidden = quote(quote(hub.repo_url, safe=""), safe="")  # type: ignore[attr-defined]
+    port = hub.repo_url.split(":")[2].split("/")[0]  # type: ignore[attr-defined]
+    for link, reason in [
+        (f"gh/jupyter/notebook/{quote(f'x/../../../../git/{hidden}/main', safe='')}",
+         "malformed"),
+        (f"gh/jupyter/notebook/{quote('x/../../../../../../../user/mallory/c', safe='')}",
+         "malformed"),
+        (f"gh/jupyter/notebook/{quote('.hidden/x', safe='')}", "malformed"),
+        (f"git/{spec(f'http://evil.example{chr(92)}@127.0.0.1:{port}/demo.git')}",
+         "disallowed-host"),
+        (f"git/{spec(f'http://someone:secret@127.0.0.1:{port}/demo.git')}", "disallowed-host"),
+    ]:  # fmt: skip
+        await page.goto(f"{hub.url}{SERVICE}/v2/{link}?urlpath=lab")
+        assert await page.get_attribute("#error", "data-reason") == reason, link
+    assert not [u for u in requests if "/build/" in u or "/user/" in u], requests
+
+    # A stream that answers "ready" with an address off this Hub (a script, another site)
+    # is not followed: the page says so.
+    for target in ("javascript:alert(document.domain)", "https://elsewhere.example/"):
+        await page.route("**/build/**", stream_answering(
+            f'data: {{"phase": "ready", "url": "{target}"}}\n\n'))  # fmt: skip
+        await page.goto(f"{hub.url}{SERVICE}/v2/git/{spec(hub.repo_url)}")  # type: ignore[attr-defined]
+        await page.get_by_role("alert").wait_for(state="visible", timeout=30_000)
+        assert await page.get_attribute("#error", "data-reason") == "bad-address"
+        assert page.url.startswith(hub.url), page.url
+        await page.unroute("**/build/**")
+    assert dialogs == []
 
 
 async def test_launch_limits_per_user_and_per_repository(binder_hub: Hub):

@@ -603,3 +603,29 @@ def test_binder_settings_are_variables_of_the_shipped_configurations():
 def test_a_refused_host_says_which_setting_to_change():
     with pytest.raises(BadLink, match="JUPYTER_SANDBOX_BINDER_HOSTS"):
         POLICY.parse("git", quote("https://elsewhere.example/r.git", safe="") + "/main")
+
+
+@pytest.mark.parametrize("ref", ["x/../y", "..", ".hidden", "a/.b", "a#b", "a\x01b", "a\\b"])
+def test_refs_that_a_url_would_read_as_a_path_are_refused(ref):
+    with pytest.raises(BadLink) as error:
+        POLICY.parse("gh", f"org/repo/{quote(ref, safe='')}")
+    assert error.value.reason == "malformed", error.value
+
+
+@pytest.mark.parametrize("url", ["https://evil.example\\@github.com/org/repo.git",
+                                 "https://user:secret@github.com/org/repo.git",
+                                 "https://github.com/org/re po.git",
+                                 "https://github.com/org/re\x7fpo.git"])  # fmt: skip
+def test_repository_urls_have_one_reading(url):
+    """A host Python and git read one way and a browser another (a backslash), credentials,
+    spaces and control characters: refused before the host is checked."""
+    with pytest.raises(BadLink) as error:
+        POLICY.parse("git", quote(url, safe="") + "/main")
+    assert error.value.reason == "disallowed-host", error.value
+
+
+def test_a_repositorys_page_is_made_of_its_checked_parts():
+    link = POLICY.parse("gh", "jupyter/notebook/main")
+    assert link.web_url == "https://github.com/jupyter/notebook"
+    assert link.ref_url == "https://github.com/jupyter/notebook/tree/main"
+    assert POLICY.parse("gh", "jupyter/notebook/HEAD").ref_url is None

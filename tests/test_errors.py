@@ -131,7 +131,9 @@ async def test_filesystem_root_is_refused_as_workspace(cold_runtime):
     assert left_by(km) == []
 
 
-@pytest.mark.parametrize("bad", ["..", "../../victim", ".hidden", "a/b", "x" * 101])
+@pytest.mark.parametrize("bad", ["..", "../../victim", ".hidden", "a/b", "x" * 101,
+                                 "hub-0123456789ab-2-work", "kernel-hub-0123456789ab-2-work",
+                                 "server-template-x", "template-x", "pool-x", "binder-x"])
 async def test_a_kernel_id_that_is_a_path_is_refused(bad, tmp_path):
     """jupyter_server takes a client's ``kernel_id`` (``POST /api/kernels``); the provisioner
     makes a directory, cgroups and a container of it, and removes the directory when a

@@ -205,6 +205,8 @@ class Launcher:
             options["profile"] = self.settings.profile
         try:
             url = await self._start(user, name, options, emit)
+            if not url.startswith("/") or url.startswith("//"):  # the Hub's own path
+                raise RuntimeError(f"the Hub gave the server's address as {url[:100]!r}")
             ready: dict[str, Any] = {"url": url + path}
             if anonymous:
                 ready["token"] = await self._token(user)

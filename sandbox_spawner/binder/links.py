@@ -54,10 +54,13 @@ class RepoLink:
 
     @property
     def web_url(self) -> str | None:
-        """The repository's page (its https or http URL without ``.git``); None for git://."""
-        if urlsplit(self.url).scheme not in ("https", "http"):
+        """The repository's page (its https or http URL without ``.git``, made of its
+        checked parts); None for git://."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
             return None
-        return self.url.removesuffix(".git")
+        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        return f"{parts.scheme}://{host}{quote(parts.path, safe='/')}".removesuffix(".git")
 
     @property
     def ref_url(self) -> str | None:
@@ -93,7 +96,11 @@ class LinkPolicy:
             known = ", ".join(sorted(_READERS))
             raise BadLink("unknown-provider", f"unknown provider {provider!r}; use one of {known}")
         url, ref = reader(self, spec)
-        if not ref or any(c in ref for c in " \t\n~^:?*[\\") or ref.startswith("-"):
+        # git's own rules for names (check-ref-format), and no part a URL would read as
+        # a path's: "..", a component starting with ".", "#", a control character.
+        if (not ref or ref.startswith("-") or ".." in ref or "#" in ref
+                or any(c in ref for c in " \t~^:?*[\\") or not ref.isprintable()
+                or any(part.startswith(".") for part in ref.split("/"))):  # fmt: skip
             raise BadLink("malformed", f"{ref!r} is not a ref (in {provider}/{spec})")
         link = RepoLink(provider, url, ref, spec)
         self.check_url(link.url)
@@ -103,6 +110,13 @@ class LinkPolicy:
         parts = urlsplit(url)
         if parts.scheme not in SCHEMES or not parts.hostname:
             raise BadLink("disallowed-host", f"{url!r} is not an https, http or git URL")
+        # One reading of the host for git, Python and browsers alike: no credentials, no
+        # backslash (a browser reads it as "/", so "h\\@allowed" is host h there), no
+        # space or control character.
+        if ("@" in parts.netloc or "\\" in url or not url.isprintable()
+                or any(c.isspace() for c in url)):  # fmt: skip
+            raise BadLink("disallowed-host", f"{url[:200]!r}: a repository's URL may not "
+                          "hold credentials, backslashes, spaces or control characters")
         if not any(fnmatch.fnmatch(parts.hostname, pattern) for pattern in self.allowed_hosts):
             raise BadLink("disallowed-host", f"repositories from {parts.hostname} are not "
                           "allowed here: an administrator can add the host to the "

@@ -86,11 +86,17 @@ class LaunchPage(_BinderHandler):
             return
         # The stream is fetched by the page (not a navigation): the Hub's login accepts its
         # cookie there only with the xsrf token.
+        # The stream's address is the link's own path as it came (tornado hands ``spec``
+        # over decoded: rebuilt from it, an escaped "/" or ".." became a real one, and the
+        # browser went to another stream, or elsewhere with the session's token).
+        raw = self.request.path
+        launch_prefix = f"{self.prefix}/v2/"
+        if not raw.startswith(launch_prefix):
+            raise web.HTTPError(400, "not a launch link")
         query = urlencode({**self.query(), "_xsrf": self.xsrf_token.decode()})
-        build = f"{self.prefix}/build/{provider}/{spec}?{query}"
+        build = f"{self.prefix}/build/{raw[len(launch_prefix):]}?{query}"
         shared = urlencode(self.query())
-        # The link as it came (tornado hands ``spec`` over decoded), without the session.
-        share = self.request.path + (f"?{shared}" if shared else "")
+        share = raw + (f"?{shared}" if shared else "")  # without the session
         self.render("launch.html", error="", reason="", prefix=self.prefix, repo=link.url,
                     ref=link.ref, build_url=build, repo_href=link.web_url,
                     ref_href=link.ref_url, share_url=share,
