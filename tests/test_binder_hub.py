@@ -187,6 +187,15 @@ async def test_the_launch_page_in_a_browser(binder_hub: Hub, browser):
                      f"({hub.url}{SERVICE}/v2/gh/org/repo/main)")  # fmt: skip
 
 
+async def stop_launched(hub: Hub) -> None:
+    """Stop the servers earlier tests launched (the Hub allows 3 of one repository)."""
+    for user in await hub.api("GET", "/users?state=active"):
+        for name in user.get("servers") or {}:
+            if name.startswith("b-demo-"):
+                await hub.api("DELETE", f"/users/{user['name']}/servers/{name}")
+                await wait_for(lambda u=user["name"], n=name: server_stopped(hub, u, n))
+
+
 async def test_the_launch_page_is_binderhubs_kind_and_accessible(binder_hub: Hub, browser,
                                                                    tmp_path):  # fmt: skip
     """BinderHub's loading page, as research groups know it: the steps and a progress bar,
@@ -195,6 +204,7 @@ async def test_the_launch_page_is_binderhubs_kind_and_accessible(binder_hub: Hub
     names), and on a phone's width. Screenshots of each state are kept with the test's
     files."""
     hub = binder_hub
+    await stop_launched(hub)
     page = await browser.new_page(viewport={"width": 1200, "height": 900})
     await login(page, hub, "dana")
     await page.wait_for_url(lambda url: "/hub/login" not in url, timeout=30_000)
@@ -302,11 +312,7 @@ async def test_launch_limits_per_user_and_per_repository(binder_hub: Hub):
     """Abuse controls: launches in flight per user (2 here), servers of one repository
     across users (3 here); reopening one's own running server is never refused."""
     hub = binder_hub
-    for user in await hub.api("GET", "/users?state=active"):  # earlier tests' servers stop
-        for name in user.get("servers") or {}:
-            if name.startswith("b-demo-"):
-                await hub.api("DELETE", f"/users/{user['name']}/servers/{name}")
-                await wait_for(lambda u=user["name"], n=name: server_stopped(hub, u, n))
+    await stop_launched(hub)
     token = await user_token(hub, "lim-a")
     results = await asyncio.gather(*(launch(hub, "git", spec(hub.repo_url), token)  # type: ignore[attr-defined]
                                      for _ in range(3)))  # fmt: skip
