@@ -296,7 +296,7 @@ CRASHING_SERVER = textwrap.dedent(
 )
 
 
-def run_server(pool: dict, mode: str) -> str:
+def run_server(pool: dict, mode: str, log: list[str] | None = None) -> str:
     out = subprocess.run(
         [sys.executable, "-c", CRASHING_SERVER, json.dumps(pool), mode],
         capture_output=True,
@@ -305,6 +305,8 @@ def run_server(pool: dict, mode: str) -> str:
         cwd=REPO,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    if log is not None:
+        log.append(out.stderr[-3000:])
     return out.stdout.split()[0]
 
 
@@ -316,10 +318,15 @@ async def test_claims_of_a_crashed_server_are_swept(k8s, namespace, pool):
     other = {**pool, "server_id": f"other-{namespace}"}
     other_kernel = await asyncio.to_thread(run_server, other, "crash")
     # The server starts again: its first kernel start deletes what the crash left.
-    await asyncio.to_thread(run_server, pool, "clean")
-    # Deleted at once; gone once the controller has let it go (slow on a loaded machine).
-    wait_for(lambda: not k8s.list(CLAIMS, namespace, f"{api.LABEL_KERNEL_ID}={crashed}"), 90,
-             "the crashed server's claim to go")  # fmt: skip
+    log: list[str] = []
+    await asyncio.to_thread(run_server, pool, "clean", log)
+    try:
+        wait_for(lambda: not k8s.list(CLAIMS, namespace, f"{api.LABEL_KERNEL_ID}={crashed}"),
+                 90, "the crashed server's claim to go")  # fmt: skip
+    except AssertionError:  # what the claim and the server's sweep were, for the failure
+        claims = k8s.list(CLAIMS, namespace, f"{api.LABEL_KERNEL_ID}={crashed}")
+        raise AssertionError(f"claim left: {[c['metadata'] for c in claims]}\n"
+                             f"the clean server's log: {log}") from None
     assert k8s.list(CLAIMS, namespace, f"{api.LABEL_KERNEL_ID}={other_kernel}")
 
 
