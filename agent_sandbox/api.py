@@ -98,6 +98,8 @@ JUPYTER_PREFIX = "jupyter-sandbox.io/"
 LABEL_KERNEL_ID = JUPYTER_PREFIX + "kernel-id"
 LABEL_KERNEL_USER = JUPYTER_PREFIX + "user"
 LABEL_KERNEL_SERVER = JUPYTER_PREFIX + "server"
+#: Claim annotation: which run (process) of that server made the claim.
+ANNOTATION_SERVER_RUN = JUPYTER_PREFIX + "server-run"
 #: Pod labels of a claimed kernel sandbox (in the domain claims may set by default).
 POD_LABEL_KERNEL_ID = DEFAULT_ALLOWED_LABEL_DOMAINS[0] + "/jupyter-kernel-id"
 POD_LABEL_KERNEL_USER = DEFAULT_ALLOWED_LABEL_DOMAINS[0] + "/jupyter-user"

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -119,7 +118,6 @@ def test_claims_left_by_a_crashed_run_are_deleted_at_start(k8s, namespace, clust
                 api.LABEL_KERNEL_SERVER: api.unique_label_value(server), api.LABEL_KERNEL_ID: "k"}},
             "spec": {"warmPoolRef": {"name": "p"}},
         })  # fmt: skip
-    time.sleep(1.5)  # the claims predate the server
     # Named as an allowed kernelspec of the example configuration (JUPYTER_PATH comes first).
     kernels = tmp_path / "data" / "kernels" / "sandboxed-python-gvisor"
     kernels.mkdir(parents=True)

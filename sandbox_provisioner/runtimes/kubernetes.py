@@ -23,8 +23,8 @@ import asyncio
 import base64
 import os
 import re
+import secrets
 import socket
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -179,6 +179,7 @@ class KubernetesRuntime(SandboxRuntime):
                 "annotations": {
                     api.LABEL_KERNEL_USER: user,
                     api.LABEL_KERNEL_SERVER: self.server_id,
+                    api.ANNOTATION_SERVER_RUN: _RUN_ID,
                 },
             },
             "spec": {
@@ -306,7 +307,8 @@ class ClaimedSandbox(AgentDrivenSandbox):
 #: Claims of kernels this process runs or took over: the sweep leaves them alone.
 _LIVE_CLAIMS: set[str] = set()
 _SWEPT: set[tuple[str, str]] = set()
-_PROCESS_START = time.time()
+#: This process's run of its server, on every claim it makes: a later run sweeps them.
+_RUN_ID = secrets.token_hex(8)
 
 
 async def sweep_once(kube: Kube, namespace: str, server_id: str, log: Any) -> list[str]:
@@ -319,20 +321,15 @@ async def sweep_once(kube: Kube, namespace: str, server_id: str, log: Any) -> li
 
 
 async def sweep(kube: Kube, namespace: str, server_id: str, log: Any) -> list[str]:
-    """Delete claims labelled with ``server_id`` made before this process started, unless a
-    kernel of this process owns them (one it reconnected to through its provisioner info)."""
-    from agent_sandbox.kube import parse_time
-
+    """Delete claims labelled with ``server_id`` that another run of it made (they carry
+    its run id), unless a kernel of this process owns them (one it reconnected to through
+    its provisioner info). By run id, not by time: a claim's creation time is the API
+    server's, to the second, and a run's start is this machine's."""
     deleted = []
     for claim in await kube.list(_claims(), namespace, labels=server_selector(server_id)):
         meta = claim["metadata"]
-        created = parse_time(meta.get("creationTimestamp"))
-        if (
-            meta["name"] in _LIVE_CLAIMS
-            or meta.get("deletionTimestamp")
-            or created is None
-            or created.timestamp() >= _PROCESS_START - 1
-        ):
+        run = (meta.get("annotations") or {}).get(api.ANNOTATION_SERVER_RUN)
+        if meta["name"] in _LIVE_CLAIMS or meta.get("deletionTimestamp") or run == _RUN_ID:
             continue
         log.warning("Deleting claim %s/%s (kernel %s): left behind by an earlier run of this "
                     "server", namespace, meta["name"],
