@@ -56,10 +56,14 @@ c.JupyterHub.cleanup_servers = os.environ.get("JUPYTER_SANDBOX_HUB_STOP_SERVERS_
 # Freezing and hibernation: a server with no busy kernel, no open terminal and no activity
 # for ten minutes is frozen (its processes stopped where they are: no CPU, its memory kept;
 # the next request thaws it in about a millisecond, kernels and variables as they were).
-# After an hour it is stopped: its home stays, and visiting it starts it again. These suit
-# a course (many servers, memory is what runs out). A research group's long analyses may
-# want JUPYTER_SANDBOX_FREEZE_AFTER=900 and JUPYTER_SANDBOX_HIBERNATE_AFTER=28800 (8 h);
-# JUPYTER_SANDBOX_FREEZE_AFTER=0 never freezes. The service also serves
+# After an hour it hibernates: it stops, its home stays, and visiting it starts it again.
+# These suit a course (many servers, memory is what runs out). A research group's long
+# analyses may want JUPYTER_SANDBOX_FREEZE_AFTER=900 and JUPYTER_SANDBOX_HIBERNATE_AFTER=28800
+# (8 h); JUPYTER_SANDBOX_FREEZE_AFTER=0 never freezes. Experimental:
+# JUPYTER_SANDBOX_HIBERNATE_STRATEGY=hibernate saves a gVisor server's memory to disk first
+# (root's alone, at most its memory limit) and restores it on the next visit, kernels with
+# their variables; on runsc 20240729 a restore loses a process now and then (the spawn page
+# then says which kernels restarted, or that the server started afresh). The service serves
 # Prometheus metrics at /metrics on its URL (servers running and hibernated, start and
 # resume durations).
 #
@@ -78,6 +82,7 @@ c.JupyterHub.cleanup_servers = os.environ.get("JUPYTER_SANDBOX_HUB_STOP_SERVERS_
 #   JUPYTER_SANDBOX_BINDER_EGRESS  more hosts preparations may reach (host or host:port)
 hibernate_after = os.environ.get("JUPYTER_SANDBOX_HIBERNATE_AFTER", "3600")
 freeze_after = os.environ.get("JUPYTER_SANDBOX_FREEZE_AFTER", "600")
+strategy = os.environ.get("JUPYTER_SANDBOX_HIBERNATE_STRATEGY", "stop")
 service_port = os.environ.get("JUPYTER_SANDBOX_SERVICE_PORT", "10101")
 binder_cache = str(data / "binder")  # prepared environments, shared by the spawner
 anonymous = False  # True: visitors launch links without logging in, as temporary users
@@ -86,6 +91,7 @@ c.JupyterHub.services = [{
     "url": f"http://127.0.0.1:{service_port}",
     "command": [sys.executable, "-m", "sandbox_spawner.service",
                 "--hibernate", f"--timeout={hibernate_after}", f"--freeze-after={freeze_after}",
+                f"--strategy={strategy}",
                 "--binder-links", f"--binder-cache={binder_cache}",
                 "--binder-allowed-hosts=github.com,gitlab.com,gist.github.com",
                 *settings_arguments(),  # the variables above (a later option wins)

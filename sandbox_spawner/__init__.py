@@ -11,6 +11,9 @@
   resumes) and their metrics; :mod:`.starts` records start durations for it, and
   :mod:`.activity` lets it ask a server whether it is in use without handing it
   any credential;
+* :mod:`.freezing` and :mod:`.hibernation`: an idle server kept with its memory,
+  frozen in place or saved to disk (gVisor), by its supervisor (:mod:`.quiesce`: the
+  server's side of a hibernation);
 * :mod:`.hub_instance`: what makes one Hub's names its own on a shared machine (its
   instance id, its range of host uids, user names as keys);
 * :mod:`.binder`: Binder-style links: a URL opens a repository, running, in a sandbox

@@ -20,7 +20,9 @@ one question only, "are you in use?", and for that server only:
   strictly typed, bounded.
 
 A server that learns its key learns nothing it did not know: the key opens no Hub
-API, no other server, not even its own server's other endpoints. A server that lies
+API, no other server, nothing of its own server's but this answer and, for its root
+supervisor before a hibernation, :mod:`.quiesce` (which only the server's own listening
+can be stopped with, and the server's code can do that anyway). A server that lies
 can only keep itself running (its limits still apply).
 """
 
@@ -188,5 +190,12 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     if not key:
         serverapp.log.info("sandbox_spawner.activity: no %s: not answering", KEY_ENV)
         return
+    from . import quiesce
+
     route = url_path_join(serverapp.base_url, PATH)
-    serverapp.web_app.add_handlers(".*$", [(route, _handler(serverapp, key))])
+    serverapp.web_app.add_handlers(".*$", [
+        (route, _handler(serverapp, key)),
+        # The supervisor's, with the same key, before a hibernation (:mod:`.quiesce`).
+        (url_path_join(serverapp.base_url, quiesce.PATH),
+         quiesce.handler(serverapp, key, HEADER)),
+    ])  # fmt: skip

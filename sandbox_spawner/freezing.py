@@ -20,7 +20,9 @@ answer, each at most :data:`MAX_MESSAGE` bytes.
   anything within the last ``S`` seconds (the Hub's record of activity lags by minutes;
   this one does not); ``T`` is kept, for the hibernator's later sweeps, as the server's
   last activity (a frozen server cannot be asked);
-* ``{"do": "thaw"}``.
+* ``{"do": "thaw"}``;
+* ``{"do": "hibernate"}``: save the server to disk and end it (:mod:`.hibernation`):
+  ``{"ok", "ended", "reason"|"bytes"}``, once done (seconds: the server's memory).
 
 The hibernator asks a server whether it is in use at a port of its own (the gate
 :meth:`Freezer.awake`) that neither thaws it nor counts as traffic: asking must not
@@ -62,10 +64,18 @@ class Freezer:
         self._freezing: asyncio.Future | None = None
         #: Seconds each thaw took, since the hibernator last asked (its metric).
         self.thaws: list[float] = []
+        #: Set while the server hibernates: the proxy's traffic is refused, not carried.
+        self.closed = False
+        #: The supervisor's hibernation of the server (:meth:`.hibernation.Hibernation.run`).
+        self.on_hibernate: Any = None
+        self.hibernation_answered = asyncio.Event()
 
     # -- called by the proxy's forwarder for each connection and each chunk ----------------
     def traffic(self) -> bool:
-        """The proxy carries something to or from the server: thaw it first if frozen."""
+        """The proxy carries something to or from the server: thaw it first if frozen.
+        Refused while the server hibernates."""
+        if self.closed:
+            return False
         self.last_traffic = time.monotonic()
         if self.frozen_since is not None and self.sandbox is not None:
             began = time.perf_counter()
@@ -78,13 +88,14 @@ class Freezer:
 
     def awake(self) -> bool:
         """For the hibernator's own port: answered while the server runs, refused while it
-        is frozen (asking thaws nothing)."""
-        return self.frozen_since is None
+        is frozen (asking thaws nothing) or hibernating."""
+        return self.frozen_since is None and not self.closed
 
     # -- the control channel's requests ----------------------------------------------------
     def status(self) -> dict[str, Any]:
+        state = "frozen" if self.frozen_since is not None else "running"
         return {
-            "state": "frozen" if self.frozen_since is not None else "running",
+            "state": "hibernating" if self.closed else state,
             "frozen_since": self.frozen_since,
             "last_activity": self.last_activity,
             "quiet": round(time.monotonic() - self.last_traffic, 3),
@@ -149,6 +160,11 @@ class Freezer:
         if what == "thaw":
             self.thaw()
             return {"ok": True, **self.status()}
+        if what == "hibernate":
+            if self.on_hibernate is None or self.sandbox is None or self.stopping:
+                return {"ok": False, "ended": False,
+                        "reason": "the server is starting or stopping"}  # fmt: skip
+            return await self.on_hibernate(self.sandbox)
         return {"ok": False, "reason": f"unknown request {str(what)[:32]!r}"}
 
 
@@ -164,9 +180,11 @@ async def serve(path: str, freezer: Freezer) -> asyncio.Server:
                     raise ValueError
                 reply = await freezer.handle(request)
             except ValueError:
-                reply = {"ok": False, "reason": "not a JSON object"}
+                request, reply = {}, {"ok": False, "reason": "not a JSON object"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
+            if request.get("do") == "hibernate":
+                freezer.hibernation_answered.set()
         except (TimeoutError, ConnectionError, OSError, ValueError):  # ValueError: too long
             pass
         finally:

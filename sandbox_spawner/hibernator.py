@@ -20,8 +20,11 @@ request thaws it at once, kernels and their variables as they were. A frozen ser
 not asked (it cannot answer); it stops once it has been idle ``timeout`` seconds,
 counting from the last activity it had before it froze.
 
-An idle server is stopped through the Hub API, which for this project's
-spawners is hibernation, not loss: LocalSandboxSpawner and SandboxSpawner keep
+With ``strategy`` ``"hibernate"``, an idle server whose supervisor can (gVisor, on one
+machine) is first saved to disk with its memory (:mod:`.hibernation`) and comes back
+on the next visit with its kernels' variables; others, and any whose image cannot be
+kept, are only stopped. Either way an idle server is stopped through the Hub API, which
+for this project's spawners is hibernation, not loss: LocalSandboxSpawner and SandboxSpawner keep
 the user's home (and the API token, ``will_resume``); the Hub starts the server again on the
 user's next visit. Users, groups and profiles can be exempt; ``max_age``
 hibernates even a server in use (never one with a busy kernel); ``dry_run``
@@ -58,6 +61,8 @@ CONCURRENCY, ASK_TIMEOUT = 8, 10.0
 #: ``freeze_after``, if shorter): a request in flight is not held up. Its supervisor sees
 #: every byte; the Hub's own record lags by minutes.
 FREEZE_GUARD = 10.0
+#: Seconds a server's supervisor has to save it to disk (its memory, at disk speed).
+HIBERNATE_TIMEOUT = 600.0
 
 
 def parse_time(text: str | None) -> datetime.datetime | None:
@@ -94,8 +99,11 @@ class Hibernator:
     exempt_groups: set[str] = field(default_factory=set)
     #: Profiles (``user_options["profile"]``) whose servers never hibernate.
     exempt_profiles: set[str] = field(default_factory=set)
-    #: Groups and profiles whose servers are stopped, never frozen (a GPU's memory, say,
-    #: is too dear to hold for an idle server).
+    #: ``"stop"``: an idle server's processes end; ``"hibernate"``: where its supervisor
+    #: can, its memory is saved to disk first, and restored on the next visit.
+    strategy: str = "stop"
+    #: Groups and profiles whose servers are stopped, never frozen nor hibernated with
+    #: their memory (a GPU's memory, say, is too dear to hold for an idle server).
     unfrozen_groups: set[str] = field(default_factory=set)
     unfrozen_profiles: set[str] = field(default_factory=set)
     #: Log what would hibernate; stop nothing.
@@ -224,6 +232,11 @@ class Hibernator:
         return bool(self.freeze_after) and not _matches(
             user, server, self.unfrozen_groups, self.unfrozen_profiles)  # fmt: skip
 
+    def keeps_memory(self, user: dict[str, Any], server: dict[str, Any] | None = None) -> bool:
+        """Whether ``user``'s ``server`` is hibernated with its memory before it stops."""
+        return self.strategy == "hibernate" and not _matches(
+            user, server, self.unfrozen_groups, self.unfrozen_profiles)  # fmt: skip
+
     # -- a sweep ----------------------------------------------------------------------------
     async def sweep(self) -> list[str]:
         """Check every ready server once; stop the idle ones. The servers stopped."""
@@ -243,16 +256,17 @@ class Hibernator:
                         continue
                     timeout = self.temporary_timeout if temporary else None
                     checks.append((user["name"], name, server, timeout,
-                                   self.freezes(user, server)))  # fmt: skip
+                                   self.freezes(user, server),
+                                   self.keeps_memory(user, server)))  # fmt: skip
             except Exception:
                 log.exception("cannot check the servers of %s", user.get("name"))
                 self._count("errors")
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def check(user: str, name: str, server: dict[str, Any], timeout: float | None,
-                        freezes: bool) -> str | None:  # fmt: skip
+                        freezes: bool, keeps: bool) -> str | None:  # fmt: skip
             async with gate:
-                return await self._check(user, name, server, timeout, now, freezes)
+                return await self._check(user, name, server, timeout, now, freezes, keeps)
 
         self._frozen = 0
         stopped = await asyncio.gather(*(check(*c) for c in checks))
@@ -297,9 +311,29 @@ class Hibernator:
         else:
             log.info("%s not frozen: %s", label, str(answer.get("reason"))[:200])
 
+    async def _hibernate_memory(self, label: str, freezer: Any) -> None:
+        """Have the server's supervisor save it to disk with its memory (it then ends);
+        where it cannot, the stop that follows is a plain one."""
+        if not (isinstance(freezer, str) and os.path.isabs(freezer)
+                and os.path.basename(freezer) == freezing.SOCKET):  # fmt: skip
+            return
+        try:
+            answer = await freezing.request(freezer, {"do": "hibernate"}, HIBERNATE_TIMEOUT)
+        except (OSError, ValueError, TimeoutError) as exc:
+            log.warning("cannot hibernate %s with its memory: %s; stopping it", label, exc)
+            return
+        if answer.get("ok"):
+            size = answer.get("bytes")
+            mib = f"{size / 2**20:.0f} MiB" if isinstance(size, int) else "?"
+            log.info("%s hibernated with its memory (an image of %s)", label, mib)
+            self._count("memory_hibernations")
+        else:
+            log.info("%s not hibernated with its memory: %s; stopping it", label,
+                     str(answer.get("reason"))[:300])  # fmt: skip
+
     async def _check(self, user: str, name: str, server: dict[str, Any],
                      timeout: float | None, now: datetime.datetime,
-                     freezes: bool = False) -> str | None:  # fmt: skip
+                     freezes: bool = False, keeps: bool = False) -> str | None:  # fmt: skip
         """Ask one server; stop it if idle. Its label if it was (or would be) stopped."""
         label = f"{user}/{name}" if name else user
         freezer = (server.get("state") or {}).get("freezer")
@@ -335,6 +369,8 @@ class Hibernator:
             log.info("would hibernate %s (dry run): %s", label, verdict.reason)
             return label
         log.info("hibernating %s: %s", label, verdict.reason)
+        if keeps:
+            await self._hibernate_memory(label, freezer)
         path = f"/users/{quote(user)}/server"
         if name:
             path = f"/users/{quote(user)}/servers/{quote(name)}"
@@ -374,10 +410,12 @@ class Hibernator:
         state, see :mod:`.starts`)."""
         if self.metrics is None:
             return
-        running = hibernated = 0
+        running = hibernated = with_memory = 0
         for user in users:
             for name, server in (user.get("servers") or {}).items():
-                if server.get("stopped"):
+                if server.get("stopped") and (server.get("state") or {}).get("image_kept"):
+                    with_memory += 1  # its memory's image kept too
+                elif server.get("stopped"):
                     hibernated += 1  # stopped, its state (Sandbox, home, token) kept
                 else:
                     running += 1
@@ -388,9 +426,11 @@ class Hibernator:
                     kind = "resume" if start.get("resumed") else "first"
                     self.metrics["starts"].labels(kind).observe(start["seconds"])
                     if start.get("resumed"):
-                        self.metrics["resumes"].labels("stop").observe(start["seconds"])
+                        strategy = "hibernate" if start.get("strategy") == "hibernate" else "stop"
+                        self.metrics["resumes"].labels(strategy).observe(start["seconds"])
         self._running = running  # frozen ones are told apart as they are checked
         self.metrics["servers"].labels("hibernated").set(hibernated)
+        self.metrics["servers"].labels("hibernated-with-memory").set(with_memory)
 
 
 def _matches(user: dict[str, Any], server: dict[str, Any] | None, groups: set[str],
@@ -411,6 +451,8 @@ def metrics() -> dict[str, Any]:
         "errors": Counter("jupyter_sandbox_hibernator_errors", "servers that could not be asked"),
         "hibernations": Counter("jupyter_sandbox_hibernations", "idle servers stopped"),
         "freezes": Counter("jupyter_sandbox_freezes", "idle servers frozen"),
+        "memory_hibernations": Counter("jupyter_sandbox_memory_hibernations",
+                                       "idle servers saved to disk with their memory"),
         "servers": Gauge("jupyter_sandbox_servers", "users' servers by state", ["state"]),
         "starts": Histogram(
             "jupyter_sandbox_start_seconds", "from a server's start to its URL, by kind "
@@ -419,7 +461,8 @@ def metrics() -> dict[str, Any]:
         ),
         "resumes": Histogram(
             "jupyter_sandbox_resume_seconds", "from a request for an idle server to its "
-            "answer, by how it had been idle: frozen (the thaw) or stopped (the start)",
+            "answer, by how it had been idle: frozen (the thaw), hibernated with its memory "
+            "(the restore) or stopped (the start)",
             ["strategy"], buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.5, 1, 2, 5, 13, 34, 120),
         ),
     }  # fmt: skip
@@ -457,10 +500,17 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     parser.add_argument("--exempt-groups", default="", help="never hibernated (comma-separated)")
     parser.add_argument("--exempt-profiles", default="",
                         help="profiles never hibernated (comma-separated)")  # fmt: skip
+    parser.add_argument("--strategy", choices=("stop", "hibernate"), default="stop",
+                        help="what hibernating an idle server at --timeout is: stop (its "
+                        "processes end, its files stay) or hibernate (gVisor servers on one "
+                        "machine: memory saved to disk first, kernels restored with their "
+                        "variables on the next visit; others stop)")  # fmt: skip
     parser.add_argument("--never-freeze-groups", default="",
-                        help="groups whose servers are stopped, never frozen (comma-separated)")
+                        help="groups whose servers are stopped, never frozen nor hibernated "
+                        "with their memory (comma-separated)")  # fmt: skip
     parser.add_argument("--never-freeze-profiles", default="",
-                        help="profiles whose servers are stopped, never frozen")  # fmt: skip
+                        help="profiles whose servers are stopped, never frozen nor "
+                        "hibernated with their memory")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true",
                         help="log what would hibernate, stop nothing")  # fmt: skip
 
@@ -485,6 +535,7 @@ def from_args(args: argparse.Namespace, metrics: Any = None) -> tuple[Hibernator
         api_token=os.environ["JUPYTERHUB_API_TOKEN"],
         timeout=args.timeout,
         freeze_after=args.freeze_after,
+        strategy=args.strategy,
         max_age=args.max_age,
         exempt_users=names(args.exempt_users),
         exempt_groups=names(args.exempt_groups),

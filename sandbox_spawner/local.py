@@ -63,7 +63,7 @@ from sandbox_provisioner.runtimes import AUTO, create_runtime, runtime_classes
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
-from . import activity, data_root, freezing, supervisor
+from . import activity, data_root, freezing, hibernation, supervisor
 from .activity import ActivityKey
 from .binder import server as binder_server
 from .binder.inside import ENV_PATH
@@ -143,6 +143,16 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         "(built in the background after the first start).",
     )  # fmt: skip
 
+    hibernation_images = Unicode(
+        config=True, help="gVisor: where servers hibernated with their memory are kept "
+        "(root's alone: an image holds the server's memory and token).",
+    )  # fmt: skip
+    hibernation_image_limit = Int(
+        0, config=True, help="gVisor: the largest image of a hibernated server, in bytes; "
+        "a larger one is removed and the server stopped instead. 0: the server's memory "
+        "limit (mem_limit), or 4 GiB without one.",
+    )  # fmt: skip
+
     binder_cache = Unicode(
         config=True, help="Where Binder launches' prepared environments are (the Hub "
         "service's --binder-cache): a launch's server uses one of them, read-only.",
@@ -151,6 +161,10 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
     @default("binder_cache")
     def _default_binder_cache(self) -> str:
         return str(data_root() / "binder")
+
+    @default("hibernation_images")
+    def _default_hibernation_images(self) -> str:
+        return str(data_root() / "hibernated")
 
     @default("homes_root")
     def _default_homes_root(self) -> str:
@@ -172,6 +186,8 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self._process: subprocess.Popen | None = None
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._binder: binder_server.BinderServer | None = None
+        #: Whether the server, stopped, left an image of its memory (the hibernator's count).
+        self.image_kept = False
 
     # -- where things are ------------------------------------------------------------------
     #: Each Hub's instance (its id, its uids), by state root: claimed on first use.
@@ -205,6 +221,10 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         """The server's own directory (by the user's id: short, as a socket's path must be)."""
         return Path(self.state_root) / f"{self.user.id}-{server_key(self.name)}"
 
+    def _image_dir(self) -> Path:
+        """Where the server's hibernation image is kept: this Hub's, this server's."""
+        return Path(self.hibernation_images) / self.instance.id / self._state_dir().name
+
     def identity(self) -> SandboxIdentity:
         """The server's host uid: its own, when the Hub is root (this Hub's alone)."""
         if os.geteuid() != 0:
@@ -221,6 +241,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self.state_dir = state.get("state_dir", "")
         self.port = state.get("port", 0)
         self.activity_port = state.get("activity_port", 0)
+        self.image_kept = bool(state.get("image_kept"))
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
@@ -232,6 +253,8 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
             if self.activity_port:  # the hibernator's: its port, and the supervisor's socket
                 state["activity_port"] = self.activity_port
                 state["freezer"] = str(Path(self.state_dir) / freezing.SOCKET)
+        if self.image_kept:  # kept across stops: the server hibernated with its memory
+            state["image_kept"] = True
         return state
 
     def clear_state(self) -> None:
@@ -241,6 +264,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
     async def start(self) -> str:
         began, resumed = time.monotonic(), self.home.exists()
         self.new_activity_key()
+        self.image_kept = False
         self._events = asyncio.Queue()
         self._event(10, "Preparing the home directory")
         self._binder = binder_server.from_user_options(self.user_options or {},
@@ -272,7 +296,16 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self.server.port, self.server.ip = port, "127.0.0.1"
         runtime = create_runtime(self.runtime)
         runtime.require()
+        image, kept = self._image_dir(), self._image_record(who)
+        record = self._hibernated(image, kept) if runtime.name == "gvisor" else None
         spec = self._spec(state, runtime.name, who, home=home)
+        layout = self._layout_key(spec)
+        if record is not None and record.get("layout") != layout:
+            self._event(20, "Your server's hibernated memory cannot be restored (its sandbox's "
+                        "configuration changed): it starts afresh with your files, and your "
+                        "kernels were restarted")  # fmt: skip
+            await hibernation.remove(image)
+            record = None
         template = None
         # A launched repository's servers share a template of their own (one more mount);
         # one with a start script runs it before the server: it starts cold.
@@ -294,12 +327,21 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
             "hub_api": self._hub_api_address(),
             "stop_grace": self.stop_grace,
             "restore_from": str(template.image) if template is not None else None,
-        }
+            # gVisor: where the hibernator may have it hibernated with its memory ...
+            "image": {"dir": str(image), "limit": self._image_limit(),
+                      "record": {**kept, "layout": layout}} if runtime.name == "gvisor" else None,
+            # ... and the image it restores from, if it was.
+            "resume": {"dir": str(image), "spec": record["spec"], "pid": record["pid"]}
+            if record is not None else None,
+        }  # fmt: skip
         fd = os.open(state / supervisor.PLAN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(plan, f)  # it holds the server's Hub token: never on a command line
         how = " (restored from a template)" if template is not None else ""
-        self._event(30, f"Starting the server in a {runtime.name} sandbox{how}")
+        if record is not None:
+            self._event(30, "Restoring the server as it was when it hibernated, kernels and all")
+        else:
+            self._event(30, f"Starting the server in a {runtime.name} sandbox{how}")
         with open(state / supervisor.LOG, "ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "sandbox_spawner.supervisor", str(state)],
@@ -312,9 +354,69 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self.state_dir = str(state)
         self._event(60, "Waiting for the server to answer")
         await self._wait_for_server(run / SERVER_SOCKET)
-        self._event(100, f"The server is up: {self._sandbox_summary(runtime.name, spec)}")
-        self.record_start(began, resumed)
+        restored = record is not None and await self._restored(state, image)
+        back = "back as it was when it hibernated, kernels and all" if restored else "up"
+        self._event(100, f"The server is {back}: {self._sandbox_summary(runtime.name, spec)}")
+        self.record_start(began, resumed, restored)
         return f"http://127.0.0.1:{port}"
+
+    # -- hibernation with memory (gVisor, :mod:`.hibernation`) ------------------------------
+    def _image_record(self, who: SandboxIdentity) -> dict[str, Any]:
+        """What an image of this server must say of itself to be restored into it."""
+        return {"hub": self.instance.id, "user": self.user.name, "user_id": int(self.user.id),
+                "server": self.name, "uid": who.uid, "runtime": "gvisor"}  # fmt: skip
+
+    def _image_limit(self) -> int:
+        return self.hibernation_image_limit or int(self.mem_limit or 0) or 4 << 30
+
+    def _hibernated(self, image: Path, kept: dict[str, Any]) -> dict[str, Any] | None:
+        """The record of this server's hibernation image, if it may be restored: then the
+        server's Hub token and activity key are the image's own again (JupyterHub kept the
+        token: ``will_resume``), for the restore and for a cold start alike."""
+        for directory in (Path(self.hibernation_images), image.parent):
+            directory.mkdir(mode=0o700, exist_ok=True)  # root's alone, whatever the umask
+        if not image.is_dir():
+            return None
+        record = hibernation.read_record(image)
+        why = hibernation.usable(record, kept)
+        env = ((record or {}).get("spec") or {}).get("env") or {}
+        token, key = env.get("JUPYTERHUB_API_TOKEN"), env.get(activity.KEY_ENV)
+        if why is None and not (isinstance(token, str) and token and isinstance(key, str)):
+            why = "its record has no token"
+        if why is not None:
+            self.log.warning("%s: the hibernation image %s is not restored: %s",
+                             self._log_name, image, why)  # fmt: skip
+            self._event(20, "Your server's hibernated memory cannot be restored: it starts "
+                        "afresh with your files, and your kernels were restarted")  # fmt: skip
+            shutil.rmtree(image, ignore_errors=True)
+            return None
+        self.api_token, self.activity_key = token, key
+        return record
+
+    async def _restored(self, state: Path, image: Path) -> bool:
+        """Whether the supervisor restored the image (else the server started cold, and
+        the user is told); the image is removed either way: it was used, or tried."""
+        said = state / supervisor.RESUMED
+        deadline = time.monotonic() + 30  # written once the server listens: a moment
+        while not said.exists() and time.monotonic() < deadline and await self.poll() is None:
+            await asyncio.sleep(0.02)
+        try:
+            outcome = json.loads(said.read_text())
+        except (OSError, ValueError):
+            outcome = {"restored": False, "reason": "the supervisor said nothing"}
+        await hibernation.remove(image)
+        if outcome.get("restored") is True:
+            lost = outcome.get("lost_kernels")
+            if isinstance(lost, int) and lost > 0:
+                self.log.warning("%s: restored with %d kernel(s) lost", self._log_name, lost)
+                self._event(90, f"{lost} of your kernels did not survive the restore and "
+                            "were restarted; the others kept their variables")  # fmt: skip
+            return True
+        self.log.warning("%s: not restored from its hibernation image: %s", self._log_name,
+                         outcome.get("reason"))  # fmt: skip
+        self._event(90, "Your server could not be restored as it was when it hibernated: it "
+                    "started afresh with your files, and your kernels were restarted")  # fmt: skip
+        return False
 
     def activity_url(self) -> str | None:
         """The hibernator asks at the supervisor's port for it (:mod:`.freezing`): asking
@@ -373,7 +475,9 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         """Whatever is left of the server's sandbox once its supervisor is gone: nothing,
         unless the supervisor was killed (or died) while the sandbox was frozen, when its
         processes wait, frozen, holding their memory, for a signal they cannot take. Its
-        groups (bubblewrap's, runsc's) are named for this server alone."""
+        groups (bubblewrap's, runsc's) are named for this server alone. Notes whether it
+        left a hibernation image (the hibernator counts those)."""
+        self.image_kept = self._image_dir().is_dir()
         name = self.instance.sandbox_name(int(self.user.id), server_key(self.name))
         runtimes = [r for r in runtime_classes().values() if r.local]
         for group in sorted({cgroup_relpath(r.cgroup_name(name)) for r in runtimes}):
@@ -391,6 +495,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
 
     async def delete_forever(self) -> None:
         await _remove(self._state_dir())
+        await hibernation.remove(self._image_dir())
         options = (self.user_options or {}).get(binder_server.OPTION)
         if isinstance(options, dict) and options.get("anonymous"):
             await _remove(self.home)  # a launch's temporary user: all goes

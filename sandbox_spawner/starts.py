@@ -2,9 +2,10 @@
 
 The Hub does not say when a server became ready, only when its start began. So
 each of this project's spawners records its last start (seconds from the start
-call to the server's URL, whether it was a resume of a hibernated server, and
-when) in its state, which the service reads (scope ``admin:server_state``) and
-turns into the ``jupyter_sandbox_start_seconds`` histogram.
+call to the server's URL, whether it was a resume of a hibernated server, from
+its memory's image or not, and when) in its state, which the service reads
+(scope ``admin:server_state``) and turns into the ``jupyter_sandbox_start_seconds``
+histogram.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ class RecordsStarts:
 
     last_start: dict[str, Any] | None = None
 
-    def record_start(self, began: float, resumed: bool) -> None:
-        """``began``: ``time.monotonic()`` when the start was called."""
+    def record_start(self, began: float, resumed: bool, restored: bool = False) -> None:
+        """``began``: ``time.monotonic()`` when the start was called; ``restored``: the
+        server came back from a hibernation's image, kernels and all."""
         self.last_start = {
             "seconds": round(time.monotonic() - began, 3),
             "resumed": resumed,
+            "strategy": "hibernate" if restored else "stop",
             "at": datetime.datetime.now(datetime.UTC).isoformat(),
         }
 

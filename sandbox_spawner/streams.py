@@ -45,10 +45,22 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             writer.close()
 
 
+class Connections(set):
+    """The writers of the connections a forwarder carries (both ends of each), so that
+    they can all be closed at once: a hibernation's checkpoint fails while the sandbox
+    holds a socket of the host's."""
+
+    def close_all(self) -> None:
+        for writer in list(self):
+            with contextlib.suppress(Exception):
+                writer.close()
+
+
 async def join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connect: Any,
-               gate: Gate | None = None) -> None:  # fmt: skip
+               gate: Gate | None = None, live: Connections | None = None) -> None:  # fmt: skip
     """Carry one accepted connection to a new one made by ``connect()``, both ways;
-    ``gate`` (see :data:`Gate`) is asked as it opens and for each chunk either way."""
+    ``gate`` (see :data:`Gate`) is asked as it opens and for each chunk either way;
+    ``live`` holds both ends while it lasts."""
     if not _open(gate):
         writer.close()
         return
@@ -57,8 +69,15 @@ async def join(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conne
     except OSError:
         writer.close()
         return
-    await asyncio.gather(pipe(reader, upstream_writer, gate),
-                         pipe(upstream_reader, writer, gate))  # fmt: skip
+    ends = (writer, upstream_writer)
+    if live is not None:
+        live.update(ends)
+    try:
+        await asyncio.gather(pipe(reader, upstream_writer, gate),
+                             pipe(upstream_reader, writer, gate))  # fmt: skip
+    finally:
+        if live is not None:
+            live.difference_update(ends)
 
 
 def open_socket_node(path: str) -> int:
@@ -89,17 +108,19 @@ async def open_own_unix_connection(path: str) -> tuple[asyncio.StreamReader,
 
 
 async def forward_tcp_to_unix(port: int, path: str, own_socket: bool = False,
-                              gate: Gate | None = None) -> asyncio.Server:  # fmt: skip
+                              gate: Gate | None = None,
+                              live: Connections | None = None) -> asyncio.Server:  # fmt: skip
     """127.0.0.1:``port`` -> the Unix socket ``path``; ``own_socket``: only the socket node
-    at ``path`` itself, never through a link (``path``'s directory is a user's); ``gate``:
-    see :func:`join`."""
+    at ``path`` itself, never through a link (``path``'s directory is a user's); ``gate``
+    and ``live``: see :func:`join`."""
     connect = open_own_unix_connection if own_socket else asyncio.open_unix_connection
     return await asyncio.start_server(
-        lambda r, w: join(r, w, lambda: connect(path), gate), "127.0.0.1", port
+        lambda r, w: join(r, w, lambda: connect(path), gate, live), "127.0.0.1", port
     )
 
 
-async def forward_unix_to_tcp(path: str, host: str, port: int) -> asyncio.Server:
+async def forward_unix_to_tcp(path: str, host: str, port: int,
+                              live: Connections | None = None) -> asyncio.Server:  # fmt: skip
     """The Unix socket ``path`` (made here, 0666, in a directory the sandbox's user may
     write) -> ``host:port``. Its mode comes with it at bind (the umask): nothing is done
     to ``path`` by name after it exists, when the user could have swapped it for a link."""
@@ -115,5 +136,6 @@ async def forward_unix_to_tcp(path: str, host: str, port: int) -> asyncio.Server
     finally:
         os.umask(old)
     return await asyncio.start_unix_server(
-        lambda r, w: join(r, w, lambda: asyncio.open_connection(host, port)), sock=sock
+        lambda r, w: join(r, w, lambda: asyncio.open_connection(host, port), live=live),
+        sock=sock,
     )

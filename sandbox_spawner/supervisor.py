@@ -18,6 +18,8 @@ sandbox of this project's runtimes, and carries two byte streams:
 The hibernator asks the server whether it is in use at a port of its own (the plan's
 ``activity_port``), and freezes and thaws it through a socket in the state
 directory (:mod:`.freezing`): the proxy's first byte for a frozen server thaws it.
+Through the same socket it has a gVisor server hibernated with its memory
+(:mod:`.hibernation`); the plan's ``resume`` restores one.
 
 It is its own session, not a child the Hub waits for: a Hub restart leaves it
 and the server running, and finds them again from the spawner's state. It ends
@@ -38,15 +40,18 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from sandbox_provisioner.runtimes import create_runtime
 from sandbox_provisioner.spec import SandboxSpec
 
-from . import freezing
-from .streams import forward_tcp_to_unix, forward_unix_to_tcp
+from . import freezing, hibernation
+from .streams import Connections, forward_tcp_to_unix, forward_unix_to_tcp
 
 log = logging.getLogger("jupyter-sandbox-supervisor")
 PLAN, EXIT, LOG, LOCK = "plan.json", "exit", "supervisor.log", "supervisor.lock"
+#: How a hibernated server's restore went (``{"restored": bool, "reason"}``).
+RESUMED = "resumed.json"
 
 
 def holds(state_dir: Path) -> bool:
@@ -71,21 +76,27 @@ async def supervise(state_dir: Path) -> int:
     plan = json.loads((state_dir / PLAN).read_text())
     spec = SandboxSpec.from_dict(plan["spec"])
     freezer = freezing.Freezer()
+    live = Connections()  # every connection carried: a hibernation closes them
     # All ready before the server starts (it calls the Hub at once).
     proxy_side = await forward_tcp_to_unix(plan["port"], plan["server_socket"],
-                                           own_socket=True, gate=freezer.traffic)  # fmt: skip
-    servers = [proxy_side, await forward_unix_to_tcp(plan["hub_socket"], *plan["hub_api"])]
+                                           own_socket=True, gate=freezer.traffic, live=live)
+    servers = [proxy_side,
+               await forward_unix_to_tcp(plan["hub_socket"], *plan["hub_api"], live=live)]
     if plan.get("activity_port"):
         servers.append(await forward_tcp_to_unix(
-            plan["activity_port"], plan["server_socket"], own_socket=True, gate=freezer.awake
+            plan["activity_port"], plan["server_socket"], own_socket=True, gate=freezer.awake,
+            live=live,
         ))  # fmt: skip
     runtime = create_runtime(plan["runtime"])
-    if plan.get("restore_from"):  # a gVisor template: restored, then told to go on
+    sleeper = hibernation.Hibernation(plan, runtime, live, freezer)
+    sandbox = await _resume(runtime, plan, state_dir, sleeper) if plan.get("resume") else None
+    if sandbox is None and plan.get("restore_from"):  # a template: restored, told to go on
         sandbox = await runtime.restore(spec, Path(plan["restore_from"]))  # type: ignore[attr-defined]
         (state_dir / "ctl" / "go").touch()
-    else:
+    elif sandbox is None:
         sandbox = await runtime.launch(spec)
     freezer.sandbox = sandbox
+    freezer.on_hibernate = sleeper.run
     servers.append(await freezing.serve(str(state_dir / freezing.SOCKET), freezer))
     log.info("server of %s started (%s sandbox, monitor pid %s)", plan["name"],
              plan["runtime"], getattr(sandbox, "pid", "?"))  # fmt: skip
@@ -96,6 +107,9 @@ async def supervise(state_dir: Path) -> int:
     waiting = asyncio.ensure_future(sandbox.wait())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if sleeper.ended:  # checkpointed: its image is being kept, and the hibernator told
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(freezer.hibernation_answered.wait(), 600)
     freezer.stop()  # no freeze from now on; a frozen server takes no signal
     if not waiting.done():
         log.info("stopping the server of %s", plan["name"])
@@ -114,6 +128,23 @@ async def supervise(state_dir: Path) -> int:
     (state_dir / EXIT).write_text(str(code if code is not None else -signal.SIGKILL))
     log.info("server of %s ended with %s", plan["name"], code)
     return 0
+
+
+async def _resume(runtime: Any, plan: dict[str, Any], state_dir: Path,
+                  sleeper: hibernation.Hibernation) -> Any:
+    """The hibernated server restored, or None (then it starts cold); what happened is
+    written to ``RESUMED`` for the spawner (whose spawn page tells the user)."""
+    try:
+        sandbox, lost = await hibernation.restore(runtime, plan)
+        outcome: dict[str, Any] = {"restored": True, "lost_kernels": lost}
+        sleeper.spec = plan["resume"]["spec"]
+    except Exception as exc:
+        log.warning("the hibernated server of %s was not restored: %s", plan["name"], exc)
+        sandbox, outcome = None, {"restored": False, "reason": str(exc)[-300:]}
+    fd = os.open(state_dir / RESUMED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(outcome, f)
+    return sandbox
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,7 @@ c.JupyterHub.cleanup_proxy = False
 c.LocalSandboxSpawner.runtime = "{runtime}"
 c.LocalSandboxSpawner.homes_root = "{root}/homes"
 c.LocalSandboxSpawner.state_root = "{root}/servers"
+c.LocalSandboxSpawner.hibernation_images = "{root}/hibernated"
 c.LocalSandboxSpawner.mem_limit = "1G"
 c.LocalSandboxSpawner.pids_limit = 256
 c.LocalSandboxSpawner.start_timeout = 120

@@ -171,6 +171,22 @@ class GVisorSandbox(LocalSandbox):
                             self.container_id, signum)  # fmt: skip
                 await self.kill()
 
+    async def signal_process(self, pid: int, signum: int) -> None:
+        """Signal the sandbox's process ``pid`` (its number inside) and no other."""
+        proc = await asyncio.create_subprocess_exec(
+            self.runsc, "--root", str(self.state_root), "kill", "--pid", str(pid),
+            self.container_id, str(int(signum)), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"runsc kill --pid {pid} did not end") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"runsc kill --pid {pid}: {err.decode(errors='replace')[-300:]}")
+
     def freezer(self) -> str | None:
         """The sandbox's cgroup (runsc puts the Sentry, its gofer and stubs there, in
         every hierarchy: the freezer's too); runsc's monitor is outside it."""
