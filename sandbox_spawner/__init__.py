@@ -23,7 +23,10 @@ It may use the provisioner's parts (``sandbox_provisioner``); the provisioner
 never imports it.
 """
 
+import asyncio
 import os
+import secrets
+import shutil
 from pathlib import Path
 
 
@@ -33,3 +36,15 @@ def data_root() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/jupyter-sandbox")
     return Path(os.path.expanduser("~/.local/share/jupyter-sandbox"))
+
+
+async def remove_aside(path: Path) -> None:
+    """``path`` gone: renamed aside at once (nothing finds it by its name any more), then
+    removed off the event loop (a home, a run directory or an image may hold many files,
+    or gigabytes)."""
+    aside = path.with_name(f".removing-{path.name}-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    await asyncio.to_thread(shutil.rmtree, aside, True)

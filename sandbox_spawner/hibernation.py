@@ -47,15 +47,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandbox_provisioner.identity import SandboxIdentity
 from sandbox_provisioner.runtimes.base import Sandbox
 
+from . import remove_aside
+from .activity import HEADER, KEY_ENV
+from .quiesce import PATH as QUIESCE_PATH
+from .quiesce import RESUME_SIGNAL
 from .streams import Connections, open_own_unix_connection
 
 log = logging.getLogger("jupyter-sandbox-supervisor")
 #: In an image's directory: the record (what it is of, for whom) and runsc's files.
 RECORD, FILES = "record.json", "image"
-#: In the server's state directory: what the restored sandbox wrote.
-RESTORE_LOG = "restored.log"
+#: In the server's state directory: what the restored sandbox wrote, and how its restore
+#: went (``{"restored": bool, "lost_kernels"|"reason"}``, the supervisor's, for the spawner).
+RESTORE_LOG, RESUMED = "restored.log", "resumed.json"
 MAX_RECORD = 1 << 20
 #: Seconds the server has to stop listening, and to listen again after a restore.
 QUIESCE_TIMEOUT, RELISTEN_TIMEOUT = 10.0, 30.0
@@ -99,17 +105,6 @@ def usable(record: dict[str, Any] | None, expected: dict[str, Any]) -> str | Non
     return None
 
 
-async def remove(directory: Path) -> None:
-    """An image gone: renamed aside at once (no restore takes it any more), then removed
-    off the event loop (it may be gigabytes)."""
-    aside = directory.with_name(f".removing-{directory.name}-{secrets.token_hex(4)}")
-    try:
-        os.rename(directory, aside)
-    except FileNotFoundError:
-        return
-    await asyncio.to_thread(shutil.rmtree, aside, True)
-
-
 def _private(directory: Path) -> None:
     """Everything below ``directory`` (root's, in a root-only directory) root's alone:
     runsc writes its image with the supervisor's umask."""
@@ -136,12 +131,9 @@ async def ask_server(server_socket: str, method: str, prefix: str, key: str,
     """The server's :mod:`.quiesce` endpoint, asked at its own socket with its activity
     key; its JSON answer. ``live``: connections to close once the request is sent (the
     server waits for them before it answers a POST)."""
-    from .activity import HEADER
-    from .quiesce import PATH
-
     reader, writer = await open_own_unix_connection(server_socket)
     try:
-        writer.write(f"{method} {prefix.rstrip('/')}/{PATH} HTTP/1.1\r\nHost: localhost\r\n"
+        writer.write(f"{method} {prefix.rstrip('/')}/{QUIESCE_PATH} HTTP/1.1\r\nHost: localhost\r\n"
                      f"{HEADER}: {key}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                      .encode())  # fmt: skip
         await writer.drain()
@@ -241,8 +233,6 @@ class Hibernation:
             return {"ok": False, "reason": str(exc), "ended": False}
         self._close()
         env = self.spec.get("env") or {}
-        from .activity import KEY_ENV
-
         try:
             pid = await ask_to_quiesce(self.plan["server_socket"],
                                        env.get("JUPYTERHUB_SERVICE_PREFIX", "/"),
@@ -255,14 +245,14 @@ class Hibernation:
             staging.mkdir(mode=0o700)
             await self._checkpoint(sandbox, staging / FILES)
         except (OSError, RuntimeError) as exc:
-            await remove(staging)
+            await remove_aside(staging)
             await self._resume(sandbox, pid)
             return {"ok": False, "reason": str(exc)[:300], "ended": False}
         self.ended = True  # the sandbox is gone: the server is stopped, image or not
         _private(staging)
         size = disk_usage(staging)
         if size > limit:
-            await remove(staging)
+            await remove_aside(staging)
             return {"ok": False, "ended": True, "reason": f"its image took {size >> 20} MiB, "
                     f"more than the limit ({limit >> 20} MiB): stopped instead"}  # fmt: skip
         record = {**image["record"], "spec": self.spec, "pid": pid, "bytes": size,
@@ -271,10 +261,10 @@ class Hibernation:
             fd = os.open(staging / RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
-            await remove(final)  # an older image of this server
+            await remove_aside(final)  # an older image of this server
             os.rename(staging, final)
         except OSError as exc:
-            await remove(staging)
+            await remove_aside(staging)
             return {"ok": False, "ended": True, "reason": f"its image was not kept: {exc}"}
         took = time.monotonic() - began
         log.info("hibernated the server: %d MiB image in %.2fs", size >> 20, took)
@@ -305,7 +295,7 @@ class Hibernation:
     async def _resume(self, sandbox: Sandbox, pid: int) -> None:
         """The checkpoint failed: the server goes on as it was, listening again."""
         with contextlib.suppress(Exception):
-            await sandbox.signal_process(pid, _resume_signal())  # type: ignore[attr-defined]
+            await sandbox.signal_process(pid, int(RESUME_SIGNAL))  # type: ignore[attr-defined]
         await wait_listening(self.plan["server_socket"], True, RELISTEN_TIMEOUT)
         self._open()
         log.warning("the server was not hibernated; it runs on")
@@ -317,18 +307,12 @@ async def _signal_when_running(sandbox: Any, pid: int) -> None:
     deadline = time.monotonic() + RELISTEN_TIMEOUT
     while True:
         try:
-            await sandbox.signal_process(pid, _resume_signal())
+            await sandbox.signal_process(pid, int(RESUME_SIGNAL))
             return
         except RuntimeError:
             if time.monotonic() > deadline or await sandbox.poll() is not None:
                 raise
             await asyncio.sleep(0.05)
-
-
-def _resume_signal() -> int:
-    from .quiesce import RESUME_SIGNAL
-
-    return int(RESUME_SIGNAL)
 
 
 async def restore(runtime: Any, plan: dict[str, Any]) -> tuple[Sandbox, int]:
@@ -337,8 +321,6 @@ async def restore(runtime: Any, plan: dict[str, Any]) -> tuple[Sandbox, int]:
     now and then: a thread that faults as it runs again); raises, its sandbox ended, if
     the server itself does not run again."""
     from sandbox_provisioner.spec import SandboxSpec
-
-    from .activity import KEY_ENV
 
     resume = plan["resume"]
     spec = SandboxSpec.from_dict(resume["spec"])
@@ -362,3 +344,71 @@ async def restore(runtime: Any, plan: dict[str, Any]) -> tuple[Sandbox, int]:
     lost = len(check.get("lost") or [])
     log.info("restored the server%s", f"; {lost} kernel(s) lost" if lost else "")
     return sandbox, lost
+
+
+# -- the spawner's side ------------------------------------------------------------------
+class KeepsMemory:
+    """Mixin for :class:`~.local.LocalSandboxSpawner`: where its server's image is, and
+    what a start makes of one (needs its ``instance``, ``_state_dir``, ``_event``,
+    ``hibernation_images`` and ``hibernation_image_limit``)."""
+
+    def _image_dir(self) -> Path:
+        """Where the server's hibernation image is kept: this Hub's, this server's."""
+        return Path(self.hibernation_images) / self.instance.id / self._state_dir().name
+
+    def _image_record(self, who: SandboxIdentity) -> dict[str, Any]:
+        """What an image of this server must say of itself to be restored into it."""
+        return {"hub": self.instance.id, "user": self.user.name, "user_id": int(self.user.id),
+                "server": self.name, "uid": who.uid, "runtime": "gvisor"}  # fmt: skip
+
+    def _image_limit(self) -> int:
+        return self.hibernation_image_limit or int(self.mem_limit or 0) or 4 << 30
+
+    async def _hibernated(self, image: Path, kept: dict[str, Any]) -> dict[str, Any] | None:
+        """The record of this server's hibernation image, if it may be restored: then the
+        server's Hub token and activity key are the image's own again (JupyterHub kept the
+        token: ``will_resume``), for the restore and for a cold start alike."""
+        for directory in (Path(self.hibernation_images), image.parent):
+            directory.mkdir(mode=0o700, exist_ok=True)  # root's alone, whatever the umask
+        if not image.is_dir():
+            return None
+        record = read_record(image)
+        why = usable(record, kept)
+        env = ((record or {}).get("spec") or {}).get("env") or {}
+        token, key = env.get("JUPYTERHUB_API_TOKEN"), env.get(KEY_ENV)
+        if why is None and not (isinstance(token, str) and token and isinstance(key, str)):
+            why = "its record has no token"
+        if why is not None:
+            self.log.warning("%s: the hibernation image %s is not restored: %s",
+                             self._log_name, image, why)  # fmt: skip
+            self._event(20, "Your server's hibernated memory cannot be restored: it starts "
+                        "afresh with your files, and your kernels were restarted")  # fmt: skip
+            await remove_aside(image)
+            return None
+        self.api_token, self.activity_key = token, key
+        return record
+
+    async def _restored(self, state: Path, image: Path) -> bool:
+        """Whether the supervisor restored the image (else the server started cold, and
+        the user is told); the image is removed either way: it was used, or tried."""
+        said = state / RESUMED
+        deadline = time.monotonic() + 30  # written once the server listens: a moment
+        while not said.exists() and time.monotonic() < deadline and await self.poll() is None:
+            await asyncio.sleep(0.02)
+        try:
+            outcome = json.loads(said.read_text())
+        except (OSError, ValueError):
+            outcome = {"restored": False, "reason": "the supervisor said nothing"}
+        await remove_aside(image)
+        if outcome.get("restored") is True:
+            lost = outcome.get("lost_kernels")
+            if isinstance(lost, int) and lost > 0:
+                self.log.warning("%s: restored with %d kernel(s) lost", self._log_name, lost)
+                self._event(90, f"{lost} of your kernels did not survive the restore and "
+                            "were restarted; the others kept their variables")  # fmt: skip
+            return True
+        self.log.warning("%s: not restored from its hibernation image: %s", self._log_name,
+                         outcome.get("reason"))  # fmt: skip
+        self._event(90, "Your server could not be restored as it was when it hibernated: it "
+                    "started afresh with your files, and your kernels were restarted")  # fmt: skip
+        return False

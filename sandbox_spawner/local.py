@@ -39,7 +39,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import stat
@@ -63,10 +62,11 @@ from sandbox_provisioner.runtimes import AUTO, create_runtime, runtime_classes
 from sandbox_provisioner.runtimes.process import is_running, process_start_time
 from sandbox_provisioner.spec import NetworkMode, ResourceLimits, SandboxSpec
 
-from . import activity, data_root, freezing, hibernation, supervisor
+from . import activity, data_root, freezing, remove_aside, supervisor
 from .activity import ActivityKey
 from .binder import server as binder_server
 from .binder.inside import ENV_PATH
+from .hibernation import KeepsMemory
 from .hub_instance import HubConflict, HubInstance, claim, legacy_slug, server_key, slug
 from .starts import RecordsStarts
 from .streams import open_own_unix_connection
@@ -107,7 +107,7 @@ def _server_config(project: str | None, label: str) -> str:
     )
 
 
-class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
+class LocalSandboxSpawner(KeepsMemory, RecordsStarts, ActivityKey, Spawner):
     """Each user's server in a local sandbox (gVisor or bubblewrap)."""
 
     runtime = Unicode(
@@ -221,10 +221,6 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         """The server's own directory (by the user's id: short, as a socket's path must be)."""
         return Path(self.state_root) / f"{self.user.id}-{server_key(self.name)}"
 
-    def _image_dir(self) -> Path:
-        """Where the server's hibernation image is kept: this Hub's, this server's."""
-        return Path(self.hibernation_images) / self.instance.id / self._state_dir().name
-
     def identity(self) -> SandboxIdentity:
         """The server's host uid: its own, when the Hub is root (this Hub's alone)."""
         if os.geteuid() != 0:
@@ -281,7 +277,7 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         if supervisor.holds(state):
             raise HubConflict(f"a server of {self.user.name} still runs from {state} (its "
                               "supervisor holds it): stop it first")  # fmt: skip
-        await _remove(state)
+        await remove_aside(state)
         run = state / "run"
         for directory in (Path(self.state_root), state):
             directory.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -297,14 +293,14 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         runtime = create_runtime(self.runtime)
         runtime.require()
         image, kept = self._image_dir(), self._image_record(who)
-        record = self._hibernated(image, kept) if runtime.name == "gvisor" else None
+        record = await self._hibernated(image, kept) if runtime.name == "gvisor" else None
         spec = self._spec(state, runtime.name, who, home=home)
         layout = self._layout_key(spec)
         if record is not None and record.get("layout") != layout:
             self._event(20, "Your server's hibernated memory cannot be restored (its sandbox's "
                         "configuration changed): it starts afresh with your files, and your "
                         "kernels were restarted")  # fmt: skip
-            await hibernation.remove(image)
+            await remove_aside(image)
             record = None
         template = None
         # A launched repository's servers share a template of their own (one more mount);
@@ -359,64 +355,6 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
         self._event(100, f"The server is {back}: {self._sandbox_summary(runtime.name, spec)}")
         self.record_start(began, resumed, restored)
         return f"http://127.0.0.1:{port}"
-
-    # -- hibernation with memory (gVisor, :mod:`.hibernation`) ------------------------------
-    def _image_record(self, who: SandboxIdentity) -> dict[str, Any]:
-        """What an image of this server must say of itself to be restored into it."""
-        return {"hub": self.instance.id, "user": self.user.name, "user_id": int(self.user.id),
-                "server": self.name, "uid": who.uid, "runtime": "gvisor"}  # fmt: skip
-
-    def _image_limit(self) -> int:
-        return self.hibernation_image_limit or int(self.mem_limit or 0) or 4 << 30
-
-    def _hibernated(self, image: Path, kept: dict[str, Any]) -> dict[str, Any] | None:
-        """The record of this server's hibernation image, if it may be restored: then the
-        server's Hub token and activity key are the image's own again (JupyterHub kept the
-        token: ``will_resume``), for the restore and for a cold start alike."""
-        for directory in (Path(self.hibernation_images), image.parent):
-            directory.mkdir(mode=0o700, exist_ok=True)  # root's alone, whatever the umask
-        if not image.is_dir():
-            return None
-        record = hibernation.read_record(image)
-        why = hibernation.usable(record, kept)
-        env = ((record or {}).get("spec") or {}).get("env") or {}
-        token, key = env.get("JUPYTERHUB_API_TOKEN"), env.get(activity.KEY_ENV)
-        if why is None and not (isinstance(token, str) and token and isinstance(key, str)):
-            why = "its record has no token"
-        if why is not None:
-            self.log.warning("%s: the hibernation image %s is not restored: %s",
-                             self._log_name, image, why)  # fmt: skip
-            self._event(20, "Your server's hibernated memory cannot be restored: it starts "
-                        "afresh with your files, and your kernels were restarted")  # fmt: skip
-            shutil.rmtree(image, ignore_errors=True)
-            return None
-        self.api_token, self.activity_key = token, key
-        return record
-
-    async def _restored(self, state: Path, image: Path) -> bool:
-        """Whether the supervisor restored the image (else the server started cold, and
-        the user is told); the image is removed either way: it was used, or tried."""
-        said = state / supervisor.RESUMED
-        deadline = time.monotonic() + 30  # written once the server listens: a moment
-        while not said.exists() and time.monotonic() < deadline and await self.poll() is None:
-            await asyncio.sleep(0.02)
-        try:
-            outcome = json.loads(said.read_text())
-        except (OSError, ValueError):
-            outcome = {"restored": False, "reason": "the supervisor said nothing"}
-        await hibernation.remove(image)
-        if outcome.get("restored") is True:
-            lost = outcome.get("lost_kernels")
-            if isinstance(lost, int) and lost > 0:
-                self.log.warning("%s: restored with %d kernel(s) lost", self._log_name, lost)
-                self._event(90, f"{lost} of your kernels did not survive the restore and "
-                            "were restarted; the others kept their variables")  # fmt: skip
-            return True
-        self.log.warning("%s: not restored from its hibernation image: %s", self._log_name,
-                         outcome.get("reason"))  # fmt: skip
-        self._event(90, "Your server could not be restored as it was when it hibernated: it "
-                    "started afresh with your files, and your kernels were restarted")  # fmt: skip
-        return False
 
     def activity_url(self) -> str | None:
         """The hibernator asks at the supervisor's port for it (:mod:`.freezing`): asking
@@ -494,13 +432,13 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
                 return
 
     async def delete_forever(self) -> None:
-        await _remove(self._state_dir())
-        await hibernation.remove(self._image_dir())
+        await remove_aside(self._state_dir())
+        await remove_aside(self._image_dir())
         options = (self.user_options or {}).get(binder_server.OPTION)
         if isinstance(options, dict) and options.get("anonymous"):
-            await _remove(self.home)  # a launch's temporary user: all goes
+            await remove_aside(self.home)  # a launch's temporary user: all goes
         elif self.delete_home_on_user_delete and not self.name:  # named servers share the home
-            await _remove(self.home)
+            await remove_aside(self.home)
 
     def _user_names(self) -> list[str]:
         from jupyterhub import orm
@@ -741,17 +679,6 @@ class LocalSandboxSpawner(RecordsStarts, ActivityKey, Spawner):
     def _event(self, progress: int, message: str) -> None:
         self.log.info("%s: %s", self._log_name, message)
         self._events.put_nowait({"progress": progress, "message": message})
-
-
-async def _remove(path: Path) -> None:
-    """``path`` gone: renamed aside at once, then removed off the event loop (a user's
-    server decides how many files its home and run directory hold)."""
-    aside = path.with_name(f".removing-{path.name}-{secrets.token_hex(4)}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    await asyncio.to_thread(shutil.rmtree, aside, True)
 
 
 async def _alive(sandbox: Any) -> bool:

@@ -50,8 +50,6 @@ from .streams import Connections, forward_tcp_to_unix, forward_unix_to_tcp
 
 log = logging.getLogger("jupyter-sandbox-supervisor")
 PLAN, EXIT, LOG, LOCK = "plan.json", "exit", "supervisor.log", "supervisor.lock"
-#: How a hibernated server's restore went (``{"restored": bool, "reason"}``).
-RESUMED = "resumed.json"
 
 
 def holds(state_dir: Path) -> bool:
@@ -141,7 +139,7 @@ async def _resume(runtime: Any, plan: dict[str, Any], state_dir: Path,
     except Exception as exc:
         log.warning("the hibernated server of %s was not restored: %s", plan["name"], exc)
         sandbox, outcome = None, {"restored": False, "reason": str(exc)[-300:]}
-    fd = os.open(state_dir / RESUMED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(state_dir / hibernation.RESUMED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(outcome, f)
     return sandbox

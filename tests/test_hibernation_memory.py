@@ -36,6 +36,17 @@ def image_of(hub: Hub) -> list[Path]:
     return [d for inst in root.iterdir() for d in inst.iterdir()] if root.is_dir() else []
 
 
+async def hibernated_with_a_kernel(hub: Hub, name: str, code: str) -> tuple[str, str]:
+    """``name``'s server, a kernel that ran ``code``, left idle until the hibernator took
+    it: the user's token and the kernel's id."""
+    await hub.spawn(name)
+    token = await hub.user_token(name)
+    kernel = await hub.kernel(name, token)
+    await hub.execute(name, token, code, kernel_id=kernel)
+    assert await hub.stops_within(name, 90), "hibernated once idle"
+    return token, kernel
+
+
 async def wait_for(get, done, timeout: float = 20):
     """``await get()`` again until ``done`` of it; its last value."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -110,10 +121,7 @@ async def test_an_image_over_the_limit_is_not_kept_and_the_server_stops(make_hub
     with open(hub.config, "a") as config:
         config.write("\nc.LocalSandboxSpawner.hibernation_image_limit = 1 << 20\n")
     hub.start()
-    await hub.spawn("ida")
-    token = await hub.user_token("ida")
-    await hub.execute("ida", token, STATE)
-    assert await hub.stops_within("ida", 90)
+    token, _ = await hibernated_with_a_kernel(hub, "ida", STATE)
     assert "more than the limit (1 MiB): stopped instead" in hub.log.read_text()
     assert image_of(hub) == []
     messages = await start_with_progress(hub, "ida")
@@ -124,11 +132,7 @@ async def test_an_image_over_the_limit_is_not_kept_and_the_server_stops(make_hub
 
 async def test_a_bubblewrap_server_is_stopped_as_before(make_hub):
     hub = memory_hub(make_hub, "bubblewrap")
-    await hub.spawn("ben")
-    token = await hub.user_token("ben")
-    kernel = await hub.kernel("ben", token)
-    await hub.execute("ben", token, "x = 1", kernel_id=kernel)
-    assert await hub.stops_within("ben", 90)
+    token, kernel = await hibernated_with_a_kernel(hub, "ben", "x = 1")
     assert "ben not hibernated with its memory: a bubblewrap server cannot keep its " \
            "memory" in hub.log.read_text()
     assert image_of(hub) == []
@@ -139,11 +143,7 @@ async def test_a_bubblewrap_server_is_stopped_as_before(make_hub):
 
 async def test_an_image_that_cannot_be_restored_ends_in_a_cold_start_that_says_so(make_hub):
     hub = memory_hub(make_hub, "gvisor")
-    await hub.spawn("cora")
-    token = await hub.user_token("cora")
-    kernel = await hub.kernel("cora", token)
-    await hub.execute("cora", token, STATE, kernel_id=kernel)
-    assert await hub.stops_within("cora", 90)
+    token, kernel = await hibernated_with_a_kernel(hub, "cora", STATE)
     [image] = image_of(hub)
     for part in (image / hibernation.FILES).iterdir():  # damaged on disk
         if part.is_file():
@@ -163,11 +163,7 @@ async def test_an_image_is_restored_only_into_its_own_server(make_hub):
     """Another account's image under this server's name (a copy, a reused name) is
     refused: not restored, its token not taken, and removed."""
     hub = memory_hub(make_hub, "gvisor")
-    await hub.spawn("dora")
-    token = await hub.user_token("dora")
-    kernel = await hub.kernel("dora", token)
-    await hub.execute("dora", token, "secret = 'dora only'\nprint(1)", kernel_id=kernel)
-    assert await hub.stops_within("dora", 90)
+    await hibernated_with_a_kernel(hub, "dora", "secret = 'dora only'")
     [image] = image_of(hub)
     await hub.spawn("eve")
     eve = await hub.user_token("eve")
