@@ -161,6 +161,8 @@ class Freezer:
             self.thaw()
             return {"ok": True, **self.status()}
         if what == "hibernate":
+            if self.closed:
+                return {"ok": False, "ended": False, "reason": "it is hibernating already"}
             if self.on_hibernate is None or self.sandbox is None or self.stopping:
                 return {"ok": False, "ended": False,
                         "reason": "the server is starting or stopping"}  # fmt: skip
@@ -172,6 +174,7 @@ async def serve(path: str, freezer: Freezer) -> asyncio.Server:
     """The control socket at ``path`` (root's, 0600: made so at bind)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request: Any = {}
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
             try:
@@ -183,11 +186,11 @@ async def serve(path: str, freezer: Freezer) -> asyncio.Server:
                 request, reply = {}, {"ok": False, "reason": "not a JSON object"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-            if request.get("do") == "hibernate":
-                freezer.hibernation_answered.set()
         except (TimeoutError, ConnectionError, OSError, ValueError):  # ValueError: too long
             pass
         finally:
+            if isinstance(request, dict) and request.get("do") == "hibernate":
+                freezer.hibernation_answered.set()  # told, or the asker is gone
             with contextlib.suppress(Exception):
                 writer.close()
 

@@ -19,7 +19,8 @@ listens again); anything after leaves it stopped with the user's files, as a sto
 would. Never half-gone.
 
 The next start of that server (:class:`~.local.LocalSandboxSpawner`) finds the image,
-checks its record (the same user, account uid and sandbox layout), and has the
+checks its record (the same user, account uid, and the very sandbox this start would
+make: mounts and their sources, identity, limits, environment), and has the
 supervisor restore it (``runsc restore``), with the server's Hub token and activity key
 of the start that made it (JupyterHub keeps a server's token when its spawner
 ``will_resume``). The restored server listens again on a signal; its kernels come back
@@ -52,8 +53,8 @@ from sandbox_provisioner.runtimes.base import Sandbox
 
 from . import remove_aside
 from .activity import HEADER, KEY_ENV
+from .quiesce import DRAIN_TIMEOUT, RESUME_SIGNAL
 from .quiesce import PATH as QUIESCE_PATH
-from .quiesce import RESUME_SIGNAL
 from .streams import Connections, open_own_unix_connection
 
 log = logging.getLogger("jupyter-sandbox-supervisor")
@@ -94,7 +95,7 @@ def read_record(directory: Path) -> dict[str, Any] | None:
 
 def usable(record: dict[str, Any] | None, expected: dict[str, Any]) -> str | None:
     """Why the image of ``record`` may not be restored for a start that ``expected``
-    describes (the user, their account's uid, the sandbox's layout); None if it may."""
+    describes (the Hub, the user, their account's uid); None if it may."""
     if record is None:
         return "its record is missing or unreadable"
     for key, value in expected.items():
@@ -131,6 +132,12 @@ async def ask_server(server_socket: str, method: str, prefix: str, key: str,
     """The server's :mod:`.quiesce` endpoint, asked at its own socket with its activity
     key; its JSON answer. ``live``: connections to close once the request is sent (the
     server waits for them before it answers a POST)."""
+    return await asyncio.wait_for(_ask(server_socket, method, prefix, key, live),
+                                  QUIESCE_TIMEOUT + DRAIN_TIMEOUT)  # the whole exchange
+
+
+async def _ask(server_socket: str, method: str, prefix: str, key: str,
+               live: Connections | None) -> dict[str, Any]:  # fmt: skip
     reader, writer = await open_own_unix_connection(server_socket)
     try:
         writer.write(f"{method} {prefix.rstrip('/')}/{QUIESCE_PATH} HTTP/1.1\r\nHost: localhost\r\n"
@@ -141,8 +148,7 @@ async def ask_server(server_socket: str, method: str, prefix: str, key: str,
             await asyncio.sleep(0.05)  # the server closes its listening socket first
             live.close_all()
         answer = b""
-        while len(answer) < 8192 and (chunk := await asyncio.wait_for(
-                reader.read(8192), QUIESCE_TIMEOUT)):  # fmt: skip
+        while len(answer) < 8192 and (chunk := await reader.read(8192)):
             answer += chunk
     finally:
         writer.close()
@@ -152,7 +158,7 @@ async def ask_server(server_socket: str, method: str, prefix: str, key: str,
         raise HibernationFailed(f"the server answered {status[:80].decode(errors='replace')!r}")
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # the server's to make: nested 8000 deep, say
         raise HibernationFailed("the server's answer is not JSON") from None
     if not isinstance(data, dict):
         raise HibernationFailed("the server's answer is not a JSON object")
@@ -200,8 +206,10 @@ class Hibernation:
         self.freezer = freezer
         #: The spec the sandbox runs (a restored server's, or the cold start's).
         self.spec: dict[str, Any] = plan["spec"]
-        #: Set once the sandbox ended for a hibernation (its image kept, or not).
-        self.ended = False
+        #: Set while the sandbox is being checkpointed (it ends meanwhile), and once it
+        #: ended for a hibernation (its image kept, or not).
+        self.checkpointing = self.ended = False
+        self.done = asyncio.Event()
         self.answered = asyncio.Event()
 
     def refusal(self) -> str | None:
@@ -214,6 +222,12 @@ class Hibernation:
 
     async def run(self, sandbox: Sandbox) -> dict[str, Any]:
         """Hibernate ``sandbox``; the answer for the hibernator."""
+        try:
+            return await self._run(sandbox)
+        finally:
+            self.done.set()
+
+    async def _run(self, sandbox: Sandbox) -> dict[str, Any]:
         refused = self.refusal()
         if refused:
             return {"ok": False, "reason": refused, "ended": False}
@@ -237,15 +251,21 @@ class Hibernation:
             pid = await ask_to_quiesce(self.plan["server_socket"],
                                        env.get("JUPYTERHUB_SERVICE_PREFIX", "/"),
                                        env.get(KEY_ENV, ""), self.live)  # fmt: skip
-        except (OSError, TimeoutError, HibernationFailed) as exc:
+        except Exception as exc:  # whatever the server answered, or did not: it runs on
             self._open()
-            return {"ok": False, "reason": f"the server did not let go: {exc}", "ended": False}
+            return {"ok": False, "reason": f"the server did not let go: {exc!r}"[:300],
+                    "ended": False}  # fmt: skip
         staging = final.with_name(f".new-{final.name}-{secrets.token_hex(4)}")
+        self.checkpointing = True  # the sandbox ends now, one way or the other
         try:
             staging.mkdir(mode=0o700)
             await self._checkpoint(sandbox, staging / FILES)
         except (OSError, RuntimeError) as exc:
             await remove_aside(staging)
+            if await sandbox.poll() is not None:  # a failed checkpoint can end the sandbox
+                self.ended = True
+                return {"ok": False, "ended": True, "reason": f"{str(exc)[:300]}: stopped"}
+            self.checkpointing = False
             await self._resume(sandbox, pid)
             return {"ok": False, "reason": str(exc)[:300], "ended": False}
         self.ended = True  # the sandbox is gone: the server is stopped, image or not
@@ -387,6 +407,26 @@ class KeepsMemory:
             return None
         self.api_token, self.activity_key = token, key
         return record
+
+    async def _same_sandbox(self, record: dict[str, Any], spec: Any, image: Path) -> bool:
+        """Whether the image's server ran in the sandbox this start would make (its mounts
+        and their sources, identity, limits, environment): a restore brings back the old
+        one whole, so what an administrator changed since (a profile's mount, a group's
+        limits) would come back with it. If not, the image goes and the user is told."""
+        def comparable(data: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in data.items() if k != "switches_user"}  # template or not
+
+        if comparable(record["spec"]) == comparable(spec.to_dict()):
+            return True
+        changed = sorted(k for k in set(record["spec"]) | set(spec.to_dict())
+                         if record["spec"].get(k) != spec.to_dict().get(k))  # fmt: skip
+        self.log.warning("%s: the hibernation image %s is not restored: the server's sandbox "
+                         "changed since (%s)", self._log_name, image, ", ".join(changed))
+        self._event(20, "Your server's hibernated memory cannot be restored (its sandbox's "
+                    "configuration changed): it starts afresh with your files, and your "
+                    "kernels were restarted")  # fmt: skip
+        await remove_aside(image)
+        return False
 
     async def _restored(self, state: Path, image: Path) -> bool:
         """Whether the supervisor restored the image (else the server started cold, and

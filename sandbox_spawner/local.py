@@ -295,13 +295,6 @@ class LocalSandboxSpawner(KeepsMemory, RecordsStarts, ActivityKey, Spawner):
         image, kept = self._image_dir(), self._image_record(who)
         record = await self._hibernated(image, kept) if runtime.name == "gvisor" else None
         spec = self._spec(state, runtime.name, who, home=home)
-        layout = self._layout_key(spec)
-        if record is not None and record.get("layout") != layout:
-            self._event(20, "Your server's hibernated memory cannot be restored (its sandbox's "
-                        "configuration changed): it starts afresh with your files, and your "
-                        "kernels were restarted")  # fmt: skip
-            await remove_aside(image)
-            record = None
         template = None
         # A launched repository's servers share a template of their own (one more mount);
         # one with a start script runs it before the server: it starts cold.
@@ -312,6 +305,8 @@ class LocalSandboxSpawner(KeepsMemory, RecordsStarts, ActivityKey, Spawner):
             if template is not None:
                 self._write_start(state, spec, who)
                 spec = dataclasses.replace(spec, switches_user=True)
+        if record is not None and not await self._same_sandbox(record, spec, image):
+            record = None
         plan = {
             "name": self.user.name + (f"/{self.name}" if self.name else ""),
             "runtime": runtime.name,
@@ -324,8 +319,8 @@ class LocalSandboxSpawner(KeepsMemory, RecordsStarts, ActivityKey, Spawner):
             "stop_grace": self.stop_grace,
             "restore_from": str(template.image) if template is not None else None,
             # gVisor: where the hibernator may have it hibernated with its memory ...
-            "image": {"dir": str(image), "limit": self._image_limit(),
-                      "record": {**kept, "layout": layout}} if runtime.name == "gvisor" else None,
+            "image": {"dir": str(image), "limit": self._image_limit(), "record": kept}
+            if runtime.name == "gvisor" else None,
             # ... and the image it restores from, if it was.
             "resume": {"dir": str(image), "spec": record["spec"], "pid": record["pid"]}
             if record is not None else None,

@@ -105,9 +105,11 @@ async def supervise(state_dir: Path) -> int:
     waiting = asyncio.ensure_future(sandbox.wait())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if sleeper.ended:  # checkpointed: its image is being kept, and the hibernator told
+    if sleeper.checkpointing:  # its image is being kept, then the hibernator told
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(freezer.hibernation_answered.wait(), 600)
+            await asyncio.wait_for(sleeper.done.wait(), 600)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(freezer.hibernation_answered.wait(), 5)
     freezer.stop()  # no freeze from now on; a frozen server takes no signal
     if not waiting.done():
         log.info("stopping the server of %s", plan["name"])

@@ -12,12 +12,13 @@ import asyncio
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 from hub_fixtures import Hub
 from test_freezing import metrics
 
-from sandbox_spawner import hibernation
+from sandbox_spawner import freezing, hibernation
 
 STATE = "x = 41\nbig = list(range(2_000_000))\nopen('notes.txt', 'w').write('kept')\nprint('ok')"
 #: How long a server may sit idle in these tests before the hibernator takes it.
@@ -28,6 +29,10 @@ def memory_hub(make_hub, runtime: str, strategy: str = "hibernate") -> Hub:
     return make_hub(IDLE, "--interval=1", runtime=runtime,
                     env={"JUPYTER_SANDBOX_FREEZE_AFTER": "0",
                          "JUPYTER_SANDBOX_HIBERNATE_STRATEGY": strategy})  # fmt: skip
+
+
+def home(hub: Hub, name: str) -> Path:
+    return hub.root / "homes" / name
 
 
 def image_of(hub: Hub) -> list[Path]:
@@ -180,3 +185,94 @@ async def test_an_image_is_restored_only_into_its_own_server(make_hub):
     assert not eves.exists()
     record = json.dumps(hibernation.read_record(eves) or {})
     assert "dora" not in record
+
+
+async def test_a_server_that_does_not_let_go_runs_on(make_hub):
+    """Never half-gone: a server that keeps a connection of the host's open (here its own
+    kernel, connected to the server's socket) is not checkpointed; it listens again and
+    runs on, its kernel's variables kept. A second request meanwhile is refused."""
+    hub = make_hub(3600, runtime="gvisor",
+                   env={"JUPYTER_SANDBOX_HIBERNATE_STRATEGY": "hibernate"})  # fmt: skip
+    await hub.spawn("gus")
+    token = await hub.user_token("gus")
+    kernel = await hub.kernel("gus", token)
+    await hub.execute("gus", token, "import socket\nheld = socket.socket(socket.AF_UNIX)\n"
+                      "held.connect('/run/jupyter-sandbox/server.sock')\nx = 5",
+                      kernel_id=kernel)  # fmt: skip
+    freezer = (await hub.state("gus"))["freezer"]
+    answers = await asyncio.gather(*(freezing.request(freezer, {"do": "hibernate"}, 120)
+                                     for _ in range(2)))  # fmt: skip
+    reasons = sorted(str(a.get("reason")) for a in answers)
+    assert not any(a.get("ok") or a.get("ended") for a in answers), answers
+    assert reasons[0].startswith("it is hibernating already"), answers
+    assert reasons[1].startswith("the server did not let go"), answers
+    assert (await hub.execute("gus", token, "print(x)", kernel_id=kernel)).strip() == "5"
+    assert (await freezing.request(freezer, {"do": "status"}))["state"] == "running"
+    assert image_of(hub) == []
+
+
+#: The user's code takes the server's socket over and answers the supervisor's quiesce
+#: as ~/mode says: one byte at a time, for ever ("drip"), or JSON nested 8000 deep.
+TAKEOVER = r"""
+import os, socket, threading, time
+path = '/run/jupyter-sandbox/server.sock'
+os.unlink(path)
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(8)
+def serve():
+    while True:
+        c, _ = srv.accept()
+        c.recv(65536)
+        if open(os.path.expanduser('~/mode')).read() == 'drip':
+            c.sendall(b'HTTP/1.1 200 OK\r\n')
+            for _ in range(600):
+                time.sleep(1)
+                c.sendall(b'X')
+        else:
+            body = b'[' * 8000
+            c.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+        c.close()
+threading.Thread(target=serve, daemon=True).start()
+"""
+
+
+async def test_a_server_that_answers_the_quiesce_badly_holds_up_nothing(make_hub):
+    """The attack review's: a server's code that answers the supervisor slowly, or with
+    JSON nested past Python's recursion limit, held the supervisor (and the hibernator's
+    sweep) for hours, or left the proxy's gate shut. Now the exchange is bounded as a
+    whole, any bad answer is refused, and the gate opens again."""
+    hub = make_hub(3600, runtime="gvisor",
+                   env={"JUPYTER_SANDBOX_HIBERNATE_STRATEGY": "hibernate"})  # fmt: skip
+    await hub.spawn("vic")
+    token = await hub.user_token("vic")
+    mode = home(hub, "vic") / "mode"
+    mode.write_text("drip")
+    await hub.run_detached("vic", token, TAKEOVER)
+    freezer = (await hub.state("vic"))["freezer"]
+    for how in ("drip", "nested"):
+        mode.write_text(how)
+        began = time.monotonic()
+        answer = await freezing.request(freezer, {"do": "hibernate"}, 120)
+        assert time.monotonic() - began < 30, (how, answer)
+        assert not answer["ok"] and not answer["ended"], (how, answer)
+        assert "did not let go" in answer["reason"], (how, answer)
+        assert (await freezing.request(freezer, {"do": "status"}))["state"] == "running", how
+    assert image_of(hub) == []
+
+
+async def test_an_image_of_a_sandbox_since_changed_is_not_restored(make_hub):
+    """A restore brings the old sandbox back whole: after the administrator changed it
+    (here the process limit), the image is not restored, and the user is told."""
+    hub = memory_hub(make_hub, "gvisor")
+    await hibernated_with_a_kernel(hub, "liv", STATE)
+    assert len(image_of(hub)) == 1
+    hub.stop()
+    with open(hub.config, "a") as config:
+        config.write("\nc.LocalSandboxSpawner.pids_limit = 300\n")
+    hub.start()
+    messages = await start_with_progress(hub, "liv")
+    assert not any("Restoring" in m for m in messages), messages
+    assert any("configuration changed" in m for m in messages), messages
+    assert image_of(hub) == []
+    assert any("300 processes" in m for m in messages), messages
