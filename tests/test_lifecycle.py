@@ -87,13 +87,21 @@ async def test_the_workspace_is_walked_off_the_event_loop(
 
 async def test_interrupt_reaches_kernel(runtime, start_kernel):
     kernel = await start_kernel(runtime)
-    msg_id = kernel.kc.execute("import time\nwhile True:\n    time.sleep(0.01)")
-    await asyncio.sleep(1.0)
+    msg_id = kernel.kc.execute("import time\nprint('looping', flush=True)\n"
+                               "while True:\n    time.sleep(0.01)")
+    # Interrupted once the loop runs: a fixed wait let a loaded machine's kernel take the
+    # interrupt while still idle (CI saw it), and the loop then ran on.
+    while True:
+        msg = await kernel.kc.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            break
     await kernel.km.interrupt_kernel()
     reply = await kernel.reply(msg_id)
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] == "KeyboardInterrupt"
-    assert (await kernel.run("print('still alive')")).stdout.strip() == "still alive"
+    after = await kernel.run("print('still alive')")
+    assert after.ok, after.error  # not interrupted again
+    assert after.stdout.strip() == "still alive"
 
 
 #: The commands of the processes the kernel sees in its sandbox.
