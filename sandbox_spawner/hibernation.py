@@ -175,19 +175,14 @@ async def ask_to_quiesce(server_socket: str, prefix: str, key: str,
     return pid
 
 
-async def wait_listening(server_socket: str, listening: bool, timeout: float,
-                         sandbox: Any = None) -> bool:  # fmt: skip
-    """Whether the server's socket came to accept (``listening``) or refuse connections
-    within ``timeout`` seconds (or before ``sandbox`` ended)."""
+async def wait_listening(server_socket: str, timeout: float, sandbox: Any = None) -> bool:
+    """Whether the server's socket came to accept connections within ``timeout`` seconds
+    (and before ``sandbox`` ended)."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
+        with contextlib.suppress(OSError):
             _, writer = await open_own_unix_connection(server_socket)
             writer.close()
-            accepts = True
-        except OSError:
-            accepts = False
-        if accepts == listening:
             return True
         if time.monotonic() > deadline or (sandbox is not None and await sandbox.poll()
                                            is not None):  # fmt: skip
@@ -316,7 +311,7 @@ class Hibernation:
         """The checkpoint failed: the server goes on as it was, listening again."""
         with contextlib.suppress(Exception):
             await sandbox.signal_process(pid, int(RESUME_SIGNAL))  # type: ignore[attr-defined]
-        await wait_listening(self.plan["server_socket"], True, RELISTEN_TIMEOUT)
+        await wait_listening(self.plan["server_socket"], RELISTEN_TIMEOUT)
         self._open()
         log.warning("the server was not hibernated; it runs on")
 
@@ -350,7 +345,7 @@ async def restore(runtime: Any, plan: dict[str, Any]) -> tuple[Sandbox, int]:
     sandbox = await runtime.restore(spec, Path(resume["dir"]) / FILES)
     try:
         await _signal_when_running(sandbox, resume["pid"])
-        if not await wait_listening(plan["server_socket"], True, RELISTEN_TIMEOUT, sandbox):
+        if not await wait_listening(plan["server_socket"], RELISTEN_TIMEOUT, sandbox):
             code = await sandbox.poll()
             raise HibernationFailed("the restored server did not listen again" +
                                     (f" (it ended with {code})" if code is not None else ""))

@@ -278,8 +278,7 @@ class Hibernator:
     async def _freezer_status(self, label: str, freezer: Any) -> dict[str, Any] | None:
         """What the server's supervisor says (frozen or running); None where it has no
         freezer or does not answer (then the server is asked as any other)."""
-        if not (isinstance(freezer, str) and os.path.isabs(freezer)
-                and os.path.basename(freezer) == freezing.SOCKET):  # fmt: skip
+        if not _is_freezer(freezer):
             return None  # none (Kubernetes, a server started before freezing), or not one
         try:
             status = await freezing.request(freezer, {"do": "status", "take_thaws": True})
@@ -314,8 +313,7 @@ class Hibernator:
     async def _hibernate_memory(self, label: str, freezer: Any) -> None:
         """Have the server's supervisor save it to disk with its memory (it then ends);
         where it cannot, the stop that follows is a plain one."""
-        if not (isinstance(freezer, str) and os.path.isabs(freezer)
-                and os.path.basename(freezer) == freezing.SOCKET):  # fmt: skip
+        if not _is_freezer(freezer):
             return
         try:
             answer = await freezing.request(freezer, {"do": "hibernate"}, HIBERNATE_TIMEOUT)
@@ -431,6 +429,12 @@ class Hibernator:
         self._running = running  # frozen ones are told apart as they are checked
         self.metrics["servers"].labels("hibernated").set(hibernated)
         self.metrics["servers"].labels("hibernated-with-memory").set(with_memory)
+
+
+def _is_freezer(path: Any) -> bool:
+    """Whether the spawner's state names a supervisor's control socket."""
+    return (isinstance(path, str) and os.path.isabs(path)
+            and os.path.basename(path) == freezing.SOCKET)  # fmt: skip
 
 
 def _matches(user: dict[str, Any], server: dict[str, Any] | None, groups: set[str],

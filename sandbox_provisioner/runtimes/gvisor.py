@@ -140,9 +140,10 @@ class GVisorSandbox(LocalSandbox):
         self._oom: OomWatch | None = None
         self.oom_ended = False
 
-    async def _runsc(self, *args: str, timeout: float = 15.0) -> bool:
+    async def _runsc(self, *args: str, timeout: float = 15.0, check: bool = False) -> bool:
         """Run ``runsc ARGS`` on this sandbox; False if it did not end within ``timeout``
-        seconds (a Sentry that does not answer: runsc is then killed)."""
+        seconds (a Sentry that does not answer: runsc is then killed). ``check``: raise
+        RuntimeError instead, and for a failure too, with runsc's message."""
         proc = await asyncio.create_subprocess_exec(
             self.runsc,
             "--root",
@@ -150,15 +151,19 @@ class GVisorSandbox(LocalSandbox):
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE if check else asyncio.subprocess.DEVNULL,
         )
         try:
-            await asyncio.wait_for(proc.wait(), timeout)
+            _, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+            if check:
+                raise RuntimeError(f"runsc {args[0]} did not end") from None
             return False
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"runsc {args[0]}: {(err or b'').decode(errors='replace')[-300:]}")
         return True
 
     async def send_signal(self, signum: int) -> None:
@@ -173,19 +178,8 @@ class GVisorSandbox(LocalSandbox):
 
     async def signal_process(self, pid: int, signum: int) -> None:
         """Signal the sandbox's process ``pid`` (its number inside) and no other."""
-        proc = await asyncio.create_subprocess_exec(
-            self.runsc, "--root", str(self.state_root), "kill", "--pid", str(pid),
-            self.container_id, str(int(signum)), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise RuntimeError(f"runsc kill --pid {pid} did not end") from None
-        if proc.returncode != 0:
-            raise RuntimeError(f"runsc kill --pid {pid}: {err.decode(errors='replace')[-300:]}")
+        await self._runsc("kill", "--pid", str(pid), self.container_id, str(int(signum)),
+                          check=True)  # fmt: skip
 
     def freezer(self) -> str | None:
         """The sandbox's cgroup (runsc puts the Sentry, its gofer and stubs there, in
