@@ -1,9 +1,16 @@
-"""etcd + kube-apiserver + kube-controller-manager 1.20 on loopback, for tests and benchmarks.
+"""etcd + kube-apiserver + kube-controller-manager 1.20, for tests and benchmarks.
 
 Start order (the garbage collector discovers resources only every 30 s, so the
 CRDs go in before the controller-manager starts): etcd, apiserver, kubeconfig,
-CRDs, controller-manager. Everything listens on 127.0.0.1 only; the service
-range is bookkeeping, nothing connects to a ClusterIP.
+CRDs, controller-manager.
+
+Two shapes. For the stand-in node (``testcluster.node_agent``) everything listens on
+127.0.0.1 and the service range is bookkeeping: nothing connects to a ClusterIP. For a
+real node (:mod:`testcluster.realnode`, ``for_real_node``) the API server listens on the
+host's end of the node's link, as the node's kubelet and pods must reach it; the
+cluster then runs what a kubelet relies on and the stand-in does without: the
+kube-scheduler, the ServiceAccount admission plugin with its token controller,
+Endpoints for Services, and the binding of PersistentVolumes to claims.
 """
 
 from __future__ import annotations
@@ -60,13 +67,18 @@ def kube_binaries() -> Path:
 class TestCluster:
     """A throwaway cluster in ``workdir``; ``start()``, then ``kubeconfig``, then ``stop()``."""
 
-    def __init__(self, workdir: Path, bin_dir: Path | None = None):
+    def __init__(self, workdir: Path, bin_dir: Path | None = None, *,
+                 address: str = "127.0.0.1", service_range: str = "10.0.0.0/24",
+                 for_real_node: bool = False):  # fmt: skip
         self.workdir = workdir
         self.bin_dir = bin_dir or kube_binaries()
         self.token = uuid.uuid4().hex
+        self.address, self.service_range, self.for_real_node = address, service_range, for_real_node
+        #: Bearer tokens of other identities: name -> (token, groups), for a node's kubelet.
+        self.identities: dict[str, tuple[str, str]] = {}
         # The API server's and etcd's (client, peer) ports, distinct: see free_ports.
         self.port, *self._etcd_ports = free_ports(3)
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.server = f"https://{address}:{self.port}"
         self.kubeconfig = workdir / "kubeconfig"
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -96,6 +108,12 @@ class TestCluster:
             audit_flags = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
                            "--audit-log-format=json"]  # fmt: skip
         etcd_port, peer_port = self._etcd_ports
+        if self.for_real_node:
+            # logs and exec reach the kubelet at the node's address (its name resolves
+            # nowhere); pods get their service account's token, as on any cluster.
+            real_node_flags = ["--kubelet-preferred-address-types=InternalIP,Hostname"]
+        else:
+            real_node_flags = ["--disable-admission-plugins=ServiceAccount"]
         self._spawn(
             "etcd",
             [
@@ -126,14 +144,16 @@ class TestCluster:
             capture_output=True,
         )
         tokens = self.workdir / "tokens.csv"
-        tokens.write_text(f'{self.token},admin,{uuid.uuid4()},"system:masters"\n')
+        tokens.write_text(f'{self.token},admin,{uuid.uuid4()},"system:masters"\n' + "".join(
+            f'{token},{name},{uuid.uuid4()},"{groups}"\n'
+            for name, (token, groups) in self.identities.items()))
         self._spawn(
             "kube-apiserver",
             [
                 str(self.bin_dir / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.port}",
                 f"--cert-dir={self.ca_file.parent}",
                 f"--token-auth-file={tokens}",
@@ -141,8 +161,8 @@ class TestCluster:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={pub}",
                 f"--service-account-signing-key-file={key}",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--disable-admission-plugins=ServiceAccount",
+                f"--service-cluster-ip-range={self.service_range}",
+                *real_node_flags,
                 *audit_flags,
             ],
         )
@@ -165,21 +185,34 @@ class TestCluster:
                 self.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
             for crd in crds:
                 self._wait_established(crd["metadata"]["name"])
+        controllers = "garbagecollector,namespace,serviceaccount,pvc-protection"
+        real_node_flags = []
+        if self.for_real_node:
+            # nodelifecycle lifts the not-ready taint a new node's kubelet is registered with.
+            controllers += (",serviceaccount-token,endpoint,endpointslice,persistentvolume-binder,"
+                            "pv-protection,nodelifecycle")  # fmt: skip
+            real_node_flags = [f"--service-account-private-key-file={key}",
+                               f"--root-ca-file={self.ca_file}"]  # fmt: skip
         self._spawn(
             "kube-controller-manager",
             [
                 str(self.bin_dir / "kube-controller-manager"),
                 f"--kubeconfig={self.kubeconfig}",
-                "--controllers=garbagecollector,namespace,serviceaccount,pvc-protection",
+                f"--controllers={controllers}",
                 "--leader-elect=false",
                 "--port=0",
                 "--secure-port=0",
+                *real_node_flags,
             ],
         )
+        if self.for_real_node:
+            self._spawn("kube-scheduler", [
+                str(self.bin_dir / "kube-scheduler"), f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false", "--port=0", "--secure-port=0"])  # fmt: skip
         return self
 
     def stop(self) -> None:
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self._procs.pop(name, None)
             if proc is None:
                 continue

@@ -145,13 +145,18 @@ def wait_for_leader(cluster: TestCluster, proc: Process, timeout: float = 60) ->
     raise RuntimeError(f"controller did not become leader:\n{proc.log()}")
 
 
-@pytest.fixture
-def namespace(cluster: TestCluster) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
+def new_namespace(cluster: TestCluster, prefix: str = "t") -> Iterator[str]:
+    """A namespace of its own for one test (a fixture's body), deleted after it."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
     assert status == 201, body
     yield name
     cluster.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture
+def namespace(cluster: TestCluster) -> Iterator[str]:
+    yield from new_namespace(cluster)
 
 
 class Client:

@@ -24,7 +24,7 @@ from sandbox_provisioner.pool import close_pools
 from sandbox_provisioner.runtimes import runtime_classes
 from sandbox_provisioner.templates import forget_templates
 
-pytest_plugins = ["cluster_fixtures", "hub_fixtures", "binder_fixtures"]
+pytest_plugins = ["cluster_fixtures", "realnode_fixtures", "hub_fixtures", "binder_fixtures"]
 
 #: Runtimes the kernel suites run under; "-pooled" takes kernels from a local warm pool.
 RUNTIMES = ["bubblewrap", "gvisor", "bubblewrap-pooled", "gvisor-pooled"]
