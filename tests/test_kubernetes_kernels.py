@@ -44,14 +44,16 @@ POOL = "python-gvisor"
 REPLICAS = 2
 
 
-def shipped_manifests(public_key: str) -> list[dict]:
-    """The shipped template and pool, with this test's controller key pinned."""
+def shipped_manifests(public_key: str, **container_fields) -> list[dict]:
+    """The shipped template and pool, with this test's controller key pinned (and
+    ``container_fields`` set on the kernel's container)."""
     docs = list(yaml.safe_load_all(MANIFEST.read_text()))
     template, pool = docs
     container = template["spec"]["podTemplate"]["spec"]["containers"][0]
     for var in container["env"]:
         if var["name"] == "JUPYTER_SANDBOX_CONTROLLER_KEYS":
             var["value"] = public_key
+    container.update(container_fields)
     pool["spec"]["replicas"] = REPLICAS
     return [template, pool]
 
@@ -71,12 +73,12 @@ def ready_members(k8s, ns: str) -> list[dict]:
     ]
 
 
-@pytest.fixture
-def pool(k8s, namespace, cluster, tmp_path) -> dict:
-    """A warm pool of kernel sandboxes in ``namespace``; the kernelspec config to use it."""
+def make_pool(k8s, namespace: str, cluster, tmp_path: Path, **container_fields) -> dict:
+    """A warm pool of kernel sandboxes in ``namespace``, waited for; the kernelspec config
+    to use it."""
     key_file = tmp_path / "controller-key.pem"
     public = public_key_text(load_or_create_signing_key(key_file))
-    template, warm_pool = shipped_manifests(public)
+    template, warm_pool = shipped_manifests(public, **container_fields)
     k8s.create(TEMPLATES, namespace, {k: template[k] for k in ("metadata", "spec")})
     k8s.create(WARM_POOLS, namespace, {k: warm_pool[k] for k in ("metadata", "spec")})
     wait_for(lambda: len(ready_members(k8s, namespace)) == REPLICAS, 120, "a warm pool")
@@ -87,6 +89,11 @@ def pool(k8s, namespace, cluster, tmp_path) -> dict:
         "controller_key_file": str(key_file),
         "server_id": f"test-{namespace}",
     }
+
+
+@pytest.fixture
+def pool(k8s, namespace, cluster, tmp_path) -> dict:
+    return make_pool(k8s, namespace, cluster, tmp_path)
 
 
 async def start(start_kernel, pool: dict, **extra) -> Kernel:
