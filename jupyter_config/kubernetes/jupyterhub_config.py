@@ -28,6 +28,11 @@ c.SandboxSpawner.mem_limit = "2G"
 c.SandboxSpawner.cpu_limit = 1.0
 # Pods get no API credentials unless a profile needs them (the per-kernel one does).
 c.SandboxSpawner.automount_service_account_token = False
+# Never root, whatever the image says; the home volume belongs to the pod's group (the
+# kubelet gives a volume to fsGroup: without it a fresh volume is root's and the server
+# cannot write its home). 1000 and 100 as in Jupyter's images and Zero to JupyterHub.
+c.SandboxSpawner.uid = 1000
+c.SandboxSpawner.fs_gid = 100
 
 # The home: a PVC per user server, mounted at /home/jovyan. In the Sandbox it becomes a
 # volume claim template named after the volume ("home"): the PVC is home-<sandbox name>.

@@ -1,0 +1,112 @@
+"""The Hub on Kubernetes with its users' servers as gVisor pods on the real node.
+
+Node: the real one (testcluster/realnode.py), for what the stand-in cannot show: the
+shipped configuration's default profile as a gVisor pod, its home a PersistentVolume
+that the kubelet mounts and gives to the pod's group, the server reaching the Hub and
+the Hub's proxy reaching the server over the pod network, and the home surviving
+hibernation (pod deleted, Sandbox Suspended, volume kept and mounted again). The
+stand-in's suites (test_kube_hub.py, test_kube_hibernation.py) cover the rest faster.
+
+The cluster has no storage provisioner: as on a bare-metal cluster, the homes are
+local PersistentVolumes an administrator made (here the test), bound by the
+controller manager to the claims the Sandboxes make.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_fixtures import Client, condition, wait_for
+from hub_fixtures import Hub, start_kube_hub
+
+from agent_sandbox.kube import PODS, PVCS, SANDBOXES, Resource
+
+PVS = Resource("", "v1", "persistentvolumes", "PersistentVolume")
+#: The shipped default profile (gVisor); the image the node has (no registry).
+HUB_ON_THE_NODE = """
+c.JupyterHub.hub_ip = "{host}"
+c.JupyterHub.hub_connect_url = f"http://{host}:{{c.JupyterHub.hub_port}}"
+c.SandboxSpawner.image = "jupyter-sandbox-singleuser:latest"
+c.SandboxSpawner.image_pull_policy = "IfNotPresent"
+"""
+
+
+def local_volumes(k8s: Client, node, prefix: str, count: int) -> list[Path]:
+    """``count`` local PersistentVolumes on the node, directories of root's (as an
+    administrator makes them): the kubelet must give them to the pods' group."""
+    paths = []
+    for i in range(count):
+        path = node.workdir / "volumes" / f"{prefix}-{i}"
+        path.mkdir(parents=True, mode=0o755)
+        selector = {"key": "kubernetes.io/hostname", "operator": "In", "values": [node.name]}
+        k8s.create(PVS, None, {"metadata": {"name": f"{prefix}-{i}"}, "spec": {
+            "capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(path)},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [
+                {"matchExpressions": [selector]}]}}}})  # fmt: skip
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def real_hub(tmp_path_factory, real, real_k8s) -> Iterator[Hub]:
+    """A Hub with the shipped Kubernetes configuration on the real node's cluster, its
+    service hibernating servers after 6 quiet seconds."""
+    local_volumes(real_k8s, real.node, "home", 3)
+    config = HUB_ON_THE_NODE.format(host=real.node.slot.host_ip)
+    hub = start_kube_hub(tmp_path_factory, real.cluster, hibernate_after=6, extra_config=config)
+    yield hub
+    hub.close()
+    real.cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
+
+
+def volume_of(k8s: Client, ns: str, claim: str) -> Path:
+    pvc = wait_for(lambda: (k8s.get(PVCS, ns, claim) or {}).get("spec", {}).get("volumeName")
+                   and k8s.get(PVCS, ns, claim), 30, "the claim bound")  # fmt: skip
+    return Path(k8s.get(PVS, None, pvc["spec"]["volumeName"])["spec"]["local"]["path"])
+
+
+async def test_a_gvisor_server_whose_home_survives_hibernation(real_hub: Hub, real_k8s: Client):
+    hub, k8s, ns = real_hub, real_k8s, real_hub.namespace
+    await hub.spawn("ada")  # the shipped default profile: gVisor
+    pod = k8s.get(PODS, ns, "jupyter-ada")
+    assert pod["spec"]["runtimeClassName"] == "gvisor" and pod["spec"]["nodeName"] == "real-node"
+    assert pod["status"]["podIP"].startswith("10.244.")
+    ada = await hub.user_token("ada")
+    code = ("import os, platform; print(platform.release(), os.getuid(), os.getcwd()); "
+            "open('notes.txt', 'w').write('kept')")
+    facts = await hub.execute("ada", ada, code)
+    assert facts.split() == ["4.4.0", "1000", "/home/jovyan"]
+    # The home is the bound volume, given to the pod's group by the kubelet.
+    home = volume_of(k8s, ns, "home-jupyter-ada")
+    assert (home / "notes.txt").read_text() == "kept"
+    assert os.stat(home).st_gid == pod["spec"]["securityContext"]["fsGroup"]
+
+    assert await hub.stops_within("ada", 90), "an idle server hibernates"
+    sandbox = k8s.get(SANDBOXES, ns, "jupyter-ada")
+    assert sandbox["spec"]["operatingMode"] == "Suspended"
+    wait_for(lambda: k8s.get(PODS, ns, "jupyter-ada") is None, 60, "the pod gone")
+    wait_for(lambda: condition(k8s.get(SANDBOXES, ns, "jupyter-ada"), "Suspended")
+             .get("status") == "True", 30, "Suspended")  # fmt: skip
+    assert volume_of(k8s, ns, "home-jupyter-ada") == home
+
+    await hub.api("POST", "/users/ada/server")
+    await hub.wait_ready("ada", timeout=180)
+    assert k8s.get(SANDBOXES, ns, "jupyter-ada")["metadata"]["uid"] == sandbox["metadata"]["uid"]
+    assert k8s.get(PODS, ns, "jupyter-ada")["metadata"]["uid"] != pod["metadata"]["uid"]
+    out = await hub.execute("ada", ada, "print(open('notes.txt').read())")
+    assert out.strip() == "kept"
+
+
+async def test_a_busy_kernel_keeps_its_gvisor_server(real_hub: Hub, real_k8s: Client):
+    hub, k8s, ns = real_hub, real_k8s, real_hub.namespace
+    await hub.spawn("bo")
+    bo = await hub.user_token("bo")
+    await hub.run_detached("bo", bo, "import time\nfor _ in range(20): time.sleep(1)")
+    assert not await hub.stops_within("bo", 14), "a busy kernel keeps its server"
+    assert k8s.get(SANDBOXES, ns, "jupyter-bo")["spec"]["operatingMode"] == "Running"
+    assert await hub.stops_within("bo", 90)
+    assert k8s.get(SANDBOXES, ns, "jupyter-bo")["spec"]["operatingMode"] == "Suspended"
