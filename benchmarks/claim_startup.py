@@ -11,7 +11,11 @@ the critical path (the claim's create, then writes to the claim, its Sandbox, it
 pod and their Events until it is Ready), all to those objects, and all writes the
 burst caused (the pool's refill included):
 
-    .venv/bin/python benchmarks/claim_startup.py [--claims 10,50,100]
+    .venv/bin/python benchmarks/claim_startup.py [--claims 10,50,100] [--real-node]
+
+--real-node: the pods are gVisor pods on the real node (kubelet, containerd;
+testcluster/realnode.py, root) instead of the stand-in's processes; a warm claim
+then still binds a running pod, a cold one waits for the kubelet to start one.
 
 BENCH_DIR=DIR keeps the cluster's and the controller's logs in DIR;
 BENCH_LOG=DEBUG raises the controller's log level.
@@ -234,17 +238,20 @@ async def create_pool(kube: Kube, name: str, replicas: int) -> None:
     await kube.create(WARM_POOLS, NS, {"metadata": {"name": name}, "spec": spec})
 
 
-async def run(sizes: list[int], workdir: Path) -> int:
-    async with running_cluster(workdir, audit=True) as (cluster, kube):
+async def run(sizes: list[int], workdir: Path, real_node: bool) -> int:
+    async with running_cluster(workdir, audit=True, real_node=real_node) as (cluster, kube):
+        print(f"node: {'real (kubelet, containerd, gVisor)' if real_node else 'stand-in'}")
         audit = AuditLog(cluster.audit_log)
         container = {"name": "agent", "image": "python:3.11", "command": ["sleep", "infinity"]}
+        pod_spec: dict = {"containers": [container]}
+        if real_node:  # the node's own image (no registry), under gVisor
+            container |= {"image": "jupyter-sandbox-kernel:latest",
+                          "imagePullPolicy": "IfNotPresent"}  # fmt: skip
+            pod_spec["runtimeClassName"] = "gvisor"
         await kube.create(
             TEMPLATES,
             NS,
-            {
-                "metadata": {"name": "bench"},
-                "spec": {"podTemplate": {"spec": {"containers": [container]}}},
-            },
+            {"metadata": {"name": "bench"}, "spec": {"podTemplate": {"spec": pod_spec}}},
         )
         await create_pool(kube, "cold", 0)
         rows = {}
@@ -280,9 +287,10 @@ async def run(sizes: list[int], workdir: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claims", default="10,50,100", help="burst sizes, comma-separated")
+    parser.add_argument("--real-node", action="store_true", help="pods on the real node")
     args = parser.parse_args()
     sizes = [int(n) for n in args.claims.split(",")]
-    return run_in_workdir(lambda workdir: run(sizes, workdir))
+    return run_in_workdir(lambda workdir: run(sizes, workdir, args.real_node))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ a kernel through the kubernetes runtime from the warm pool, and one from the
 empty pool (a cold sandbox). Before each round the warm pool is back to N ready
 members, so every warm start finds one. Prints p50/p95 and the ratios to local:
 
-    .venv/bin/python benchmarks/cluster_kernel_startup.py [--kernels 20]
+    .venv/bin/python benchmarks/cluster_kernel_startup.py [--kernels 20] [--real-node]
+
+--real-node runs the pods on the real node (kubelet, containerd, gVisor pods on their
+own addresses; testcluster/realnode.py, root) instead of the stand-in.
 
 Target (issue): warm-pool kernel ready at p50 <= 1.5x local-provisioner.
 BENCH_DIR=DIR keeps the logs in DIR.
@@ -37,9 +40,12 @@ NS = "default"
 MANIFEST = REPO / "jupyter_config" / "kubernetes" / "python-gvisor.yaml"
 
 
-async def apply_tier(kube: Kube, public_key: str, warm: int) -> None:
+async def apply_tier(kube: Kube, public_key: str, warm: int, real_node: bool = False) -> None:
     template, _ = yaml.safe_load_all(MANIFEST.read_text())
-    for var in template["spec"]["podTemplate"]["spec"]["containers"][0]["env"]:
+    container = template["spec"]["podTemplate"]["spec"]["containers"][0]
+    if real_node:  # the node has the image (imported; no registry)
+        container["imagePullPolicy"] = "IfNotPresent"
+    for var in container["env"]:
         if var["name"] == "JUPYTER_SANDBOX_CONTROLLER_KEYS":
             var["value"] = public_key
     await kube.create(TEMPLATES, NS, {"metadata": template["metadata"], "spec": template["spec"]})
@@ -58,11 +64,12 @@ async def pool_ready(kube: Kube, n: int, timeout: float = 600) -> float:
     raise RuntimeError(f"the warm pool never had {n} ready members")
 
 
-async def run(n: int, workdir: Path) -> int:
+async def run(n: int, workdir: Path, real_node: bool) -> int:
     key_file = workdir / "controller-key.pem"
     public = public_key_text(load_or_create_signing_key(key_file))
-    async with running_cluster(workdir) as (cluster, kube):
-        await apply_tier(kube, public, n)
+    async with running_cluster(workdir, real_node=real_node) as (cluster, kube):
+        print(f"node: {'real (kubelet, containerd, gVisor)' if real_node else 'stand-in'}")
+        await apply_tier(kube, public, n, real_node)
         print(
             f"warm pool of {n} gVisor kernel sandboxes ready in {await pool_ready(kube, n):.0f} s"
         )
@@ -103,8 +110,9 @@ async def run(n: int, workdir: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", type=int, default=20, help="kernels per mode")
+    parser.add_argument("--real-node", action="store_true", help="pods on the real node")
     args = parser.parse_args()
-    return run_in_workdir(lambda workdir: run(args.kernels, workdir))
+    return run_in_workdir(lambda workdir: run(args.kernels, workdir, args.real_node))
 
 
 if __name__ == "__main__":

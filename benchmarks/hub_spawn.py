@@ -1,7 +1,10 @@
 """Hub spawn and resume: LocalSandboxSpawner beside JupyterHub's own LocalProcessSpawner.
 
     .venv/bin/python benchmarks/hub_spawn.py --local [--users 10] [--runtime gvisor]
-    .venv/bin/python benchmarks/hub_spawn.py --kubernetes [--users 10]
+    .venv/bin/python benchmarks/hub_spawn.py --kubernetes [--users 10] [--real-node]
+
+--real-node: both Hubs' servers are gVisor pods on the real node (kubelet, containerd;
+testcluster/realnode.py, root), KubeSpawner's with the same RuntimeClass.
 
 Two Hubs run side by side on this machine, each with its real proxy, from the
 shipped configuration: one with LocalSandboxSpawner, one with JupyterHub's
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -33,7 +37,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the Hub harness the tests use
 
-from hub_fixtures import KUBE_HUB_CONFIG, Hub, end_supervisors, processes_of  # noqa: E402
+from hub_fixtures import (  # noqa: E402
+    KUBE_HUB_CONFIG,
+    Hub,
+    end_supervisors,
+    processes_of,
+    real_node_hub_config,
+)
 from memory import memory_bytes  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest  # noqa: E402
 
@@ -183,24 +193,51 @@ c.KubeSpawner.profile_list = []
 c.JupyterHub.services = [s for s in c.JupyterHub.services if s["name"] != "sandbox-service"]
 c.JupyterHub.load_roles = [r for r in c.JupyterHub.load_roles if r["name"] != "sandbox-service"]
 """
+#: On the real node, KubeSpawner's pods take the RuntimeClass of SandboxSpawner's default.
+KUBE_REAL_NODE_ANCHOR = """
+c.SandboxSpawner.extra_pod_config = {"runtimeClassName": "gvisor"}
+"""
 
 
-async def bench_kubernetes(root: Path, users: int) -> int:
+async def bench_kubernetes(root: Path, users: int, real_node: bool) -> int:
     """SandboxSpawner (its Hub's service runs the controller) beside plain KubeSpawner, on
-    the test cluster, both with pods of the same kind (the "plain" profile: no runtime class,
-    bubblewrap on the stand-in node)."""
+    the test cluster, both with pods of the same kind: on the stand-in node the "plain"
+    profile (no runtime class, bubblewrap), on the real node the shipped default (gVisor)
+    and KubeSpawner with the same RuntimeClass."""
+    with contextlib.ExitStack() as stack:
+        cluster, node = _cluster(stack, root, real_node)
+        return await _bench_kubernetes(root, users, cluster, node)
+
+
+def _cluster(stack: contextlib.ExitStack, root: Path, real_node: bool):
+    """The test cluster with the stand-in node agent, or a real node and its cluster."""
     from cluster_fixtures import Process
 
     from agent_sandbox import crds
-    from agent_sandbox.kube import PODS, PVCS, SANDBOXES
+    from testcluster import realnode
     from testcluster.cluster import TestCluster, kube_binaries
 
+    if real_node:
+        return (*stack.enter_context(realnode.running(root / "real", kube_binaries(),
+                                                      crds=crds.all_crds())),)  # fmt: skip
     cluster = TestCluster(root / "cluster", kube_binaries())
     (root / "cluster").mkdir()
     cluster.start(crds=crds.all_crds())
+    stack.callback(cluster.stop)
     agent = Process("node-agent", [sys.executable, "-m", "testcluster.node_agent", "--kubeconfig",
                                    str(cluster.kubeconfig), "--root", str(root / "node")],
                     root / "cluster").start()  # fmt: skip
+    stack.callback(agent.stop)
+    return cluster, None
+
+
+async def _bench_kubernetes(root: Path, users: int, cluster, node) -> int:
+    from agent_sandbox.kube import PODS, PVCS, SANDBOXES
+
+    extra = ""
+    if node is not None:  # homes on local volumes; the node's image; gVisor for both
+        node.local_volumes(cluster, "home", 2 * users)
+        extra = real_node_hub_config(node) + KUBE_REAL_NODE_ANCHOR
     hubs: dict[str, Hub] = {}
     try:
         for mode in (SANDBOX, ANCHOR):
@@ -208,11 +245,11 @@ async def bench_kubernetes(root: Path, users: int) -> int:
             cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
             (root / mode).mkdir()
             hubs[mode] = Hub(root / mode, config=KUBE_HUB_CONFIG,
-                             extra_config=KUBE_ANCHOR_CONFIG if mode == ANCHOR else "",
+                             extra_config=extra + (KUBE_ANCHOR_CONFIG if mode == ANCHOR else ""),
                              env={"KUBECONFIG": str(cluster.kubeconfig), "POD_NAMESPACE": ns,
                                   "JUPYTER_SANDBOX_LEASE_NAMESPACE": "default"})  # fmt: skip
             hubs[mode].start()
-        options = {SANDBOX: {"profile": "plain"}, ANCHOR: None}
+        options = {SANDBOX: None if node else {"profile": "plain"}, ANCHOR: None}
         tokens, spawn, resume = {}, {m: [] for m in hubs}, {m: [] for m in hubs}
         for i in range(users):
             for mode, hub in hubs.items():
@@ -236,11 +273,10 @@ async def bench_kubernetes(root: Path, users: int) -> int:
     finally:
         for hub in hubs.values():
             hub.close()
-        agent.stop()
-        cluster.stop()
     anchor = statistics.median(spawn[ANCHOR])
+    where = "the real node, gVisor pods" if node else "the stand-in node"
     print(f"hub spawn -> server answers through the proxy, {users} users per spawner, "
-          "on the test cluster (seconds)")
+          f"on {where} (seconds)")
     print(f"{'':28}{'p50':>8}{'p95':>8}{'ratio':>8}")
     for label, values in (("KubeSpawner spawn", spawn[ANCHOR]),
                           ("KubeSpawner restart", resume[ANCHOR]),
@@ -262,11 +298,13 @@ def main() -> int:
                        help="SandboxSpawner beside KubeSpawner on the test cluster")  # fmt: skip
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--runtime", default="bubblewrap", help="bubblewrap, gvisor or auto")
+    parser.add_argument("--real-node", action="store_true",
+                        help="with --kubernetes: pods on the real node")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         Path(tmp).chmod(0o755)
         if args.kubernetes:
-            return asyncio.run(bench_kubernetes(Path(tmp), args.users))
+            return asyncio.run(bench_kubernetes(Path(tmp), args.users, args.real_node))
         return asyncio.run(bench(Path(tmp), args.users, args.runtime))
 
 

@@ -1,10 +1,12 @@
-"""The test cluster with its node agent and this project's controller, for benchmarks.
+"""The test cluster with a node and this project's controller, for benchmarks.
 
-    async with running_cluster(workdir) as (cluster, kube):
+    async with running_cluster(workdir, real_node=False) as (cluster, kube):
         ...
 
-Starts etcd, kube-apiserver and kube-controller-manager (``testcluster``), the
-stand-in node agent and the controller as separate processes, as in production;
+Starts etcd, kube-apiserver and kube-controller-manager (``testcluster``), a node
+(the stand-in node agent, or with ``real_node`` the real one: kubelet, containerd,
+gVisor, ``testcluster.realnode``) and the controller as separate processes, as in
+production;
 their logs go to ``workdir``: ``$BENCH_DIR`` if set (kept), else a temporary
 directory. ``BENCH_LOG=DEBUG`` raises the controller's log level.
 """
@@ -26,14 +28,27 @@ sys.path.insert(0, str(REPO))
 
 from agent_sandbox import crds  # noqa: E402
 from agent_sandbox.kube import Kube  # noqa: E402
-from testcluster.cluster import TestCluster, free_port  # noqa: E402
+from testcluster import realnode  # noqa: E402
+from testcluster.cluster import TestCluster, free_port, kube_binaries  # noqa: E402
 
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    workdir: Path, audit: bool = False
+    workdir: Path, audit: bool = False, real_node: bool = False
 ) -> AsyncIterator[tuple[TestCluster, Kube]]:
-    cluster = TestCluster(workdir).start(crds=crds.all_crds(), audit=audit)
+    with contextlib.ExitStack() as stack:
+        if real_node:
+            cluster, _ = stack.enter_context(realnode.running(
+                workdir, kube_binaries(), crds=crds.all_crds(), audit=audit))  # fmt: skip
+        else:
+            cluster = TestCluster(workdir).start(crds=crds.all_crds(), audit=audit)
+            stack.callback(cluster.stop)
+        async with _helpers(workdir, cluster, real_node) as kube:
+            yield cluster, kube
+
+
+@contextlib.asynccontextmanager
+async def _helpers(workdir: Path, cluster: TestCluster, real_node: bool) -> AsyncIterator[Kube]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     kubeconfig = str(cluster.kubeconfig)
     helpers = {
@@ -43,6 +58,8 @@ async def running_cluster(
                        "--webhook-port", str(free_port()),
                        "--log-level", os.environ.get("BENCH_LOG", "WARNING")],
     }  # fmt: skip
+    if real_node:
+        del helpers["node-agent"]
     procs = []
     try:
         for name, argv in helpers.items():
@@ -58,7 +75,7 @@ async def running_cluster(
                 )
         kube = await Kube.connect(kubeconfig)
         try:
-            yield cluster, kube
+            yield kube
         finally:
             await kube.close()
     finally:
@@ -69,7 +86,6 @@ async def running_cluster(
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        cluster.stop()
 
 
 def run_in_workdir(run: Callable[[Path], Coroutine[Any, Any, int]]) -> int:

@@ -42,6 +42,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,25 @@ class RealNode:
         self._wait(lambda: self._service_rules(), "kube-proxy's rules", 60)
         return self
 
+    def local_volumes(self, cluster: TestCluster, prefix: str, count: int) -> list[Path]:
+        """``count`` local PersistentVolumes of 10Gi on this node, as an administrator of a
+        cluster without a storage provisioner makes them: directories of root's (the
+        kubelet gives each to the fsGroup of the pod that mounts it)."""
+        paths = []
+        selector = {"key": "kubernetes.io/hostname", "operator": "In", "values": [self.name]}
+        for i in range(count):
+            path = self.workdir / "volumes" / f"{prefix}-{i}"
+            path.mkdir(parents=True, mode=0o755)
+            status, body = cluster.request("POST", "/api/v1/persistentvolumes", {
+                "metadata": {"name": f"{prefix}-{i}"}, "spec": {
+                    "capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(path)},
+                    "nodeAffinity": {"required": {"nodeSelectorTerms": [
+                        {"matchExpressions": [selector]}]}}}})  # fmt: skip
+            assert status == 201, body
+            paths.append(path)
+        return paths
+
     def _ready(self, cluster: TestCluster) -> bool:
         status, node = cluster.request("GET", f"/api/v1/nodes/{self.name}")
         if status != 200:
@@ -374,6 +394,24 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 _restore_machine()
             self.slot.release()
             self.slot = None
+
+
+@contextlib.contextmanager
+def running(workdir: Path, bin_dir: Path, **start: Any) -> Iterator[tuple[TestCluster, RealNode]]:
+    """A real node and its cluster (``start``: :meth:`TestCluster.start`'s arguments),
+    stopped (and the machine put back) on the way out, whatever happened."""
+    node = RealNode(workdir / "node", bin_dir, bin_dir.parent / "images")
+    cluster = None
+    try:
+        node.network_up()
+        cluster = node.make_cluster(workdir / "cluster")
+        cluster.start(**start)
+        node.start(cluster)
+        yield cluster, node
+    finally:
+        node.stop()
+        if cluster is not None:
+            cluster.stop()
 
 
 def _kubeconfig(server: str, user: str, token: str) -> dict[str, Any]:

@@ -94,6 +94,21 @@ c.JupyterHub.load_roles.append({{{{"name": "tests", "services": ["tests"],
 """.format(shipped_kube=SHIPPED.parent / "kubernetes" / "jupyterhub_config.py")
 
 
+#: Added to KUBE_HUB_CONFIG for a Hub whose servers are pods on the real node: they reach
+#: the Hub on the host's end of the node's link, and run the image the node has (no
+#: registry). The shipped default profile (gVisor) stays the default.
+REAL_NODE_HUB_CONFIG = """
+c.JupyterHub.hub_ip = "{host}"
+c.JupyterHub.hub_connect_url = f"http://{host}:{{c.JupyterHub.hub_port}}"
+c.SandboxSpawner.image = "jupyter-sandbox-singleuser:latest"
+c.SandboxSpawner.image_pull_policy = "IfNotPresent"
+"""
+
+
+def real_node_hub_config(node) -> str:
+    return REAL_NODE_HUB_CONFIG.format(host=node.slot.host_ip)
+
+
 class Hub:
     """One JupyterHub process (restartable) and helpers to drive it."""
 

@@ -53,21 +53,11 @@ def real(tmp_path_factory) -> Iterator[RealCluster]:
         bins = kube_binaries()
     except RuntimeError as exc:
         _unavailable(str(exc))
-    work = tmp_path_factory.mktemp("realnode")
-    node = RealNode(work / "node", bins, bins.parent / "images")
     sysctls = {name: realnode.sysctl(name) for name in realnode.GLOBAL_SYSCTLS}
-    cluster = None
-    try:
-        node.network_up()
-        cluster = node.make_cluster(work / "cluster")
-        cluster.start(crds=crds.all_crds())
-        node.start(cluster)
+    with realnode.running(tmp_path_factory.mktemp("realnode"), bins,
+                          crds=crds.all_crds()) as (cluster, node):  # fmt: skip
         yield RealCluster(cluster, node)
-    finally:
         alone = node.slot is not None and not node.slot.others_held()
-        node.stop()
-        if cluster is not None:
-            cluster.stop()
     # The machine as it was (test_real_node checks a second node beside this one; this,
     # reported as the last test's teardown error, checks what only the last node puts back).
     assert realnode.leftovers() == []

@@ -144,14 +144,8 @@ def test_a_second_node_leaves_the_machine_as_it_found_it(real, tmp_path):
     """Another node beside the session's, with pods of both runtimes, stopped: nothing of
     it remains, and the session's node runs on."""
     before = machine_state()
-    node = realnode.RealNode(tmp_path / "node", real.node.bin_dir, real.node.cache)
-    cluster = None
-    try:
-        slot = node.network_up()
-        assert slot.index != real.node.slot.index
-        cluster = node.make_cluster(tmp_path / "cluster")
-        cluster.start()
-        node.start(cluster)
+    with realnode.running(tmp_path, real.node.bin_dir) as (cluster, node):
+        assert node.slot.index != real.node.slot.index
         k8s = Client(cluster)
         for name, runtime in (("a", None), ("b", "gvisor")):
             k8s.create(PODS, "default", pod(name, runtime))
@@ -159,10 +153,6 @@ def test_a_second_node_leaves_the_machine_as_it_found_it(real, tmp_path):
             running(k8s, "default", name)
         during = machine_state()
         assert during["links"] != before["links"]  # it did change the machine
-    finally:
-        node.stop()
-        if cluster is not None:
-            cluster.stop()
     after = machine_state()
     assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert realnode.leftovers() == []

@@ -20,43 +20,20 @@ from pathlib import Path
 
 import pytest
 from cluster_fixtures import Client, condition, wait_for
-from hub_fixtures import Hub, start_kube_hub
+from hub_fixtures import Hub, real_node_hub_config, start_kube_hub
+from test_kube_hibernation import busy_kernel_keeps_its_sandbox
 
 from agent_sandbox.kube import PODS, PVCS, SANDBOXES, Resource
 
 PVS = Resource("", "v1", "persistentvolumes", "PersistentVolume")
-#: The shipped default profile (gVisor); the image the node has (no registry).
-HUB_ON_THE_NODE = """
-c.JupyterHub.hub_ip = "{host}"
-c.JupyterHub.hub_connect_url = f"http://{host}:{{c.JupyterHub.hub_port}}"
-c.SandboxSpawner.image = "jupyter-sandbox-singleuser:latest"
-c.SandboxSpawner.image_pull_policy = "IfNotPresent"
-"""
-
-
-def local_volumes(k8s: Client, node, prefix: str, count: int) -> list[Path]:
-    """``count`` local PersistentVolumes on the node, directories of root's (as an
-    administrator makes them): the kubelet must give them to the pods' group."""
-    paths = []
-    for i in range(count):
-        path = node.workdir / "volumes" / f"{prefix}-{i}"
-        path.mkdir(parents=True, mode=0o755)
-        selector = {"key": "kubernetes.io/hostname", "operator": "In", "values": [node.name]}
-        k8s.create(PVS, None, {"metadata": {"name": f"{prefix}-{i}"}, "spec": {
-            "capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(path)},
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [
-                {"matchExpressions": [selector]}]}}}})  # fmt: skip
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="module")
 def real_hub(tmp_path_factory, real, real_k8s) -> Iterator[Hub]:
     """A Hub with the shipped Kubernetes configuration on the real node's cluster, its
     service hibernating servers after 6 quiet seconds."""
-    local_volumes(real_k8s, real.node, "home", 3)
-    config = HUB_ON_THE_NODE.format(host=real.node.slot.host_ip)
+    real.node.local_volumes(real.cluster, "home", 3)
+    config = real_node_hub_config(real.node)
     hub = start_kube_hub(tmp_path_factory, real.cluster, hibernate_after=6, extra_config=config)
     yield hub
     hub.close()
@@ -102,11 +79,4 @@ async def test_a_gvisor_server_whose_home_survives_hibernation(real_hub: Hub, re
 
 
 async def test_a_busy_kernel_keeps_its_gvisor_server(real_hub: Hub, real_k8s: Client):
-    hub, k8s, ns = real_hub, real_k8s, real_hub.namespace
-    await hub.spawn("bo")
-    bo = await hub.user_token("bo")
-    await hub.run_detached("bo", bo, "import time\nfor _ in range(20): time.sleep(1)")
-    assert not await hub.stops_within("bo", 14), "a busy kernel keeps its server"
-    assert k8s.get(SANDBOXES, ns, "jupyter-bo")["spec"]["operatingMode"] == "Running"
-    assert await hub.stops_within("bo", 90)
-    assert k8s.get(SANDBOXES, ns, "jupyter-bo")["spec"]["operatingMode"] == "Suspended"
+    await busy_kernel_keeps_its_sandbox(real_hub, real_k8s, "bo", None, busy=20)
