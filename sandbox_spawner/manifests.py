@@ -136,6 +136,12 @@ def resume_patch(desired: Obj) -> list[Obj]:
     ]
 
 
+#: The scheduler's word for a pod whose claims are not bound yet: a new home's claim until
+#: a provisioner or the controller manager binds it (seconds, on a real cluster), which a
+#: start waits out rather than fails on.
+UNBOUND_CLAIMS = "unbound immediate PersistentVolumeClaims"
+
+
 def start_failure(sandbox: Obj | None, pod: Obj | None) -> str | None:
     """Why a start cannot succeed, from the Sandbox and its pod; None while it may."""
     if sandbox is None:
@@ -152,8 +158,11 @@ def start_failure(sandbox: Obj | None, pod: Obj | None) -> str | None:
         return None
     status = pod.get("status") or {}
     scheduled = find(status.get("conditions"), "PodScheduled")
-    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == (
-        "Unschedulable"
+    if (
+        scheduled
+        and scheduled.get("status") == "False"
+        and scheduled.get("reason") == "Unschedulable"
+        and UNBOUND_CLAIMS not in (scheduled.get("message") or "")
     ):
         return f"the pod cannot be scheduled: {scheduled.get('message') or 'no node fits'}"
     for container in (status.get("containerStatuses") or []) + (

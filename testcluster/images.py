@@ -37,7 +37,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 PAUSE_IMAGE = "jupyter-sandbox.test/pause:3.2"
-PYTHON_IMAGES = ("jupyter-sandbox-kernel:latest", "jupyter-sandbox-singleuser:latest")
+#: ``:latest`` tags, as the shipped manifests name them (their pods then say
+#: ``imagePullPolicy: IfNotPresent``), and a fixed tag, which the kubelet does not pull when
+#: present, for pods whose pull policy the code under test leaves to the default (Binder's).
+PYTHON_IMAGES = ("jupyter-sandbox-kernel:latest", "jupyter-sandbox-singleuser:latest",
+                 "jupyter-sandbox-singleuser:test")
 
 REPO = Path(__file__).resolve().parent.parent
 # The environment the tests run in is the one the pods should have.
@@ -55,7 +59,6 @@ EXCLUDED_DISTS = (
     "playwright",  # the tests' browser driver (170 MB), runs on the host only
     "kubernetes",  # the sync client (130 MB): pods use kubernetes_asyncio
     "k8s-agent-sandbox",  # upstream's SDK on the sync client, used by tests on the host
-    "pip",  # nothing is installed in a pod
     "ruff",  # the linter
 )
 # Programs some tools and probes expect in any image; their libraries come along.
@@ -424,6 +427,9 @@ def _project_layer(project: _Dist) -> bytes:
 
     for pkg in PROJECT_PACKAGES:
         layer.tree(REPO / pkg, f"{IMAGE_SITE}/{pkg}", skip, mtime=EPOCH)
+    # The cluster kernelspecs, as binder/kernel.Dockerfile's servers have them installed.
+    kernelspecs = REPO / "jupyter_config" / "kubernetes" / "kernels"
+    layer.tree(kernelspecs, "usr/local/share/jupyter/kernels", skip, mtime=EPOCH)
     info_dir = next(f for f in project.files or () if f.parts[0].endswith(".dist-info")).parts[0]
     # Not RECORD (it lists the editable finder) nor direct_url.json (says "editable").
     for name in ("METADATA", "entry_points.txt", "top_level.txt", "WHEEL", "INSTALLER"):

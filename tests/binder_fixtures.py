@@ -181,15 +181,22 @@ def preparer(served: dict[str, Any], tmp_path: Path, runtime: str, **limits: Any
 
 
 @contextlib.asynccontextmanager
-async def pod_preparer(served: dict[str, Any],
-                       cluster: Any) -> AsyncIterator[tuple[Preparer, Any, str, Path]]:  # fmt: skip
+async def pod_preparer(
+    served: dict[str, Any], cluster: Any, node: Any = None
+) -> AsyncIterator[tuple[Preparer, Any, str, Path]]:
     """A preparer whose preparations are pods on the test cluster, in a namespace of their
-    own, with the service's egress proxy on a loopback port: (preparer, API client,
-    namespace, the cache on the stand-in node's volume). All of it goes afterwards."""
+    own, with the service's egress proxy on a port of the host: (preparer, API client,
+    namespace, the cache on the node's volume). All of it goes afterwards.
+
+    On the stand-in node (``node`` None) pods run the host's Python on the host's network
+    and the cache is the stand-in's directory of the claim. On a real node (``node``: a
+    :class:`testcluster.realnode.RealNode`) they are gVisor pods of the node's image that
+    reach the proxy on the host's end of the node's link, and the cache is a local
+    PersistentVolume bound to the claim, as a Hub's cache volume would be."""
     import sys
     import uuid
 
-    from agent_sandbox.kube import Kube
+    from agent_sandbox.kube import PVCS, Kube
     from sandbox_spawner.binder.egress import SharedEgressProxy
     from sandbox_spawner.binder.kube_prepare import PodRunner
 
@@ -197,14 +204,25 @@ async def pod_preparer(served: dict[str, Any],
     status, body = cluster.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
     assert status == 201, body
     proxy = SharedEgressProxy()
+    host = node.slot.host_ip if node else "127.0.0.1"
     port = free_port()
-    await proxy.start_tcp("127.0.0.1", port)
+    await proxy.start_tcp(host, port)
     kube = await Kube.connect(str(cluster.kubeconfig))
     try:
-        cache_root = cluster.workdir / "node" / "pvc" / namespace / "binder-cache"
-        runner = PodRunner(namespace=namespace, claim="binder-cache", image="unused:1",
-                           proxy=proxy, proxy_address=f"127.0.0.1:{port}", runtime_class=None,
-                           python=sys.executable, kube=kube)  # fmt: skip
+        pods: dict[str, Any] = {"image": "unused:1", "runtime_class": None,
+                                "python": sys.executable}  # fmt: skip
+        if node is None:
+            cache_root = cluster.workdir / "node" / "pvc" / namespace / "binder-cache"
+        else:
+            (cache_root,) = node.local_volumes(cluster, namespace, 1)
+            claim = {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                     "volumeName": f"{namespace}-0", "resources": {"requests": {"storage": "1Gi"}}}
+            await kube.create(PVCS, namespace, {"metadata": {"name": "binder-cache"},
+                                                "spec": claim})  # fmt: skip
+            pods = {"image": "jupyter-sandbox-singleuser:test", "runtime_class": "gvisor",
+                    "python": "python3"}  # fmt: skip
+        runner = PodRunner(namespace=namespace, claim="binder-cache", proxy=proxy,
+                           proxy_address=f"{host}:{port}", kube=kube, **pods)  # fmt: skip
         prep = Preparer(cache_root, egress=(), index_url=f"{served['index'].url}/simple/",
                         runner=runner, limits=PrepareLimits(timeout=120))  # fmt: skip
         yield prep, kube, namespace, cache_root

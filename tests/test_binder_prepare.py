@@ -251,15 +251,24 @@ async def test_a_preparation_pod_on_the_cluster(served, cluster, node_agent, tmp
     """The pod (on the test cluster's stand-in node: bubblewrap, host network, no network
     policy enforcement, so only the proxy's refusals can be tried here) prepares the commit
     on the cache volume, reaching out only through the service's proxy with its token."""
+    await prepare_in_a_pod(served, cluster)
+
+
+async def prepare_in_a_pod(served, cluster, node=None) -> None:
+    """A preparation pod (on ``node``, else the stand-in) prepares a commit on the cache
+    volume, reaching out only through the service's proxy with its token."""
     from agent_sandbox.kube import PODS
 
     outside = Listener()
-    async with pod_preparer(served, cluster) as (prep, kube, namespace, cache_root):
+    async with pod_preparer(served, cluster, node) as (prep, kube, namespace, cache_root):
         commit = git_repo(served["repos"], "in-a-pod", {
             "requirements.txt": "demo_pkg\n", "postBuild": POD_POST_BUILD.format(port=outside.port),
         }, executable=("postBuild",))  # fmt: skip
         seen, emit = events()
-        prepared, cached = await prep.prepare(link(served, "in-a-pod"), commit, emit)
+        try:
+            prepared, cached = await prep.prepare(link(served, "in-a-pod"), commit, emit)
+        except Exception as exc:  # the preparation's log says why
+            raise AssertionError("\n".join(m for _, m in seen)) from exc
         log = "\n".join(m for _, m in seen)
         assert not cached and "Preparing in the pod binder-prepare-" in log, log
         results = (prepared.repo / "postbuild-ran.txt").read_text().splitlines()

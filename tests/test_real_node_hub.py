@@ -22,6 +22,7 @@ import pytest
 from cluster_fixtures import Client, condition, wait_for
 from hub_fixtures import Hub, real_node_hub_config, start_kube_hub
 from test_kube_hibernation import busy_kernel_keeps_its_sandbox
+from test_kube_hub_kernels import KERNELS, kernels_in_claimed_sandboxes, start_kernels_hub
 
 from agent_sandbox.kube import PODS, PVCS, SANDBOXES, Resource
 
@@ -80,3 +81,32 @@ async def test_a_gvisor_server_whose_home_survives_hibernation(real_hub: Hub, re
 
 async def test_a_busy_kernel_keeps_its_gvisor_server(real_hub: Hub, real_k8s: Client):
     await busy_kernel_keeps_its_sandbox(real_hub, real_k8s, "bo", None, busy=20)
+
+
+@pytest.fixture(scope="module")
+def real_kernels_hub(tmp_path_factory, real) -> Iterator[Hub]:
+    """A Hub whose "kernels" profile's servers claim their kernels from the shipped pool,
+    everything on the real node (the image has the cluster kernelspecs)."""
+    real.node.local_volumes(real.cluster, "kernels-home", 1)
+    hub = start_kernels_hub(tmp_path_factory, real.cluster, real_node_hub_config(real.node),
+                            imagePullPolicy="IfNotPresent")  # fmt: skip
+    yield hub
+    hub.close()
+    real.cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
+
+
+async def test_the_per_kernel_profile_on_the_real_node(real_kernels_hub: Hub, real_k8s: Client):
+    """The trusted server is a pod with the service account token the kubelet mounts
+    (the ServiceAccount admission plugin and its token controller, not a stand-in's
+    copy); it reaches the API server through the ``kubernetes`` Service's ClusterIP
+    (kube-proxy) and its kernels' gVisor pods at their addresses, pod to pod."""
+    hub, k8s = real_kernels_hub, real_k8s
+    ns = hub.namespace  # type: ignore[attr-defined]
+    await hub.spawn("cy", options=KERNELS)
+    server = k8s.get(PODS, ns, "jupyter-cy")
+    mounts = {m["mountPath"]: m["name"] for m in server["spec"]["containers"][0]["volumeMounts"]}
+    token_volume = mounts["/var/run/secrets/kubernetes.io/serviceaccount"]
+    (volume,) = [v for v in server["spec"]["volumes"] if v["name"] == token_volume]
+    assert volume["secret"]["secretName"].startswith("jupyter-sandbox-kernels-token-")
+    # With that token alone, the server claims, labels and ends its kernels' Sandboxes.
+    await kernels_in_claimed_sandboxes(hub, k8s, "cy")

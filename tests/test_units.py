@@ -375,3 +375,21 @@ def test_ps_shows_no_control_character_to_the_terminal():
     shown = _shown("pid 7: x\x1b]0;pwned\x07\x1b[2J\r\n")
     assert shown == "pid 7: x\\x1b]0;pwned\\x07\\x1b[2J\\r\\n"
     assert all(c.isprintable() for c in shown)
+
+
+def test_a_start_waits_for_its_claims_to_be_bound_but_not_for_a_node_that_does_not_fit():
+    """The scheduler calls a pod Unschedulable while its new home's claim is not bound yet
+    (seconds, on a real cluster): not a failure. No node that fits is one."""
+    from sandbox_spawner.manifests import start_failure
+
+    sandbox = {"status": {"conditions": []}}
+
+    def pod(message: str) -> dict:
+        scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": message}  # fmt: skip
+        return {"status": {"conditions": [scheduled]}}
+
+    unbound = "0/1 nodes are available: 1 pod has unbound immediate PersistentVolumeClaims."
+    assert start_failure(sandbox, pod(unbound)) is None
+    gpu = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    assert start_failure(sandbox, pod(gpu)) == f"the pod cannot be scheduled: {gpu}"

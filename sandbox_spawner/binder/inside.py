@@ -35,8 +35,16 @@ SITE_FILE = ".site"
 
 
 def site_dir(prefix: str) -> str:
-    """Where pip ``--prefix`` puts this Python's packages under ``prefix``."""
-    return sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix})
+    """Where pip ``--prefix`` puts this Python's packages under ``prefix``.
+
+    pip lays a prefix out as ``posix_prefix`` (``lib/python3.X/site-packages``) where
+    Debian's own Python prefers ``posix_local`` (``local/lib/python3.X/dist-packages``):
+    asked plainly, sysconfig names a directory pip never fills, and an image on Debian's
+    Python would not find what the preparation installed (the real node showed it)."""
+    scheme = sysconfig.get_preferred_scheme("prefix")
+    if scheme == "posix_local":
+        scheme = "posix_prefix"
+    return sysconfig.get_path("purelib", scheme, vars={"base": prefix, "platbase": prefix})
 
 
 def _forward(socket_path: str, ready: threading.Event) -> None:
