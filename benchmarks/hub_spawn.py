@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -301,7 +302,10 @@ def main() -> int:
     parser.add_argument("--real-node", action="store_true",
                         help="with --kubernetes: pods on the real node")  # fmt: skip
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
+    with contextlib.ExitStack() as stack:
+        # BENCH_DIR=DIR keeps the Hubs' and the cluster's logs there (an empty directory).
+        tmp = os.environ.get("BENCH_DIR") or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="bench-hub-"))  # fmt: skip
         Path(tmp).chmod(0o755)
         if args.kubernetes:
             return asyncio.run(bench_kubernetes(Path(tmp), args.users, args.real_node))

@@ -14,6 +14,7 @@ controller manager to the claims the Sandboxes make.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,6 @@ import pytest
 from cluster_fixtures import Client, condition, wait_for
 from hub_fixtures import Hub, real_node_hub_config, start_kube_hub
 from test_kube_hibernation import busy_kernel_keeps_its_sandbox
-from test_kube_hub_kernels import KERNELS, kernels_in_claimed_sandboxes, start_kernels_hub
 
 from agent_sandbox.kube import PODS, PVCS, SANDBOXES, Resource
 
@@ -33,7 +33,7 @@ PVS = Resource("", "v1", "persistentvolumes", "PersistentVolume")
 def real_hub(tmp_path_factory, real, real_k8s) -> Iterator[Hub]:
     """A Hub with the shipped Kubernetes configuration on the real node's cluster, its
     service hibernating servers after 6 quiet seconds."""
-    real.node.local_volumes(real.cluster, "home", 3)
+    real.node.local_volumes(real.cluster, "home", 6)
     config = real_node_hub_config(real.node)
     hub = start_kube_hub(tmp_path_factory, real.cluster, hibernate_after=6, extra_config=config)
     yield hub
@@ -79,34 +79,18 @@ async def test_a_gvisor_server_whose_home_survives_hibernation(real_hub: Hub, re
     assert out.strip() == "kept"
 
 
+async def test_a_two_core_node_holds_more_servers_than_cores(real_hub: Hub, real_k8s: Client):
+    """The scheduler packs servers by what they request: the shipped guarantees, not
+    their limits (a pod without requests reserves its limits: one server per core)."""
+    users = ["di", "ed", "flo"]
+    await asyncio.gather(*(real_hub.spawn(user) for user in users))
+    for user in users:
+        pod = real_k8s.get(PODS, real_hub.namespace, f"jupyter-{user}")
+        assert pod["status"]["phase"] == "Running"
+        assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "100m"
+    for user in users:
+        await real_hub.api("DELETE", f"/users/{user}/server")
+
+
 async def test_a_busy_kernel_keeps_its_gvisor_server(real_hub: Hub, real_k8s: Client):
     await busy_kernel_keeps_its_sandbox(real_hub, real_k8s, "bo", None, busy=20)
-
-
-@pytest.fixture(scope="module")
-def real_kernels_hub(tmp_path_factory, real) -> Iterator[Hub]:
-    """A Hub whose "kernels" profile's servers claim their kernels from the shipped pool,
-    everything on the real node (the image has the cluster kernelspecs)."""
-    real.node.local_volumes(real.cluster, "kernels-home", 1)
-    hub = start_kernels_hub(tmp_path_factory, real.cluster, real_node_hub_config(real.node),
-                            imagePullPolicy="IfNotPresent")  # fmt: skip
-    yield hub
-    hub.close()
-    real.cluster.request("DELETE", f"/api/v1/namespaces/{hub.namespace}")  # type: ignore[attr-defined]
-
-
-async def test_the_per_kernel_profile_on_the_real_node(real_kernels_hub: Hub, real_k8s: Client):
-    """The trusted server is a pod with the service account token the kubelet mounts
-    (the ServiceAccount admission plugin and its token controller, not a stand-in's
-    copy); it reaches the API server through the ``kubernetes`` Service's ClusterIP
-    (kube-proxy) and its kernels' gVisor pods at their addresses, pod to pod."""
-    hub, k8s = real_kernels_hub, real_k8s
-    ns = hub.namespace  # type: ignore[attr-defined]
-    await hub.spawn("cy", options=KERNELS)
-    server = k8s.get(PODS, ns, "jupyter-cy")
-    mounts = {m["mountPath"]: m["name"] for m in server["spec"]["containers"][0]["volumeMounts"]}
-    token_volume = mounts["/var/run/secrets/kubernetes.io/serviceaccount"]
-    (volume,) = [v for v in server["spec"]["volumes"] if v["name"] == token_volume]
-    assert volume["secret"]["secretName"].startswith("jupyter-sandbox-kernels-token-")
-    # With that token alone, the server claims, labels and ends its kernels' Sandboxes.
-    await kernels_in_claimed_sandboxes(hub, k8s, "cy")

@@ -26,6 +26,10 @@ c.SandboxSpawner.cmd = ["jupyterhub-singleuser"]
 c.SandboxSpawner.working_dir = "/home/jovyan"
 c.SandboxSpawner.mem_limit = "2G"
 c.SandboxSpawner.cpu_limit = 1.0
+# What the scheduler reserves per server: without guarantees a pod's requests are its
+# limits, and a node held one server per core however idle they were.
+c.SandboxSpawner.mem_guarantee = "512M"
+c.SandboxSpawner.cpu_guarantee = 0.1
 # Pods get no API credentials unless a profile needs them (the per-kernel one does).
 c.SandboxSpawner.automount_service_account_token = False
 # Never root, whatever the image says; the home volume belongs to the pod's group (the
