@@ -48,16 +48,20 @@ def start_kernels_hub(tmp_path_factory, cluster, extra_config: str, **container_
     with its public key (``container_fields`` set on its kernels' container)."""
     hub = start_kube_hub(tmp_path_factory, cluster, extra_config=extra_config)
     ns = hub.namespace  # type: ignore[attr-defined]
-    k8s = Client(cluster)  # the shipped RBAC is applied with the Hub's
-    key_file = tmp_path_factory.mktemp("key") / "controller-ed25519.pem"
-    public = public_key_text(load_or_create_signing_key(str(key_file)))
-    data = {"controller-ed25519.pem": base64.b64encode(key_file.read_bytes()).decode()}
-    k8s.create(SECRETS, ns, {"metadata": {"name": "jupyter-sandbox-controller-key"},
-                             "data": data})  # fmt: skip
-    template, pool = shipped_manifests(public, **container_fields)
-    k8s.create(TEMPLATES, ns, {k: template[k] for k in ("metadata", "spec")})
-    k8s.create(WARM_POOLS, ns, {k: pool[k] for k in ("metadata", "spec")})
-    wait_for(lambda: len(ready_members(k8s, ns)) == REPLICAS, 180, "a warm pool")
+    try:
+        k8s = Client(cluster)  # the shipped RBAC is applied with the Hub's
+        key_file = tmp_path_factory.mktemp("key") / "controller-ed25519.pem"
+        public = public_key_text(load_or_create_signing_key(str(key_file)))
+        data = {"controller-ed25519.pem": base64.b64encode(key_file.read_bytes()).decode()}
+        k8s.create(SECRETS, ns, {"metadata": {"name": "jupyter-sandbox-controller-key"},
+                                 "data": data})  # fmt: skip
+        template, pool = shipped_manifests(public, **container_fields)
+        k8s.create(TEMPLATES, ns, {k: template[k] for k in ("metadata", "spec")})
+        k8s.create(WARM_POOLS, ns, {k: pool[k] for k in ("metadata", "spec")})
+        wait_for(lambda: len(ready_members(k8s, ns)) == REPLICAS, 180, "a warm pool")
+    except BaseException:
+        hub.close()  # no fixture will: it never got the Hub
+        raise
     return hub
 
 
