@@ -12,18 +12,16 @@ its own, so that the kubelet's firewall chain, kube-proxy's rules, the bridge an
 per-namespace sysctls (``ip_forward``, ``route_localnet``) never touch the host's or
 other tests' loopback services. The node's processes share one mount namespace, so
 that the kubelet's volume mounts are the ones containerd gives the containers and all
-of them vanish with the node. The host keeps only:
-
-* a veth pair ``jsnode<N>`` to the namespace, with routes to the pods and Services;
-* cgroups below ``/jsnode<N>`` in every hierarchy (the kubelet's ``--cgroup-root``);
-* the global sysctls the kubelet sets (``vm.overcommit_memory``, ``kernel.panic``,
-  ``kernel.panic_on_oops``) and the paths it and containerd create wherever they are
-  configured (``/var/log/pods``, ``/var/lib/kubelet/device-plugins``, ``/var/lib/cni``,
-  ``/run/containerd``):
-
-all put back by :meth:`RealNode.stop`, by the last node of the machine to stop for
-the machine-wide ones. A node that was not stopped (its test process killed) is
-cleaned up by the next node given the same slot, from the record it left in
+of them vanish with the node. In it the node has its own ``/run``, ``/var/lib`` and
+``/var/log`` (the kubelet and containerd write pod logs, device-plugin sockets, the CNI
+cache and shim sockets there whatever their configuration says, and a kubelet's
+garbage collection deletes the pod logs it does not know: another node's), and the
+global sysctls the kubelet sets (``vm.overcommit_memory``, ``kernel.panic`` ...) are
+files holding the values it wants: the machine's are never changed. The host keeps
+only a veth pair ``jsnode<N>`` to the namespace, with routes to the pods and Services,
+and cgroups below ``/jsnode<N>`` (the kubelet's ``--cgroup-root``), which
+:meth:`RealNode.stop` removes. A node that was not stopped (its test process killed)
+is cleaned up by the next node to start, from the record it left in
 ``/run/jupyter-sandbox``. :func:`leftovers` says what a node left behind.
 
 Each node takes a slot ``N`` (a lock file), which gives it its addresses: the link
@@ -52,11 +50,13 @@ from testcluster.cluster import REPO, TestCluster
 #: Where the nodes of this machine keep their records and the machine's snapshot.
 RECORDS = Path("/run/jupyter-sandbox")
 SLOTS = 32
-#: Set by the kubelet for the whole machine; put back by the last node to stop.
-GLOBAL_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops")
-#: Created by the kubelet, containerd or the CNI library whatever their configuration says.
-STRAY_PATHS = ("/var/log/pods", "/var/log/containers", "/var/lib/kubelet", "/var/lib/cni",
-               "/run/containerd")  # fmt: skip
+#: The sysctls the kubelet 1.20 sets for the whole machine, and the values it wants: in the
+#: node's mount namespace they are files holding these, so that it leaves the machine's.
+KUBELET_SYSCTLS = {"vm.overcommit_memory": "1", "vm.panic_on_oom": "0", "kernel.panic": "10",
+                   "kernel.panic_on_oops": "1", "kernel.keys.root_maxkeys": "1000000",
+                   "kernel.keys.root_maxbytes": "25000000"}  # fmt: skip
+#: Where the kubelet and containerd write whatever their configuration says: the node's own.
+PRIVATE_DIRS = ("run", "var/lib", "var/log")
 NODE_NAME = "real-node"
 
 
@@ -101,22 +101,6 @@ class Slot:
             return cls(index, lock)
         raise RuntimeError(f"all {SLOTS} real-node slots of this machine are taken")
 
-    def others_held(self) -> bool:
-        """Whether another node of this machine runs now."""
-        for index in range(SLOTS):
-            if index == self.index:
-                continue
-            path = RECORDS / f"realnode-{index}.lock"
-            if not path.exists():
-                continue
-            with open(path, "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return True
-                fcntl.flock(lock, fcntl.LOCK_UN)
-        return False
-
     def release(self) -> None:
         self._lock.close()
 
@@ -137,22 +121,24 @@ class RealNode:
     def network_up(self) -> Slot:
         self.workdir.mkdir(parents=True, exist_ok=True)
         slot = self.slot = Slot.take()
+        # Nodes whose test process was killed before they stopped: this slot's, others'.
         if slot.record.exists():
-            cleanup_record(slot.record)  # a node of this slot that was never stopped
-        _snapshot_machine(slot)
+            cleanup_record(slot.record)
+        sweep_orphans()
         # The namespaces' holder: everything of the node joins its network and mount
         # namespaces (slave mounts: the host's mounts show inside, none of the node's out).
         self.holder = subprocess.Popen(
             ["unshare", "--net", "--mount", "--propagation", "slave", "sleep", "infinity"],
             start_new_session=True,
         )
-        self._write_record()
         deadline = time.monotonic() + 10
         while _ns(self.holder.pid, "net") in (None, _ns(os.getpid(), "net")):
             if time.monotonic() > deadline:
                 raise RuntimeError("the node's namespaces did not appear")
             time.sleep(0.02)
+        self._write_record()
         pid = str(self.holder.pid)
+        self._private_views(pid)
         _run("ip", "link", "add", slot.iface, "type", "veth", "peer", "name", "eth0",
              "netns", pid)  # fmt: skip
         _run("ip", "addr", "add", f"{slot.host_ip}/30", "dev", slot.iface)
@@ -171,11 +157,28 @@ class RealNode:
 
     def _write_record(self) -> None:
         assert self.slot is not None and self.holder is not None
-        record = {"holder": self.holder.pid, "workdir": str(self.workdir),
-                  "iface": self.slot.iface, "cgroup": self.slot.cgroup}  # fmt: skip
-        tmp = self.slot.record.with_suffix(".tmp")
+        # The holder's start time tells it from a process that got its pid later.
+        record = {"holder": self.holder.pid, "started": _start_time(self.holder.pid),
+                  "workdir": str(self.workdir), "iface": self.slot.iface,
+                  "cgroup": self.slot.cgroup}  # fmt: skip
+        tmp = self.slot.record.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(self.slot.record)
+
+    def _private_views(self, pid: str) -> None:
+        """The node's own /run, /var/lib and /var/log, and the kubelet's sysctls as files
+        holding the values it wants, in the node's mount namespace (see the module)."""
+        views = self.workdir / "views"
+        mounts = []
+        for sub in PRIVATE_DIRS:
+            (views / sub).mkdir(parents=True, exist_ok=True)
+            mounts.append((views / sub, Path("/") / sub))
+        for name, value in KUBELET_SYSCTLS.items():
+            (views / "sysctl" / name).parent.mkdir(parents=True, exist_ok=True)
+            (views / "sysctl" / name).write_text(value + "\n")
+            mounts.append((views / "sysctl" / name, _sysctl_path(name)))
+        script = " && ".join(f"mount --bind '{source}' '{target}'" for source, target in mounts)
+        _run("nsenter", "-t", pid, "-m", "sh", "-ec", script)
 
     def make_cluster(self, workdir: Path) -> TestCluster:
         """The cluster of this node (not started): its API server on the host's end of the
@@ -390,8 +393,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.holder.wait(timeout=5)
         if self.slot is not None:
-            if not self.slot.others_held():
-                _restore_machine()
             self.slot.release()
             self.slot = None
 
@@ -423,37 +424,7 @@ def _kubeconfig(server: str, user: str, token: str) -> dict[str, Any]:
             "current-context": "c"}  # fmt: skip
 
 
-# -- the machine: what a node changes outside its work directory -----------------------------
-MACHINE = RECORDS / "realnode-machine.json"
-
-
-def _snapshot_machine(slot: Slot) -> None:
-    """The first node of the machine notes what the nodes may change (the sysctls' values,
-    which stray paths existed), for the last one to put back."""
-    if MACHINE.exists() and slot.others_held():
-        return
-    snapshot = {"sysctls": {n: sysctl(n) for n in GLOBAL_SYSCTLS},
-                "paths": [p for p in STRAY_PATHS if os.path.lexists(p)]}  # fmt: skip
-    if MACHINE.exists():  # left by a node that was never stopped: its values are the true ones
-        return
-    tmp = MACHINE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(snapshot))
-    tmp.replace(MACHINE)
-
-
-def _restore_machine() -> None:
-    if not MACHINE.exists():
-        return
-    snapshot = json.loads(MACHINE.read_text())
-    for name, value in snapshot["sysctls"].items():
-        _sysctl_path(name).write_text(value)
-    for path in STRAY_PATHS:
-        if path not in snapshot["paths"] and os.path.lexists(path):
-            _unmount_below(Path(path))
-            shutil.rmtree(path, ignore_errors=True)
-    MACHINE.unlink()
-
-
+# -- what a node leaves on the machine ---------------------------------------------------------
 def _unmount_below(path: Path) -> None:
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     for target in sorted((m for m in mounts if m == str(path) or m.startswith(f"{path}/")),
@@ -468,11 +439,20 @@ def _ns(pid: int, kind: str) -> str | None:
         return None
 
 
-def _processes_of(holder: int, cgroup: str) -> set[int]:
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot), or None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _processes_of(holder: int, started: int | None, cgroup: str) -> set[int]:
     """The node's processes: in its namespaces, in its cgroups, or descended from one."""
     mnt, net = _ns(holder, "mnt"), _ns(holder, "net")
-    # A holder's pid taken since by a process of the host's namespaces names no node.
-    if mnt == _ns(os.getpid(), "mnt") or net == _ns(os.getpid(), "net"):
+    # The holder's pid, taken since by another process (another node's, a sandbox's),
+    # names no namespace of this node: then only its cgroups say which are its own.
+    if started is None or _start_time(holder) != started:
         mnt = net = None
     found: set[int] = set()
     parents: dict[int, int] = {}
@@ -505,7 +485,7 @@ def cleanup_record(record_path: Path) -> None:
     record = json.loads(record_path.read_text())
     holder, cgroup = int(record["holder"]), record["cgroup"]
     for _attempt in range(50):
-        pids = _processes_of(holder, cgroup)
+        pids = _processes_of(holder, record.get("started"), cgroup)
         if not pids and not (Path("/sys/fs/cgroup/pids") / cgroup).exists():
             break
         for pid in pids:
@@ -516,7 +496,7 @@ def cleanup_record(record_path: Path) -> None:
     _remove_cgroups(cgroup)
     _run("ip", "link", "del", record["iface"], check=False)
     work = Path(record["workdir"])
-    for sub in ("containerd", "kubelet", "runc", "runsc", "runsc-logs", "cni"):
+    for sub in ("containerd", "kubelet", "runc", "runsc", "runsc-logs", "cni", "views"):
         _unmount_below(work / sub)
         shutil.rmtree(work / sub, ignore_errors=True)
     record_path.unlink(missing_ok=True)
@@ -544,22 +524,30 @@ def _remove_cgroups(cgroup: str) -> None:
                 os.rmdir(dirpath)
 
 
+def _unheld_slots() -> Iterator[int]:
+    """Each slot that no running node holds, locked while the caller looks at it."""
+    RECORDS.mkdir(mode=0o755, exist_ok=True)
+    for index in range(SLOTS):
+        with open(RECORDS / f"realnode-{index}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            yield index
+
+
+def sweep_orphans() -> None:
+    """Clean up every node whose test process ended without stopping it."""
+    for index in _unheld_slots():
+        record = RECORDS / f"realnode-{index}.json"
+        if record.exists():
+            cleanup_record(record)
+
+
 def leftovers() -> list[str]:
     """What real nodes left on this machine that no running node owns."""
     found = []
-    held = set()
-    for index in range(SLOTS):
-        path = RECORDS / f"realnode-{index}.lock"
-        if path.exists():
-            with open(path, "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(lock, fcntl.LOCK_UN)
-                except BlockingIOError:
-                    held.add(index)
-    for index in range(SLOTS):
-        if index in held:
-            continue
+    for index in _unheld_slots():
         if (RECORDS / f"realnode-{index}.json").exists():
             found.append(f"the record of node slot {index}")
         if Path(f"/sys/class/net/jsnode{index}").exists():
@@ -567,6 +555,4 @@ def leftovers() -> list[str]:
         for hierarchy in Path("/sys/fs/cgroup").iterdir():
             if (hierarchy / f"jsnode{index}").exists():
                 found.append(f"cgroup {hierarchy.name}/jsnode{index}")
-    if not held and MACHINE.exists():
-        found.append("the machine snapshot (sysctls not put back)")
     return found

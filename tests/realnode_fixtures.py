@@ -53,16 +53,14 @@ def real(tmp_path_factory) -> Iterator[RealCluster]:
         bins = kube_binaries()
     except RuntimeError as exc:
         _unavailable(str(exc))
-    sysctls = {name: realnode.sysctl(name) for name in realnode.GLOBAL_SYSCTLS}
+    sysctls = {name: realnode.sysctl(name) for name in realnode.KUBELET_SYSCTLS}
     with realnode.running(tmp_path_factory.mktemp("realnode"), bins,
                           crds=crds.all_crds()) as (cluster, node):  # fmt: skip
         yield RealCluster(cluster, node)
-        alone = node.slot is not None and not node.slot.others_held()
-    # The machine as it was (test_real_node checks a second node beside this one; this,
-    # reported as the last test's teardown error, checks what only the last node puts back).
+        # The kubelet set its sysctls in the node's namespace only, never the machine's.
+        assert {name: realnode.sysctl(name) for name in realnode.KUBELET_SYSCTLS} == sysctls
+    # Nothing of it left (reported as the last test's teardown error).
     assert realnode.leftovers() == []
-    if alone:
-        assert {name: realnode.sysctl(name) for name in realnode.GLOBAL_SYSCTLS} == sysctls
 
 
 @pytest.fixture(scope="session")
