@@ -526,9 +526,11 @@ def _remove_cgroups(cgroup: str) -> None:
 
 def _unheld_slots() -> Iterator[int]:
     """Each slot that no running node holds, locked while the caller looks at it."""
-    RECORDS.mkdir(mode=0o755, exist_ok=True)
     for index in range(SLOTS):
-        with open(RECORDS / f"realnode-{index}.lock", "a") as lock:
+        lock_path = RECORDS / f"realnode-{index}.lock"
+        if not (lock_path.exists() or (RECORDS / f"realnode-{index}.json").exists()):
+            continue  # never taken: nothing of a node there
+        with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
